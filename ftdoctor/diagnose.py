@@ -1,0 +1,279 @@
+"""``ftdoctor.probe``: load a checkpoint and a dataset, run the probes in one pass, report.
+
+:func:`probe` is the library call behind ``ftdoctor probe``; :func:`probe_model`
+does the same on an in-memory model (the fixes verify themselves with it).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+import ftdoctor
+from ftdoctor.engine import PassSettings, run_pass
+from ftdoctor.errors import FtdoctorError
+from ftdoctor.heads import HEAD_INITS
+from ftdoctor.model import AffineLayer, find_head, is_scripted, layer_order, new_head_like, set_module
+from ftdoctor.probes import ORDER, PROBES, Finding, Probe, ProbeContext, ProbeResult, Skipped
+from ftdoctor.probes.noise import seed_head_params
+from ftdoctor.thresholds import Thresholds
+
+if TYPE_CHECKING:
+    from ftdoctor import checkpoint as ckpt
+    from ftdoctor.data import DataBundle, DataOptions
+
+SCHEMA = "ftdoctor.report/1"
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """Every option of ``ftdoctor probe`` that changes a figure (SPEC §3)."""
+
+    probes: tuple[str, ...] | None = None      # None: all that apply
+    head: str | None = None
+    new_head: bool = False
+    head_init: str = "kaiming"
+    seeds: int = 1
+    change_rate_mode: str = "exact"
+    change_rate_loss: str = "random"
+    r2_layers: tuple[str, ...] | None = None
+    seed: int = 0
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def validate(self, have_reference: bool) -> tuple[str, ...]:
+        """The probes to run, or an FtdoctorError for a contradictory request."""
+        if self.change_rate_mode not in ("exact", "batch"):
+            raise FtdoctorError(f"unknown --change-rate-mode {self.change_rate_mode!r}", "use exact or batch")
+        if self.change_rate_loss not in ("random", "ce"):
+            raise FtdoctorError(f"unknown --change-rate-loss {self.change_rate_loss!r}", "use random or ce")
+        if self.change_rate_mode == "batch" and self.change_rate_loss == "ce":
+            raise FtdoctorError(
+                "--change-rate-mode batch cannot use --change-rate-loss ce: with labels the cross terms "
+                "of the batch gradient do not vanish",
+                "use --change-rate-mode exact with ce, or the random loss with batch mode")
+        if self.head_init not in HEAD_INITS:
+            raise FtdoctorError(f"unknown --head-init {self.head_init!r}", f"use one of {', '.join(HEAD_INITS)}")
+        if self.seeds < 1:
+            raise FtdoctorError(f"--seeds must be at least 1, got {self.seeds}", "pass --seeds K with K >= 1")
+        if self.seeds > 1 and not self.new_head:
+            raise FtdoctorError("--seeds K repeats the measurement over K fresh heads, so it needs --new-head",
+                                "add --new-head (the ENTAME Table 1 setting)")
+        if self.probes is None:
+            names = tuple(n for n in ORDER if have_reference or not PROBES[n].needs_reference)
+        else:
+            unknown = [n for n in self.probes if n not in PROBES]
+            if unknown:
+                raise FtdoctorError(f"unknown probe(s) {', '.join(unknown)}",
+                                    f"choose from {', '.join(ORDER)}")
+            names = tuple(n for n in ORDER if n in self.probes)
+            missing_ref = [n for n in names if PROBES[n].needs_reference and not have_reference]
+            if missing_ref:
+                raise FtdoctorError(f"the {', '.join(missing_ref)} probe(s) compare against the pretrained model",
+                                    "pass --reference PRETRAINED.pt (same architecture)")
+        if not names:
+            raise FtdoctorError("no probe selected", f"pass --probes with some of {', '.join(ORDER)}")
+        return names
+
+
+@dataclass
+class ProbeRun:
+    """The figures of one pass, before they are dressed as a report."""
+
+    results: dict[str, ProbeResult]
+    skipped: list[Skipped]
+    findings: list[Finding]
+    layers: list[AffineLayer]
+    head: AffineLayer
+    num_samples: int
+
+
+@dataclass
+class Report:
+    """A probe report; :meth:`to_json` is the SPEC §3 JSON document."""
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    run: ProbeRun
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "ftdoctor_version": ftdoctor.__version__,
+                "torch_version": torch.__version__.split("+")[0],
+                "model": self.model, "data": self.data, "settings": self.settings,
+                "probes": {name: res.figures for name, res in self.run.results.items()},
+                "skipped": [s.to_json() for s in self.run.skipped],
+                "findings": [f.to_json() for f in self.run.findings]}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """HDF5 arrays keyed by path below ``/probes``."""
+        out: dict[str, np.ndarray] = {}
+        for name, res in self.run.results.items():
+            for key, arr in res.arrays.items():
+                out[f"probes/{name}/{key}"] = arr
+        return out
+
+
+def weight_findings(model: nn.Module) -> list[Finding]:
+    """NaN/Inf in any parameter or buffer is an error finding, naming the tensors."""
+    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return []
+    return [Finding("weights", "error", f"NaN or Inf in {len(bad)} tensor(s): {', '.join(bad[:5])}",
+                    "the checkpoint is corrupt or training diverged; re-export it from a good step")]
+
+
+def reference_pairs(layers: Sequence[AffineLayer], reference: nn.Module,
+                    patterns: Sequence[str] | None = None) -> list[tuple[AffineLayer, AffineLayer]]:
+    """(model layer, reference layer) pairs matched by name and weight shape, in forward order."""
+    ref_modules = dict(reference.named_modules())
+    pairs = []
+    for layer in layers:
+        if patterns and not any(fnmatch.fnmatchcase(layer.name, p) for p in patterns):
+            continue
+        ref = ref_modules.get(layer.name)
+        w = getattr(ref, "weight", None)
+        if isinstance(w, torch.Tensor) and tuple(w.shape) == tuple(layer.weight.shape):
+            pairs.append((layer, AffineLayer(layer.name, ref)))
+    return pairs
+
+
+def install_new_head(model: nn.Module, head: AffineLayer, num_classes: int, method: str,
+                     seed: int) -> AffineLayer:
+    """Replace the head by a fresh layer for ``num_classes``, initialised as seed 0 of a ``--seeds`` run."""
+    if is_scripted(model):
+        raise FtdoctorError("--new-head cannot replace the head of a TorchScript model",
+                            "probe the eager checkpoint (state dict) with --arch instead")
+    new = new_head_like(head.module, num_classes)
+    w, b = seed_head_params(new.weight.shape, new.bias is not None, method, seed, 0)
+    with torch.no_grad():
+        new.weight.copy_(w.to(new.weight))
+        if new.bias is not None and b is not None:
+            new.bias.copy_(b.to(new.bias))
+    set_module(model, head.name, new)
+    return AffineLayer(head.name, new)
+
+
+def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = ProbeOptions(), *,
+                reference: nn.Module | None = None, device: str | torch.device = "cpu",
+                layers: Sequence[AffineLayer] | None = None,
+                description: str = "probing") -> ProbeRun:
+    """Run the probes on an in-memory model (left exactly as it was) over ``data``."""
+    names = options.validate(reference is not None)
+    loader = data.loader()
+    if layers is None:
+        first = next(iter(loader), None)
+        if first is None:
+            raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
+        layers, _ = layer_order(model, first[0][:2].to(device))
+    head = find_head(list(layers), options.head)
+    ctx = ProbeContext(model=model, layers=tuple(layers), head=head, num_classes=data.num_classes,
+                       seed=options.seed, reference=reference,
+                       reference_layers=tuple(reference_pairs(layers, reference, options.r2_layers))
+                       if reference is not None else (), options=options)
+    probes: list[Probe] = [PROBES[n](ctx) for n in names]
+    data_probes = [p for p in probes if p.needs_data]
+    n = 0
+    if data_probes:
+        settings = PassSettings(seed=options.seed, change_rate_mode=options.change_rate_mode,
+                                change_rate_loss=options.change_rate_loss)
+        n = run_pass(model, loader, data_probes, list(layers), head, data.num_classes, settings,
+                     reference=reference if any(p.needs_reference and p.needs_data for p in probes) else None,
+                     reference_pairs=ctx.reference_layers, device=device, total=data.num_samples,
+                     description=description)
+        if n == 0:
+            raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
+    results: dict[str, ProbeResult] = {}
+    skipped: list[Skipped] = []
+    findings: list[Finding] = weight_findings(model)
+    for p in probes:
+        res = p.compute()
+        results[p.name] = res
+        skipped.extend(p.skipped)
+        findings.extend(p.findings(res, options.thresholds))
+    return ProbeRun(results=results, skipped=skipped, findings=findings, layers=list(layers), head=head,
+                    num_samples=n)
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def model_info(loaded: "ckpt.LoadedModel", head: AffineLayer | None) -> dict[str, Any]:
+    return {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format, "arch": loaded.arch,
+            "num_params": count_params(loaded.model), "head": head.name if head else None,
+            "num_classes": int(head.weight.shape[0]) if head is not None else loaded.num_classes}
+
+
+def first_in_channels(model: nn.Module) -> int | None:
+    from ftdoctor.model import registered_affine_layers
+    layers = registered_affine_layers(model)
+    if not layers or not layers[0].kind.startswith("Conv"):
+        return None
+    m = layers[0].module
+    return int(m.weight.shape[1] * getattr(m, "groups", 1))
+
+
+def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: DataOptions,
+          options: ProbeOptions = ProbeOptions(), reference: str | Path | None = None) -> Report:
+    """``ftdoctor probe``: measure the diagnoses of SPEC §1 for a checkpoint on a dataset."""
+    from ftdoctor import checkpoint as ckpt
+    from ftdoctor.data import load_data
+    model_opts = model or ckpt.ModelOptions()
+    options.validate(reference is not None)
+    loaded = ckpt.load_model(model_path, model_opts)
+    net = loaded.model
+    notes = list(loaded.notes)
+    bundle = load_data(_with_channels(data, first_in_channels(net)))
+    notes.extend(bundle.notes)
+    device = torch.device(model_opts.device)
+    first = next(iter(bundle.loader()), None)
+    if first is None:
+        raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
+    try:
+        layers, how = layer_order(net, first[0][:2].to(device))
+    except FtdoctorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model cannot run on this data
+        raise FtdoctorError(f"the model cannot run on this data: {str(exc).splitlines()[0][:200]}",
+                            "check --image-size, the input channels and the architecture") from None
+    head = find_head(layers, options.head)
+    out_features = int(head.weight.shape[0])
+    if options.new_head:
+        head = install_new_head(net, head, bundle.num_classes, options.head_init, options.seed)
+        layers = [head if l.name == head.name else l for l in layers]
+        notes.append(f"head {head.name} replaced by a fresh {options.head_init} head for "
+                     f"{bundle.num_classes} classes")
+    elif out_features != bundle.num_classes:
+        raise FtdoctorError(
+            f"the head {head.name} has {out_features} outputs but the data has {bundle.num_classes} classes",
+            "pass --new-head to attach a fresh head for the data's classes")
+    ref_model = None
+    if reference is not None:
+        ref_loaded = ckpt.load_model(reference, ckpt.ModelOptions(
+            arch=loaded.arch if loaded.format in ("state_dict", "safetensors") else model_opts.arch,
+            trust_checkpoint=model_opts.trust_checkpoint, non_strict=model_opts.non_strict,
+            device=model_opts.device))
+        ref_model = ref_loaded.model
+    run = probe_model(net, bundle, options, reference=ref_model, device=device, layers=layers)
+    settings = {"probes": list(run.results), "seed": options.seed, "split": bundle.split,
+                "max_samples": data.max_samples, "batch_size": data.batch_size, "image_size": data.image_size,
+                "normalize": data.normalize, "change_rate_mode": options.change_rate_mode,
+                "change_rate_loss": options.change_rate_loss, "new_head": options.new_head,
+                "head_init": options.head_init if options.new_head else None, "seeds": options.seeds,
+                "head": head.name, "reference": str(reference) if reference is not None else None,
+                "r2_layers": list(options.r2_layers) if options.r2_layers else None,
+                "layer_order": how}
+    data_info = {"name": bundle.name, "split": bundle.split, "num_samples": run.num_samples,
+                 "num_classes": bundle.num_classes}
+    return Report(model=model_info(loaded, head), data=data_info, settings=settings, run=run, notes=notes)
+
+
+def _with_channels(opts: DataOptions, channels: int | None) -> DataOptions:
+    return replace(opts, in_channels=channels) if channels and opts.in_channels is None else opts

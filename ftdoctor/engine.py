@@ -1,0 +1,283 @@
+"""The single streaming pass that serves every probe (SPEC §7).
+
+Per batch: one forward pass of the model in eval mode, at most two backward
+passes — the random linear loss ``Σ_n η_n·logits_n`` (Krähenbühl et al. §3)
+and the mean cross-entropy with the labels (RIFLE §4.6.1) — and one forward
+pass of the reference model when R² is asked. What each backward yields is
+decided by what the probes declared in :attr:`Probe.needs`:
+
+* ``grad_sq`` — Σ_n (∂ℓ_n/∂W)², per example, batched from each affine layer's
+  input (forward hook) and the gradient at its output (tensor hook), no loop
+  over examples (:mod:`ftdoctor.probes.persample`). For the random loss the
+  backward asks autograd for the input's gradient only, so no weight gradient
+  is formed at all.
+* ``rand_grads`` / ``ce_grads`` — batch gradients of the affine weights.
+
+The model is left as it was: hooks removed, the train/eval flags and
+``requires_grad`` flags restored, no ``.grad`` touched (``torch.autograd.grad``
+does not accumulate), parameters and buffers untouched (eval mode does not
+update BatchNorm statistics).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ftdoctor.errors import FtdoctorError
+from ftdoctor.model import AffineLayer
+from ftdoctor.probes import persample
+from ftdoctor.probes.base import Batch, Probe
+from ftdoctor.rng import example_normals
+from ftdoctor import progress as _progress
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """How the shared backward passes are formed."""
+
+    seed: int = 0
+    change_rate_mode: str = "exact"    # exact | batch
+    change_rate_loss: str = "random"   # random | ce
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
+    """Eval mode and ``requires_grad`` on ``params`` for the pass; everything restored after."""
+    modes = {m: m.training for m in model.modules()}
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _Capture:
+    """Forward/tensor hooks that collect what the probes need from one forward."""
+
+    def __init__(self, layers: Sequence[AffineLayer], head: AffineLayer, *, grad_sq: bool,
+                 outputs: bool, head_input: bool) -> None:
+        self.layers = list(layers)
+        self.head = head
+        self.want_grad_sq = grad_sq
+        self.want_outputs = outputs
+        self.want_head_input = head_input
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self.head_input: Tensor | None = None
+        self.grad_sq: dict[str, Tensor] = {}
+        self.phase: str | None = None      # which backward the tensor hooks serve
+        self.grad_scale = 1.0
+        self.unsupported: dict[str, str] = {}
+        self._handles: list = []
+        if grad_sq:
+            for layer in self.layers:
+                reason = persample.supports(layer.module)
+                if reason:
+                    self.unsupported[layer.name] = reason
+
+    def __enter__(self) -> "_Capture":
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.outputs.clear()
+        self.calls.clear()
+        self.grad_sq = {}
+        self.head_input = None
+
+    def _hook(self, layer: AffineLayer) -> Callable:
+        name, module = layer.name, layer.module
+        is_head = name == self.head.name
+
+        def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            x = args[0] if args else None
+            if is_head and self.want_head_input and x is not None:
+                self.head_input = x.detach()
+            if self.want_outputs:
+                # clone: an in-place activation after the layer would overwrite it
+                self.outputs[name] = out.detach().clone()
+            if (self.want_grad_sq and name not in self.unsupported and x is not None
+                    and out.requires_grad):
+                self.inputs[name] = x.detach()
+                out.register_hook(self._grad_hook(name, module))
+        return hook
+
+    def _grad_hook(self, name: str, module: nn.Module) -> Callable[[Tensor], None]:
+        def on_grad(g: Tensor) -> None:
+            if self.phase != "grad_sq" or self.calls.get(name, 0) != 1:
+                return
+            x = self.inputs.pop(name, None)
+            if x is None:
+                return
+            w, _ = persample.grad_sq_sum(module, x, g * self.grad_scale if self.grad_scale != 1.0 else g)
+            self.grad_sq[name] = w.detach()
+        return on_grad
+
+
+def _affine_params(layers: Sequence[AffineLayer]) -> list[Tensor]:
+    params: list[Tensor] = []
+    for layer in layers:
+        params.append(layer.weight)
+        if layer.bias is not None:
+            params.append(layer.bias)
+    return params
+
+
+def _grads_by_layer(layers: Sequence[AffineLayer], grads: Sequence[Tensor | None]) -> dict[str, tuple[Tensor, Tensor | None]]:
+    out: dict[str, tuple[Tensor, Tensor | None]] = {}
+    it = iter(grads)
+    for layer in layers:
+        gw = next(it)
+        gb = next(it) if layer.bias is not None else None
+        if gw is None:
+            gw = torch.zeros_like(layer.weight)
+        if layer.bias is not None and gb is None:
+            gb = torch.zeros_like(layer.bias)
+        out[layer.name] = (gw.detach(), None if gb is None else gb.detach())
+    return out
+
+
+def check_logits(logits: object, y: Tensor, num_classes: int) -> Tensor:
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise FtdoctorError(f"the model's output has shape {shape}, not (batch, classes)",
+                            "ftdoctor probes classifiers whose forward returns one logit row per example")
+    if logits.shape[1] != num_classes:
+        raise FtdoctorError(
+            f"the model has {logits.shape[1]} outputs but the data has {num_classes} classes",
+            "pass --new-head to attach a fresh head for the data's classes, or use matching data")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+        raise FtdoctorError(f"a label ({int(y.max())}) is out of range for {logits.shape[1]} outputs",
+                            "check the dataset's labels or the model's class count")
+    return logits
+
+
+def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor]], probes: Sequence[Probe],
+             layers: Sequence[AffineLayer], head: AffineLayer, num_classes: int,
+             settings: PassSettings, *, reference: nn.Module | None = None,
+             reference_pairs: Sequence[tuple[AffineLayer, AffineLayer]] = (),
+             device: torch.device | str = "cpu", total: int | None = None,
+             description: str = "probing") -> int:
+    """Stream ``batches`` once through ``model`` and feed every probe; returns the number of examples."""
+    needs = frozenset().union(*(p.needs for p in probes)) if probes else frozenset()
+    want_grad_sq = "grad_sq" in needs
+    loss_kind = settings.change_rate_loss
+    exact = settings.change_rate_mode == "exact"
+    need_rand = ("rand_grads" in needs) or (want_grad_sq and loss_kind == "random")
+    need_ce = ("ce_grads" in needs) or (want_grad_sq and loss_kind == "ce")
+    need_graph = need_rand or need_ce
+    params = _affine_params(layers)
+    ref_pairs = list(reference_pairs)
+    seen = 0
+    with preserved(model, params if need_graph else []), \
+            _Capture(layers, head, grad_sq=want_grad_sq, outputs="outputs" in needs,
+                     head_input="head_input" in needs) as cap, \
+            _reference_capture(reference, ref_pairs) as ref_cap, \
+            _progress.task(description, total, "examples") as bar:
+        for x, y, idx in batches:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            cap.clear()
+            ref_outputs: dict[str, Tensor] = {}
+            if ref_cap is not None:
+                ref_outputs = ref_cap.run(x)
+            x_in = x.detach().requires_grad_(True) if need_rand and exact and want_grad_sq else x
+            with torch.set_grad_enabled(need_graph):
+                logits = model(x_in)
+            check_logits(logits, y, num_classes)
+            batch = Batch(x=x, y=y, index=idx, logits=logits.detach())
+            if need_rand:
+                eta = example_normals(settings.seed, idx, logits.shape[1]).to(logits.device, logits.dtype)
+                loss_r = (eta * logits).sum()
+                if want_grad_sq and loss_kind == "random" and exact:
+                    cap.phase, cap.grad_scale = "grad_sq", 1.0
+                    torch.autograd.grad(loss_r, [x_in], retain_graph=need_ce, allow_unused=True)
+                    batch.grad_sq = cap.grad_sq
+                    cap.grad_sq = {}
+                else:
+                    cap.phase = None
+                    g = torch.autograd.grad(loss_r, params, retain_graph=need_ce, allow_unused=True)
+                    batch.rand_grads = _grads_by_layer(layers, g)
+            if need_ce:
+                loss_ce = F.cross_entropy(logits, y)
+                ce_sq = want_grad_sq and loss_kind == "ce"
+                # Σ_n CE_n = B · mean CE: scale the captured output gradient back to per-example terms
+                cap.phase, cap.grad_scale = ("grad_sq", float(y.shape[0])) if ce_sq else (None, 1.0)
+                g = torch.autograd.grad(loss_ce, params, allow_unused=True)
+                batch.ce_grads = _grads_by_layer(layers, g)
+                if ce_sq:
+                    batch.grad_sq = cap.grad_sq
+                    cap.grad_sq = {}
+            cap.phase = None
+            batch.head_input = cap.head_input
+            batch.outputs = cap.outputs
+            batch.ref_outputs = ref_outputs
+            for probe in probes:
+                probe.update(batch)
+            seen += batch.size
+            bar.advance(batch.size)
+            del logits, batch
+    return seen
+
+
+class _RefCapture:
+    def __init__(self, reference: nn.Module, pairs: Sequence[tuple[AffineLayer, AffineLayer]]) -> None:
+        self.reference = reference
+        self.pairs = pairs
+        self.outputs: dict[str, Tensor] = {}
+        self._handles = []
+        self._modes = {m: m.training for m in reference.modules()}
+        reference.eval()
+        for mine, ref in pairs:
+            self._handles.append(ref.module.register_forward_hook(self._hook(mine.name)))
+
+    def _hook(self, name: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            self.outputs[name] = out.detach().clone()
+        return hook
+
+    def run(self, x: Tensor) -> dict[str, Tensor]:
+        self.outputs = {}
+        with torch.no_grad():
+            self.reference(x)
+        return self.outputs
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for m, training in self._modes.items():
+            m.train(training)
+
+
+@contextlib.contextmanager
+def _reference_capture(reference: nn.Module | None,
+                       pairs: Sequence[tuple[AffineLayer, AffineLayer]]) -> Iterator[_RefCapture | None]:
+    if reference is None or not pairs:
+        yield None
+        return
+    cap = _RefCapture(reference, pairs)
+    try:
+        yield cap
+    finally:
+        cap.close()

@@ -1,0 +1,44 @@
+"""``ftdoctor inspect``: what a checkpoint holds, without data."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftdoctor import checkpoint as ckpt
+from ftdoctor.diagnose import count_params, model_info
+from ftdoctor.model import find_head, layer_order
+
+SCHEMA = "ftdoctor.inspect/1"
+
+
+@dataclass
+class Inspection:
+    model: dict[str, Any]
+    layers: list[dict[str, Any]]
+    order: str                                   # "forward" or "registration"
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "model": self.model, "layers": self.layers}
+
+
+def inspect(path: str | Path, model: ckpt.ModelOptions | None = None, *, head: str | None = None,
+            image_size: int | None = None) -> Inspection:
+    """Affine layers (forward order when a dummy input runs), head, classes, parameters, finiteness."""
+    loaded = ckpt.load_model(path, model or ckpt.ModelOptions())
+    layers, order = layer_order(loaded.model, image_size=image_size)
+    head_layer = find_head(layers, head)
+    rows = [{"name": l.name, "kind": l.kind, "shape": list(l.weight.shape),
+             "params": int(l.weight.numel() + (l.bias.numel() if l.bias is not None else 0)),
+             "finite": bool(torch.isfinite(l.weight).all()) and
+             (l.bias is None or bool(torch.isfinite(l.bias).all()))} for l in layers]
+    notes = list(loaded.notes)
+    if order != "forward":
+        notes.append("layers listed in registration order (no dummy input ran through the model; "
+                     "pass --image-size)")
+    info = model_info(loaded, head_layer)
+    info["num_params"] = count_params(loaded.model)
+    return Inspection(model=info, layers=rows, order=order, notes=notes)

@@ -1,0 +1,203 @@
+"""Model introspection: affine layers in forward-execution order, the head, new heads.
+
+SPEC §1: an *affine layer* is an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (including
+subclasses); the *head* is the last affine layer in forward-execution order
+(``--head NAME`` overrides). Registration order is not execution order (a model
+may register its classifier first), so the order is found with forward hooks
+on one real batch.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ftdoctor.errors import FtdoctorError
+
+AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_SCRIPTED_AFFINE = {"Linear", "Conv1d", "Conv2d", "Conv3d"}
+
+# Input sizes tried, in order, when a layer order is needed without data (inspect).
+_PROBE_SIZES = (32, 64, 224, 28, 96, 8)
+
+
+@dataclass(frozen=True)
+class AffineLayer:
+    """One affine layer: its qualified name, the module, and its kind (class name)."""
+
+    name: str
+    module: nn.Module
+
+    @property
+    def kind(self) -> str:
+        return getattr(self.module, "original_name", None) or type(self.module).__name__
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.module, "bias", None)
+
+
+def is_scripted(model: nn.Module) -> bool:
+    return isinstance(model, torch.jit.ScriptModule)
+
+
+def is_affine(module: nn.Module) -> bool:
+    if isinstance(module, AFFINE_TYPES):
+        return True
+    # TorchScript submodules keep their eager class name in `original_name`.
+    return (isinstance(module, torch.jit.ScriptModule)
+            and getattr(module, "original_name", "") in _SCRIPTED_AFFINE
+            and isinstance(getattr(module, "weight", None), Tensor))
+
+
+def registered_affine_layers(model: nn.Module) -> list[AffineLayer]:
+    """Affine layers in registration order (the fallback when no forward can run)."""
+    return [AffineLayer(n, m) for n, m in model.named_modules() if n and is_affine(m)]
+
+
+@contextlib.contextmanager
+def _preserved_mode(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+def forward_order(model: nn.Module, example: Tensor) -> list[AffineLayer]:
+    """Affine layers in the order their forward first runs on ``example``.
+
+    Layers that never run on the example are left out (the caller reports them
+    as skipped). TorchScript modules cannot take Python hooks after scripting,
+    so for them the registration order is returned.
+    """
+    if is_scripted(model):
+        return registered_affine_layers(model)
+    order: list[str] = []
+    seen: set[str] = set()
+    handles = []
+    for name, module in model.named_modules():
+        if name and is_affine(module):
+            def hook(mod: nn.Module, args: tuple, out: object, _name: str = name) -> None:
+                if _name not in seen:
+                    seen.add(_name)
+                    order.append(_name)
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), _preserved_mode(model):
+            model.eval()
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    modules = dict(model.named_modules())
+    return [AffineLayer(n, modules[n]) for n in order]
+
+
+def dummy_inputs(model: nn.Module, image_size: int | None = None) -> Iterator[Tensor]:
+    """Plausible single-example inputs for a model, for finding the layer order without data."""
+    layers = registered_affine_layers(model)
+    if not layers:
+        return
+    first = layers[0].module
+    param = first.weight
+    kind = layers[0].kind
+    sizes = (image_size,) if image_size else _PROBE_SIZES
+    if kind == "Linear":
+        yield torch.zeros(1, first.weight.shape[1], dtype=param.dtype, device=param.device)
+        return
+    cin = first.weight.shape[1] * getattr(first, "groups", 1)
+    dims = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3}.get(kind, 2)
+    for s in sizes:
+        if dims == 3 and s > 64:
+            continue
+        yield torch.zeros(1, cin, *([s] * dims), dtype=param.dtype, device=param.device)
+
+
+def layer_order(model: nn.Module, example: Tensor | None = None,
+                image_size: int | None = None) -> tuple[list[AffineLayer], str]:
+    """Affine layers in forward order, and how the order was found.
+
+    With ``example`` the order comes from that batch; otherwise a few dummy
+    inputs are tried; if none runs, registration order is used (and said so).
+    """
+    if example is not None:
+        return forward_order(model, example), "forward"
+    if is_scripted(model):
+        return registered_affine_layers(model), "registration"
+    for x in dummy_inputs(model, image_size):
+        try:
+            return forward_order(model, x), "forward"
+        except Exception:  # noqa: BLE001 - a wrong guess of the input shape; try the next
+            continue
+    return registered_affine_layers(model), "registration"
+
+
+def find_head(layers: Sequence[AffineLayer], head: str | None = None) -> AffineLayer:
+    """The head: the last affine layer in forward order, or the one named ``head``."""
+    if not layers:
+        raise FtdoctorError(
+            "the model has no affine layer (Linear or Conv1d/2d/3d), so it has no head to diagnose",
+            "ftdoctor works on classifiers whose output comes from a Linear or convolution layer")
+    if head is None:
+        return layers[-1]
+    for layer in layers:
+        if layer.name == head:
+            return layer
+    names = ", ".join(layer.name for layer in layers[-5:])
+    raise FtdoctorError(f"--head {head!r} is not an affine layer of this model",
+                        f"pass one of the affine layers' names, e.g. {names}")
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def num_outputs(layer: AffineLayer) -> int:
+    return int(layer.weight.shape[0])
+
+
+def new_head_like(old: nn.Module, num_classes: int) -> nn.Module:
+    """A fresh ``Linear(in_features, C)`` for a Linear head (a conv head keeps its geometry)."""
+    w = old.weight
+    if isinstance(old, nn.Linear) or getattr(old, "original_name", "") == "Linear":
+        new: nn.Module = nn.Linear(w.shape[1], num_classes, bias=True)
+    elif isinstance(old, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        new = type(old)(old.in_channels, num_classes, old.kernel_size, stride=old.stride,
+                        padding=old.padding, dilation=old.dilation, groups=1, bias=True)
+    else:
+        raise FtdoctorError(f"cannot replace a head of kind {type(old).__name__}",
+                            "use an eager checkpoint (not TorchScript) to attach a new head")
+    return new.to(device=w.device, dtype=w.dtype)
+
+
+def replace_head(model: nn.Module, head_name: str, num_classes: int,
+                 generator: torch.Generator | None = None) -> nn.Module:
+    """Replace the head by a fresh layer with ``num_classes`` outputs (PyTorch default init).
+
+    With ``generator`` the initialisation is drawn from it, so it is reproducible.
+    """
+    old = get_module(model, head_name)
+    if is_scripted(model):
+        raise FtdoctorError("a TorchScript model's head cannot be replaced",
+                            "pass the eager checkpoint (state dict) with --arch instead")
+    with torch.random.fork_rng(devices=[]):
+        if generator is not None:
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        new = new_head_like(old, num_classes)
+    set_module(model, head_name, new)
+    return new

@@ -1,0 +1,161 @@
+"""The probe plug-in interface and its registry.
+
+A probe is a set of sufficient statistics that add up (the torchmetrics
+``add_state(..., dist_reduce_fx="sum")`` pattern): ``update`` folds one batch
+in, ``compute`` turns the sums into figures. Because every state is a sum (or
+a list of per-batch values), the engine can merge probes across processes
+without any probe knowing about distribution. Adding a probe is adding one
+module that defines a :class:`Probe` subclass decorated with
+:func:`register_probe`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ftdoctor.model import AffineLayer
+
+PROBES: dict[str, type["Probe"]] = {}
+
+
+def register_probe(cls: type["Probe"]) -> type["Probe"]:
+    PROBES[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Something a probe could not measure, and why (reported, never silent)."""
+
+    name: str
+    probe: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "probe": self.probe, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A diagnosis in words (SPEC §1.6)."""
+
+    probe: str
+    severity: str  # info | warning | error
+    message: str
+    suggestion: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"probe": self.probe, "severity": self.severity, "message": self.message,
+                "suggestion": self.suggestion}
+
+
+@dataclass
+class ProbeResult:
+    """What a probe computed: JSON-ready figures plus arrays for the HDF5 file."""
+
+    figures: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    array_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProbeContext:
+    """What a probe may know about the run, fixed before the pass starts."""
+
+    model: nn.Module
+    layers: tuple[AffineLayer, ...]   # affine layers in forward order
+    head: AffineLayer
+    num_classes: int
+    seed: int
+    reference: nn.Module | None = None
+    reference_layers: tuple[tuple[AffineLayer, AffineLayer], ...] = ()  # (model, reference) pairs
+    options: Any = None               # ProbeOptions
+
+
+@dataclass
+class Batch:
+    """Everything the engine measured on one batch, shared by all probes.
+
+    Tensors are detached. ``grad_sq`` and the per-layer gradients are filled
+    only when a probe asked for them (see :attr:`Probe.needs`).
+    """
+
+    x: Tensor
+    y: Tensor
+    index: Tensor
+    logits: Tensor                                   # (B, C)
+    head_input: Tensor | None = None                 # the head's input features
+    ce_grads: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)    # ∇ of mean CE
+    rand_grads: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # ∇ of Σ η·logits
+    grad_sq: dict[str, Tensor] = field(default_factory=dict)  # Σ_n (∂ℓ_n/∂W)² of this batch
+    outputs: dict[str, Tensor] = field(default_factory=dict)      # affine outputs (r2)
+    ref_outputs: dict[str, Tensor] = field(default_factory=dict)  # reference affine outputs (r2)
+
+    @property
+    def size(self) -> int:
+        return int(self.y.shape[0])
+
+
+class Probe:
+    """Base class: declare states with :meth:`add_state`, then update/compute."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    needs_reference: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = True
+    # What the engine must measure per batch for this probe:
+    #   "head_input", "ce_grads", "rand_grads", "grad_sq", "outputs"
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, ctx: ProbeContext) -> None:
+        self.ctx = ctx
+        self._states: dict[str, str] = {}
+        self.skipped: list[Skipped] = []
+
+    # -- state management (mergeable sufficient statistics) -----------------
+    def add_state(self, name: str, default: Tensor | list, reduce: str = "sum") -> None:
+        """Declare a state: a float64 tensor that adds up, or a list (``cat``) of per-batch values."""
+        if reduce not in ("sum", "cat"):
+            raise ValueError(reduce)
+        self._states[name] = reduce
+        setattr(self, name, default.clone() if isinstance(default, Tensor) else list(default))
+
+    def state_names(self) -> dict[str, str]:
+        return dict(self._states)
+
+    def merge_(self, other: "Probe") -> None:
+        """Fold another probe's states into this one (what an all-reduce does)."""
+        for name, reduce in self._states.items():
+            if reduce == "sum":
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+            else:
+                getattr(self, name).extend(getattr(other, name))
+
+    def reduce_(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
+        """Sum every ``sum`` state across processes with ``all_reduce``."""
+        for name, reduce in self._states.items():
+            if reduce == "sum":
+                setattr(self, name, all_reduce(getattr(self, name)))
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append(Skipped(name, self.name, reason))
+
+    # -- the template methods ------------------------------------------------
+    def update(self, batch: Batch) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute(self) -> ProbeResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def findings(self, result: ProbeResult, thresholds: Any) -> list[Finding]:
+        return []
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN/Inf: those become null."""
+    v = float(value)
+    return v if np.isfinite(v) else None

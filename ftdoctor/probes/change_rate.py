@@ -1,0 +1,126 @@
+"""Per-layer change rates — Krähenbühl et al. 2016, §3 and Fig. 1.
+
+With a random linear loss ``ℓ_n = η_n·logits_n``, ``η_n ~ N(0, I)`` (§3: the
+loss is label-free, so the rates describe the network, not the task), the
+expected squared gradient ``G²_k = E_n[(∂ℓ_n/∂W_k)²]`` over the weights' size
+``E[W_k²]`` is the rate at which layer k changes under SGD (§3, "change rate"
+``C̃_k``); §3.2 (Alg. 2) rescales layers until these rates agree.
+
+* per-element rate ``c_{k,e} = sqrt(G²_{k,e} / mean(W_k²))``
+* ``change_rate`` ``= sqrt(mean(G²_k) / mean(W_k²))``
+* ``cv`` = std/mean of ``c_{k,e}``; ``column_cv`` the same over input columns
+* ``spread`` = max/min of the rates; ``log_std`` = std of their logs (0 = flat, Fig. 1a)
+
+``exact`` mode sums per-example squares (batched); ``batch`` mode squares the
+batch gradient and divides by the batch size — unbiased because the η_n are
+independent with zero mean, so the cross terms vanish in expectation.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ftdoctor.probes import persample
+from ftdoctor.probes.base import Batch, Finding, Probe, ProbeContext, ProbeResult, finite_or_none, register_probe
+from ftdoctor.thresholds import Thresholds
+
+
+def rate_figures(g2: torch.Tensor, weight: torch.Tensor) -> dict[str, float | None]:
+    """change_rate, cv and column_cv of one layer from its G² (float64) and weight."""
+    w2 = float((weight.detach().to(torch.float64) ** 2).mean())
+    if w2 <= 0.0:
+        return {"change_rate": None, "cv": None, "column_cv": None}
+    rate = math.sqrt(float(g2.mean()) / w2)
+    c = (g2 / w2).sqrt().flatten()
+    cv = float(c.std(unbiased=False) / c.mean()) if float(c.mean()) > 0 else None
+    cols = g2.transpose(0, 1).reshape(g2.shape[1], -1).mean(dim=1) if g2.dim() > 1 else g2
+    cc = (cols / w2).sqrt()
+    column_cv = float(cc.std(unbiased=False) / cc.mean()) if float(cc.mean()) > 0 else None
+    return {"change_rate": finite_or_none(rate), "cv": None if cv is None else finite_or_none(cv),
+            "column_cv": None if column_cv is None else finite_or_none(column_cv)}
+
+
+@register_probe
+class ChangeRateProbe(Probe):
+    name = "change_rate"
+    description = "Krähenbühl et al.: per-layer change rates under a random loss (Fig. 1)"
+
+    def __init__(self, ctx: ProbeContext) -> None:
+        super().__init__(ctx)
+        opts = ctx.options
+        self.mode = getattr(opts, "change_rate_mode", "exact")
+        self.loss = getattr(opts, "change_rate_loss", "random")
+        self.needs = frozenset({"grad_sq"}) if self.mode == "exact" else frozenset({"rand_grads"})
+        self.layers = list(ctx.layers)
+        self.add_state("count", torch.zeros((), dtype=torch.float64))
+        for layer in self.layers:
+            self.add_state(self._key(layer.name), torch.zeros(layer.weight.shape, dtype=torch.float64,
+                                                              device=layer.weight.device))
+        self.add_state("missing", torch.zeros(len(self.layers), dtype=torch.float64))
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return "g2__" + name.replace(".", "__")
+
+    @torch.no_grad()
+    def update(self, batch: Batch) -> None:
+        for i, layer in enumerate(self.layers):
+            key = self._key(layer.name)
+            if self.mode == "exact":
+                sq = batch.grad_sq.get(layer.name)
+                if sq is None:
+                    self.missing[i] += 1
+                    continue
+                getattr(self, key).add_(sq.to(torch.float64))
+            else:
+                gw = batch.rand_grads[layer.name][0].to(torch.float64)
+                getattr(self, key).add_(gw * gw)
+        self.count += batch.size
+
+    def compute(self) -> ProbeResult:
+        n = float(self.count)
+        layers, arrays, rates = [], {}, []
+        for i, layer in enumerate(self.layers):
+            if self.mode == "exact" and float(self.missing[i]) > 0:
+                reason = persample.supports(layer.module) or (
+                    "its per-example gradient could not be formed (used more than once per forward, "
+                    "or not on the path to the logits)")
+                self.skip(layer.name, reason)
+                continue
+            g2 = getattr(self, self._key(layer.name)) / n
+            fig = rate_figures(g2, layer.weight)
+            if fig["change_rate"] is None:
+                self.skip(layer.name, "its weight is all zeros (or the rate is not finite): no change rate")
+            layers.append({"name": layer.name, "kind": layer.kind, **fig})
+            arrays[f"{layer.name}/grad_sq_mean"] = g2.cpu().numpy()
+            if fig["change_rate"] is not None and fig["change_rate"] > 0:
+                rates.append(fig["change_rate"])
+        spread = max(rates) / min(rates) if rates else None
+        log_std = float(np.std(np.log(rates))) if rates else None
+        return ProbeResult(figures={"mode": self.mode, "loss": self.loss,
+                                    "spread": None if spread is None else finite_or_none(spread),
+                                    "log_std": log_std, "layers": layers}, arrays=arrays)
+
+    def findings(self, result: ProbeResult, thresholds: Thresholds) -> list[Finding]:
+        f = result.figures
+        out: list[Finding] = []
+        spread = f.get("spread")
+        layers = [l for l in f["layers"] if l["change_rate"] is not None]
+        if spread is not None and spread > thresholds.max_change_rate_spread and layers:
+            fast = max(layers, key=lambda l: l["change_rate"])
+            slow = min(layers, key=lambda l: l["change_rate"])
+            out.append(Finding(
+                self.name, "warning",
+                f"change rates spread over {spread:.3g}x (fastest {fast['name']}, slowest {slow['name']}): "
+                f"layers learn at very different speeds (Krähenbühl et al. Fig. 1a)",
+                "ftdoctor fix MODEL --method rescale --data DATA -o FIXED.pt"))
+        for l in layers:
+            if l["cv"] is not None and l["cv"] > thresholds.max_change_rate_cv:
+                out.append(Finding(self.name, "info",
+                                   f"{l['name']}: per-weight change rates vary a lot within the layer "
+                                   f"(cv {l['cv']:.3g}, Krähenbühl et al. Fig. 1b)",
+                                   "ftdoctor fix MODEL --method datadep --layers " + l["name"]
+                                   + " --data DATA -o FIXED.pt"))
+        return out

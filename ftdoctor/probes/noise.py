@@ -1,0 +1,168 @@
+"""Noise energy of the back-propagated error at the head — ENTAME (Varno et al. 2019), §4.
+
+Per example the error at the head's output is ``e = ŷ − y`` (ENTAME eq. 7) and
+its energy splits as ``φ = ‖ŷ‖² + ‖y‖² − 2ŷ·y`` (eq. 12). At a fresh head the
+energy of the estimates ζ = E‖ŷ‖² is pure noise (Table 1 reports ζ/φ); its
+floor is 1/C, reached at uniform ŷ (eqs. 13–17), where the cross-entropy is
+ln C. ``backbone_error_energy`` = E‖e Wᴸ‖² is what eq. 8 passes on into the
+backbone. With ``--new-head --seeds K`` (the Table 1 setting) the backbone's
+features are computed once per batch and K fresh heads are applied to them;
+every key is then the mean over heads with a Student-t ``*_ci95`` half-width.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ftdoctor.heads import generator_for, init_head_tensors
+from ftdoctor.probes.base import Batch, Finding, Probe, ProbeContext, ProbeResult, register_probe
+from ftdoctor.stats import ci95_half_width
+from ftdoctor.thresholds import Thresholds
+
+KEYS = ("estimate_energy", "label_energy", "correct_prob", "total_energy", "noise_fraction",
+        "excess_noise_fraction", "max_entropy_noise_fraction", "cross_entropy", "max_entropy_loss",
+        "mean_entropy", "backbone_error_energy", "feature_energy")
+
+_SUMS = ("zeta", "label", "kappa", "ce", "entropy", "backbone")
+
+
+def seed_head_params(weight_shape: torch.Size, has_bias: bool, method: str, seed: int,
+                     k: int) -> tuple[Tensor, Tensor | None]:
+    """The k-th fresh head of a ``--new-head --seeds K`` run (k = 0 is the one installed in the model)."""
+    return init_head_tensors(weight_shape, has_bias, method, generator_for(1000 * seed + k))
+
+
+def noise_figures(zeta: float, label: float, kappa: float, ce: float, entropy: float,
+                  backbone: float, feature: float | None, num_classes: int) -> dict[str, float | None | str]:
+    """The keys of SPEC §1.1 from the per-example means."""
+    phi = zeta + label - 2.0 * kappa
+    c = num_classes
+    fig: dict[str, float | None | str] = {
+        "estimate_energy": zeta, "label_energy": label, "correct_prob": kappa, "total_energy": phi,
+        "max_entropy_noise_fraction": 1.0 / (c - 1) if c > 1 else None,
+        "cross_entropy": ce, "max_entropy_loss": math.log(c), "mean_entropy": entropy,
+        "backbone_error_energy": backbone, "feature_energy": feature,
+    }
+    if phi > 0.0:
+        fig["noise_fraction"] = zeta / phi
+        fig["excess_noise_fraction"] = (zeta - 1.0 / c) / phi
+    else:
+        fig["noise_fraction"] = None
+        fig["excess_noise_fraction"] = None
+        fig["reason"] = "total error energy is 0 (every prediction is exactly right)"
+    return fig
+
+
+@register_probe
+class NoiseProbe(Probe):
+    name = "noise"
+    description = "ENTAME: energy of the error at the head that is noise (Table 1)"
+    needs = frozenset({"head_input"})
+
+    def __init__(self, ctx: ProbeContext) -> None:
+        super().__init__(ctx)
+        opts = ctx.options
+        self.seeds = int(getattr(opts, "seeds", 1) or 1) if getattr(opts, "new_head", False) else 1
+        self.heads: list[tuple[Tensor, Tensor | None]] = []
+        head = ctx.head.module
+        if self.seeds > 1:
+            for k in range(self.seeds):
+                w, b = seed_head_params(head.weight.shape, getattr(head, "bias", None) is not None,
+                                        opts.head_init, ctx.seed, k)
+                self.heads.append((w.to(head.weight), None if b is None else b.to(head.weight)))
+        k = self.seeds
+        self.add_state("count", torch.zeros((), dtype=torch.float64))
+        for s in _SUMS:
+            self.add_state(s, torch.zeros(k, dtype=torch.float64))
+        self.add_state("feature", torch.zeros((), dtype=torch.float64))
+        self.add_state("nonfinite", torch.zeros((), dtype=torch.float64))
+
+    def _logits_per_head(self, batch: Batch) -> list[tuple[Tensor, Tensor]]:
+        """(logits, head weight) per seed; without seeds the model's own logits and head."""
+        head = self.ctx.head.module
+        if not self.heads:
+            return [(batch.logits, head.weight.detach())]
+        feats = batch.head_input
+        out = []
+        for w, b in self.heads:
+            logits = torch.func.functional_call(head, {"weight": w, **({"bias": b} if b is not None else {})},
+                                                (feats,))
+            out.append((logits.detach(), w))
+        return out
+
+    @torch.no_grad()
+    def update(self, batch: Batch) -> None:
+        y = batch.y
+        onehot = F.one_hot(y, self.ctx.num_classes).to(torch.float64)
+        for k, (logits, w) in enumerate(self._logits_per_head(batch)):
+            z = logits.to(torch.float64)
+            logp = F.log_softmax(z, dim=1)
+            p = logp.exp()
+            self.nonfinite += float((~torch.isfinite(z)).any())
+            self.zeta[k] += (p * p).sum()
+            self.label[k] += (onehot * onehot).sum()
+            self.kappa[k] += (p * onehot).sum()
+            self.ce[k] += F.nll_loss(logp, y, reduction="sum")
+            self.entropy[k] += -(p * logp).nan_to_num().sum()
+            e = p - onehot                                   # ENTAME eq. 7
+            if w.dim() == 2:
+                self.backbone[k] += ((e @ w.to(torch.float64)) ** 2).sum()   # eq. 8
+        if batch.head_input is not None:
+            f = batch.head_input.to(torch.float64)
+            self.feature += (f.reshape(f.shape[0], -1) ** 2).sum()
+        self.count += batch.size
+
+    def compute(self) -> ProbeResult:
+        n = float(self.count)
+        c = self.ctx.num_classes
+        w = self.ctx.head.module.weight
+        per_seed = []
+        for k in range(self.seeds):
+            fig = noise_figures(float(self.zeta[k]) / n, float(self.label[k]) / n, float(self.kappa[k]) / n,
+                                float(self.ce[k]) / n, float(self.entropy[k]) / n,
+                                float(self.backbone[k]) / n if w.dim() == 2 else None,
+                                float(self.feature) / n if self.ctx.head else None, c)
+            per_seed.append(fig)
+        if self.seeds == 1:
+            figures = per_seed[0]
+            if w.dim() != 2:
+                self.skip(self.ctx.head.name, "backbone_error_energy needs a Linear head")
+            return ProbeResult(figures=figures)
+        figures: dict = {"seeds": self.seeds}
+        arrays: dict[str, np.ndarray] = {}
+        for key in KEYS:
+            vals = [f[key] for f in per_seed]
+            if any(v is None for v in vals):
+                figures[key] = None
+                figures[f"{key}_ci95"] = None
+                continue
+            figures[key] = float(np.mean(vals))
+            figures[f"{key}_ci95"] = ci95_half_width([float(v) for v in vals])
+            arrays[f"per_seed/{key}"] = np.asarray(vals, dtype=np.float64)
+        return ProbeResult(figures=figures, arrays=arrays)
+
+    def findings(self, result: ProbeResult, thresholds: Thresholds) -> list[Finding]:
+        f = result.figures
+        out: list[Finding] = []
+        if float(self.nonfinite) > 0:
+            out.append(Finding(self.name, "error", "the model's logits contain NaN or Inf on the data",
+                               "check the weights with `ftdoctor inspect` and the input normalisation"))
+            return out
+        nf, excess, floor = f.get("noise_fraction"), f.get("excess_noise_fraction"), f.get("max_entropy_noise_fraction")
+        if nf is None or excess is None:
+            return out
+        if excess > thresholds.max_excess_noise_fraction or nf > thresholds.max_noise_fraction:
+            out.append(Finding(
+                self.name, "warning",
+                f"noise fraction {nf:.3f} is above its maximum-entropy floor {floor:.3f} "
+                f"(excess {excess:.3f}): the head's first updates send mostly noise into the backbone "
+                f"(ENTAME Table 1)",
+                "ftdoctor fix MODEL --method entame --data DATA -o FIXED.pt"))
+        else:
+            out.append(Finding(self.name, "info",
+                               f"noise fraction {nf:.3f} is near its floor {floor:.3f}", None))
+        return out

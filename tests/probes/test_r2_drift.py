@@ -1,0 +1,72 @@
+"""r2 and drift (L2-SP §4.4, eq. 3): invariances and closed forms."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from conftest import SmallCNN, make_bundle
+from ftdoctor.diagnose import ProbeOptions, probe_model
+
+
+def test_r2_against_itself_is_one_and_drift_zero():
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=4).eval()
+    ref = copy.deepcopy(model)
+    bundle = make_bundle((3, 8, 8), n=32, num_classes=4)
+    run = probe_model(model, bundle, ProbeOptions(probes=("r2", "drift")), reference=ref)
+    rows = run.results["r2"].figures["layers"]
+    assert [r["name"] for r in rows] == ["features.0", "features.3"]     # head excluded
+    for r in rows:
+        assert abs(r["median"] - 1) < 1e-12 and abs(r["min"] - 1) < 1e-12
+        assert abs(r["identity_median"] - 1) < 1e-12
+    assert run.results["drift"].figures["sp_penalty"] == 0.0
+
+
+def test_r2_scale_invariant_identity_not():
+    torch.manual_seed(0)
+    ref = SmallCNN(num_classes=4).eval()
+    model = copy.deepcopy(ref)
+    with torch.no_grad():
+        model.features[0].weight.mul_(2)
+        model.features[0].bias.mul_(2)
+    bundle = make_bundle((3, 8, 8), n=32, num_classes=4)
+    rows = probe_model(model, bundle, ProbeOptions(probes=("r2",)), reference=ref).results["r2"].figures["layers"]
+    first = rows[0]
+    assert abs(first["median"] - 1) < 1e-9
+    # a = 2b: 1 - Σ(2b - b)² / Σ(b - mean b)² = 1 - Σb²/Σ(b - mean b)² < 0
+    assert first["identity_median"] < 0.9
+
+
+def test_r2_matches_numpy_corrcoef():
+    torch.manual_seed(0)
+    ref = SmallCNN(num_classes=4).eval()
+    model = SmallCNN(num_classes=4).eval()
+    bundle = make_bundle((3, 8, 8), n=32, num_classes=4)
+    res = probe_model(model, bundle, ProbeOptions(probes=("r2",)), reference=ref).results["r2"]
+    with torch.no_grad():
+        a = model.features[0](bundle.x).transpose(0, 1).reshape(8, -1).double()
+        b = ref.features[0](bundle.x).transpose(0, 1).reshape(8, -1).double()
+    want = torch.stack([torch.corrcoef(torch.stack([a[c], b[c]]))[0, 1] ** 2 for c in range(8)])
+    got = torch.as_tensor(res.arrays["features.0/r2"])
+    assert torch.allclose(got, want, rtol=1e-9)
+
+
+def test_drift_closed_form_and_new_layers():
+    torch.manual_seed(0)
+    ref = SmallCNN(num_classes=10).eval()
+    model = SmallCNN(num_classes=4).eval()
+    model.features.load_state_dict(ref.features.state_dict())
+    with torch.no_grad():
+        model.features[3].weight.add_(0.5)
+    bundle = make_bundle((3, 8, 8), n=16, num_classes=4)
+    fig = probe_model(model, bundle, ProbeOptions(probes=("drift",)), reference=ref).results["drift"].figures
+    assert fig["new"] == ["fc"]
+    rows = {r["name"]: r for r in fig["layers"]}
+    n = ref.features[3].weight.numel()
+    assert rows["features.0"]["abs"] == 0.0
+    assert math.isclose(rows["features.3"]["abs"], math.sqrt(0.25 * n), rel_tol=1e-6)
+    assert math.isclose(rows["features.3"]["rel"], math.sqrt(0.25 * n) / ref.features[3].weight.norm().item(),
+                        rel_tol=1e-6)
+    assert math.isclose(fig["sp_penalty"], 0.25 * n, rel_tol=1e-6)  # float32 weights
