@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import ftdoctor
+from ftdoctor import distributed
 from ftdoctor.engine import PassSettings, run_pass
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.heads import HEAD_INITS
@@ -162,16 +163,18 @@ def install_new_head(model: nn.Module, head: AffineLayer, num_classes: int, meth
 
 def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = ProbeOptions(), *,
                 reference: nn.Module | None = None, device: str | torch.device = "cpu",
-                layers: Sequence[AffineLayer] | None = None,
-                description: str = "probing") -> ProbeRun:
-    """Run the probes on an in-memory model (left exactly as it was) over ``data``."""
+                layers: Sequence[AffineLayer] | None = None, batch_size: int | None = None,
+                workers: int = 0, description: str = "probing") -> ProbeRun:
+    """Run the probes on an in-memory model (left exactly as it was) over ``data``.
+
+    Under ``torchrun`` each process takes its share of every global batch of ``batch_size``
+    (default: the data's own) and the figures are those of a single process.
+    """
     names = options.validate(reference is not None)
-    loader = data.loader()
+    if data.num_samples == 0:
+        raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
     if layers is None:
-        first = next(iter(loader), None)
-        if first is None:
-            raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
-        layers, _ = layer_order(model, first[0][:2].to(device))
+        layers, _ = layer_order(model, data.dataset[0][0][None].to(device))
     head = find_head(list(layers), options.head)
     ctx = ProbeContext(model=model, layers=tuple(layers), head=head, num_classes=data.num_classes,
                        seed=options.seed, reference=reference,
@@ -183,12 +186,16 @@ def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = Prob
     if data_probes:
         settings = PassSettings(seed=options.seed, change_rate_mode=options.change_rate_mode,
                                 change_rate_loss=options.change_rate_loss)
-        n = run_pass(model, loader, data_probes, list(layers), head, data.num_classes, settings,
-                     reference=reference if any(p.needs_reference and p.needs_data for p in probes) else None,
-                     reference_pairs=ctx.reference_layers, device=device, total=data.num_samples,
-                     description=description)
-        if n == 0:
-            raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
+        world = distributed.world()
+        batches = distributed.sharded_batches(data.dataset, batch_size or getattr(data, "batch_size", 64), world,
+                                              workers=workers)
+        run_pass(model, batches, data_probes, list(layers), head, data.num_classes, settings,
+                 reference=reference if any(p.needs_reference and p.needs_data for p in probes) else None,
+                 reference_pairs=ctx.reference_layers, device=device, total=data.num_samples,
+                 description=description, all_reduce=distributed.all_reduce_sum if world.distributed else None)
+        for p in data_probes:
+            p.reduce_(distributed.all_reduce_sum)
+        n = data.num_samples
     results: dict[str, ProbeResult] = {}
     skipped: list[Skipped] = []
     findings: list[Finding] = weight_findings(model)
@@ -233,11 +240,10 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
     bundle = load_data(_with_channels(data, first_in_channels(net)))
     notes.extend(bundle.notes)
     device = torch.device(model_opts.device)
-    first = next(iter(bundle.loader()), None)
-    if first is None:
+    if bundle.num_samples == 0:
         raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
     try:
-        layers, how = layer_order(net, first[0][:2].to(device))
+        layers, how = layer_order(net, bundle.dataset[0][0][None].to(device))
     except FtdoctorError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model cannot run on this data
@@ -261,7 +267,8 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
             trust_checkpoint=model_opts.trust_checkpoint, non_strict=model_opts.non_strict,
             device=model_opts.device))
         ref_model = ref_loaded.model
-    run = probe_model(net, bundle, options, reference=ref_model, device=device, layers=layers)
+    run = probe_model(net, bundle, options, reference=ref_model, device=device, layers=layers,
+                      batch_size=data.batch_size, workers=data.workers)
     settings = {"probes": list(run.results), "seed": options.seed, "split": bundle.split,
                 "max_samples": data.max_samples, "batch_size": data.batch_size, "image_size": data.image_size,
                 "normalize": data.normalize, "change_rate_mode": options.change_rate_mode,

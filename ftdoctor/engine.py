@@ -144,17 +144,13 @@ def _affine_params(layers: Sequence[AffineLayer]) -> list[Tensor]:
     return params
 
 
-def _grads_by_layer(layers: Sequence[AffineLayer], grads: Sequence[Tensor | None]) -> dict[str, tuple[Tensor, Tensor | None]]:
+def _grads_by_layer(layers: Sequence[AffineLayer], grads: Sequence[Tensor]) -> dict[str, tuple[Tensor, Tensor | None]]:
     out: dict[str, tuple[Tensor, Tensor | None]] = {}
     it = iter(grads)
     for layer in layers:
         gw = next(it)
         gb = next(it) if layer.bias is not None else None
-        if gw is None:
-            gw = torch.zeros_like(layer.weight)
-        if layer.bias is not None and gb is None:
-            gb = torch.zeros_like(layer.bias)
-        out[layer.name] = (gw.detach(), None if gb is None else gb.detach())
+        out[layer.name] = (gw, gb)
     return out
 
 
@@ -173,18 +169,26 @@ def check_logits(logits: object, y: Tensor, num_classes: int) -> Tensor:
     return logits
 
 
-def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor]], probes: Sequence[Probe],
+def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, int]], probes: Sequence[Probe],
              layers: Sequence[AffineLayer], head: AffineLayer, num_classes: int,
              settings: PassSettings, *, reference: nn.Module | None = None,
              reference_pairs: Sequence[tuple[AffineLayer, AffineLayer]] = (),
              device: torch.device | str = "cpu", total: int | None = None,
-             description: str = "probing") -> int:
-    """Stream ``batches`` once through ``model`` and feed every probe; returns the number of examples."""
+             description: str = "probing",
+             all_reduce: Callable[[Tensor], Tensor] | None = None) -> int:
+    """Stream ``batches`` once through ``model`` and feed every probe; returns the number of examples.
+
+    ``batches`` yields ``(x, y, index, global_batch_size)``: this process's share of each global
+    batch (all of it in a single process). Batch gradients are formed from the loss of the global
+    batch — local sums divided by the global size — and summed across processes with
+    ``all_reduce`` before the probes see them, so every figure is the single-process one.
+    """
     needs = frozenset().union(*(p.needs for p in probes)) if probes else frozenset()
     want_grad_sq = "grad_sq" in needs
     loss_kind = settings.change_rate_loss
     exact = settings.change_rate_mode == "exact"
     need_rand = ("rand_grads" in needs) or (want_grad_sq and loss_kind == "random")
+    rand_weight_grads = need_rand and not (want_grad_sq and loss_kind == "random" and exact)
     need_ce = ("ce_grads" in needs) or (want_grad_sq and loss_kind == "ce")
     need_graph = need_rand or need_ce
     params = _affine_params(layers)
@@ -195,50 +199,72 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor]],
                      head_input="head_input" in needs) as cap, \
             _reference_capture(reference, ref_pairs) as ref_cap, \
             _progress.task(description, total, "examples") as bar:
-        for x, y, idx in batches:
+        for x, y, idx, global_size in batches:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             cap.clear()
-            ref_outputs: dict[str, Tensor] = {}
-            if ref_cap is not None:
-                ref_outputs = ref_cap.run(x)
-            x_in = x.detach().requires_grad_(True) if need_rand and exact and want_grad_sq else x
-            with torch.set_grad_enabled(need_graph):
-                logits = model(x_in)
-            check_logits(logits, y, num_classes)
-            batch = Batch(x=x, y=y, index=idx, logits=logits.detach())
-            if need_rand:
-                eta = example_normals(settings.seed, idx, logits.shape[1]).to(logits.device, logits.dtype)
-                loss_r = (eta * logits).sum()
-                if want_grad_sq and loss_kind == "random" and exact:
-                    cap.phase, cap.grad_scale = "grad_sq", 1.0
-                    torch.autograd.grad(loss_r, [x_in], retain_graph=need_ce, allow_unused=True)
-                    batch.grad_sq = cap.grad_sq
-                    cap.grad_sq = {}
-                else:
-                    cap.phase = None
-                    g = torch.autograd.grad(loss_r, params, retain_graph=need_ce, allow_unused=True)
-                    batch.rand_grads = _grads_by_layer(layers, g)
+            batch = Batch(x=x, y=y, index=idx, logits=torch.empty(0, num_classes, device=device),
+                          global_size=int(global_size))
+            rand_g: Sequence[Tensor | None] | None = None
+            ce_g: Sequence[Tensor | None] | None = None
+            if batch.size:
+                if ref_cap is not None:
+                    batch.ref_outputs = ref_cap.run(x)
+                x_in = x.detach().requires_grad_(True) if need_rand and not rand_weight_grads else x
+                with torch.set_grad_enabled(need_graph):
+                    logits = model(x_in)
+                check_logits(logits, y, num_classes)
+                batch.logits = logits.detach()
+                if need_rand:
+                    eta = example_normals(settings.seed, idx, logits.shape[1]).to(logits.device, logits.dtype)
+                    loss_r = (eta * logits).sum()
+                    if rand_weight_grads:
+                        cap.phase = None
+                        rand_g = torch.autograd.grad(loss_r, params, retain_graph=need_ce, allow_unused=True)
+                    else:
+                        # only the input's gradient is asked for: autograd forms no weight gradient,
+                        # the tensor hooks see every layer's output gradient on the way
+                        cap.phase, cap.grad_scale = "grad_sq", 1.0
+                        torch.autograd.grad(loss_r, [x_in], retain_graph=need_ce, allow_unused=True)
+                        batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
+                if need_ce:
+                    # the global batch's mean CE: local sum / global size (DDP's averaging)
+                    loss_ce = F.cross_entropy(logits, y, reduction="sum") / global_size
+                    ce_sq = want_grad_sq and loss_kind == "ce"
+                    # per-example terms CE_n = global_size · (this loss's share): scale the output gradient
+                    cap.phase, cap.grad_scale = ("grad_sq", float(global_size)) if ce_sq else (None, 1.0)
+                    ce_g = torch.autograd.grad(loss_ce, params, allow_unused=True)
+                    if ce_sq:
+                        batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
+                cap.phase = None
+                batch.head_input = cap.head_input
+                batch.outputs = dict(cap.outputs)
+                del logits
+            if rand_weight_grads:
+                batch.rand_grads = _grads_by_layer(layers, _reduce_grads(params, rand_g, all_reduce))
             if need_ce:
-                loss_ce = F.cross_entropy(logits, y)
-                ce_sq = want_grad_sq and loss_kind == "ce"
-                # Σ_n CE_n = B · mean CE: scale the captured output gradient back to per-example terms
-                cap.phase, cap.grad_scale = ("grad_sq", float(y.shape[0])) if ce_sq else (None, 1.0)
-                g = torch.autograd.grad(loss_ce, params, allow_unused=True)
-                batch.ce_grads = _grads_by_layer(layers, g)
-                if ce_sq:
-                    batch.grad_sq = cap.grad_sq
-                    cap.grad_sq = {}
-            cap.phase = None
-            batch.head_input = cap.head_input
-            batch.outputs = cap.outputs
-            batch.ref_outputs = ref_outputs
+                batch.ce_grads = _grads_by_layer(layers, _reduce_grads(params, ce_g, all_reduce))
             for probe in probes:
                 probe.update(batch)
             seen += batch.size
-            bar.advance(batch.size)
-            del logits, batch
+            bar.advance(int(global_size))
+            del batch
     return seen
+
+
+def _reduce_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None] | None,
+                  all_reduce: Callable[[Tensor], Tensor] | None) -> list[Tensor]:
+    """Fill missing gradients with zeros and sum them over processes in one flat all-reduce."""
+    full = [torch.zeros_like(p) if grads is None or grads[i] is None else grads[i].detach()
+            for i, p in enumerate(params)]
+    if all_reduce is None:
+        return full
+    flat = all_reduce(torch.cat([g.reshape(-1) for g in full]))
+    out, offset = [], 0
+    for g in full:
+        out.append(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return out
 
 
 class _RefCapture:

@@ -88,6 +88,7 @@ class Batch:
     y: Tensor
     index: Tensor
     logits: Tensor                                   # (B, C)
+    global_size: int = 0                             # examples in the global batch (all processes)
     head_input: Tensor | None = None                 # the head's input features
     ce_grads: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)    # ∇ of mean CE
     rand_grads: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # ∇ of Σ η·logits
@@ -118,8 +119,13 @@ class Probe:
 
     # -- state management (mergeable sufficient statistics) -----------------
     def add_state(self, name: str, default: Tensor | list, reduce: str = "sum") -> None:
-        """Declare a state: a float64 tensor that adds up, or a list (``cat``) of per-batch values."""
-        if reduce not in ("sum", "cat"):
+        """Declare a state.
+
+        ``sum``: a float64 tensor of this process's examples, summed across processes at the end;
+        ``replicated``: a tensor built from per-batch quantities that were already all-reduced
+        (identical on every process, so never summed again); ``cat``: a list of such per-batch values.
+        """
+        if reduce not in ("sum", "replicated", "cat"):
             raise ValueError(reduce)
         self._states[name] = reduce
         setattr(self, name, default.clone() if isinstance(default, Tensor) else list(default))
@@ -128,12 +134,10 @@ class Probe:
         return dict(self._states)
 
     def merge_(self, other: "Probe") -> None:
-        """Fold another probe's states into this one (what an all-reduce does)."""
+        """Fold another process's probe into this one (what the final all-reduce does)."""
         for name, reduce in self._states.items():
             if reduce == "sum":
                 setattr(self, name, getattr(self, name) + getattr(other, name))
-            else:
-                getattr(self, name).extend(getattr(other, name))
 
     def reduce_(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
         """Sum every ``sum`` state across processes with ``all_reduce``."""

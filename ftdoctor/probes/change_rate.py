@@ -54,10 +54,13 @@ class ChangeRateProbe(Probe):
         self.loss = getattr(opts, "change_rate_loss", "random")
         self.needs = frozenset({"grad_sq"}) if self.mode == "exact" else frozenset({"rand_grads"})
         self.layers = list(ctx.layers)
-        self.add_state("count", torch.zeros((), dtype=torch.float64))
+        # exact: per-example squares of this process's examples (summed across processes);
+        # batch: squares of the all-reduced global batch gradient (already identical everywhere)
+        reduce = "sum" if self.mode == "exact" else "replicated"
+        self.add_state("count", torch.zeros((), dtype=torch.float64), reduce)
         for layer in self.layers:
             self.add_state(self._key(layer.name), torch.zeros(layer.weight.shape, dtype=torch.float64,
-                                                              device=layer.weight.device))
+                                                              device=layer.weight.device), reduce)
         self.add_state("missing", torch.zeros(len(self.layers), dtype=torch.float64))
 
     @staticmethod
@@ -66,6 +69,8 @@ class ChangeRateProbe(Probe):
 
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
+        if self.mode == "exact" and batch.size == 0:
+            return
         for i, layer in enumerate(self.layers):
             key = self._key(layer.name)
             if self.mode == "exact":
@@ -77,7 +82,7 @@ class ChangeRateProbe(Probe):
             else:
                 gw = batch.rand_grads[layer.name][0].to(torch.float64)
                 getattr(self, key).add_(gw * gw)
-        self.count += batch.size
+        self.count += batch.size if self.mode == "exact" else batch.global_size
 
     def compute(self) -> ProbeResult:
         n = float(self.count)

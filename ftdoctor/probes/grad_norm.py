@@ -29,15 +29,17 @@ class GradNormProbe(Probe):
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
         self.layers = list(ctx.layers)
-        self.add_state("batches", torch.zeros((), dtype=torch.float64))
+        # every state is built from the all-reduced batch gradient: identical on every process
+        self.add_state("batches", torch.zeros((), dtype=torch.float64), "replicated")
         for layer in self.layers:
             k = self._key(layer.name)
             dev = layer.weight.device
-            self.add_state(k + "norm", torch.zeros((), dtype=torch.float64, device=dev))
-            self.add_state(k + "sum", torch.zeros(layer.weight.shape, dtype=torch.float64, device=dev))
+            self.add_state(k + "norm", torch.zeros((), dtype=torch.float64, device=dev), "replicated")
+            self.add_state(k + "sum", torch.zeros(layer.weight.shape, dtype=torch.float64, device=dev),
+                           "replicated")
             self.add_state(k + "per_batch", [], reduce="cat")
             if layer.bias is not None:
-                self.add_state(k + "bnorm", torch.zeros((), dtype=torch.float64, device=dev))
+                self.add_state(k + "bnorm", torch.zeros((), dtype=torch.float64, device=dev), "replicated")
 
     @staticmethod
     def _key(name: str) -> str:

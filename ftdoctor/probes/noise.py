@@ -47,14 +47,19 @@ def noise_figures(zeta: float, label: float, kappa: float, ce: float, entropy: f
         "cross_entropy": ce, "max_entropy_loss": math.log(c), "mean_entropy": entropy,
         "backbone_error_energy": backbone, "feature_energy": feature,
     }
-    if phi > 0.0:
+    if not math.isfinite(phi):
+        fig["noise_fraction"] = None
+        fig["excess_noise_fraction"] = None
+        fig["reason"] = "the model's outputs on the data are NaN or Inf"
+    elif phi > 0.0:
         fig["noise_fraction"] = zeta / phi
         fig["excess_noise_fraction"] = (zeta - 1.0 / c) / phi
     else:
         fig["noise_fraction"] = None
         fig["excess_noise_fraction"] = None
         fig["reason"] = "total error energy is 0 (every prediction is exactly right)"
-    return fig
+    # JSON has no NaN/Inf: a figure a non-finite model spoils is null
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fig.items()}
 
 
 @register_probe
@@ -96,6 +101,8 @@ class NoiseProbe(Probe):
 
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
+        if batch.size == 0:
+            return
         y = batch.y
         onehot = F.one_hot(y, self.ctx.num_classes).to(torch.float64)
         for k, (logits, w) in enumerate(self._logits_per_head(batch)):

@@ -1,0 +1,470 @@
+"""Sums of squared per-example gradients of one affine layer, batched.
+
+The core of the ``change_rate`` probe (Krähenbühl et al. §3, SPEC §1.2): for a
+layer with weight ``W`` and bias ``b`` it returns ``Σ_n (∂ℓ_n/∂W)²`` and
+``Σ_n (∂ℓ_n/∂b)²`` from what the engine's hooks captured in one backward pass:
+the layer's input ``x`` and ``g = ∂(Σ_n ℓ_n)/∂out``.  In ``eval()`` mode
+example ``n``'s loss depends on example ``n`` alone, so its gradient is built
+from ``x_n`` and ``g_n`` only:
+
+* Linear, input ``(N, …, F)``: ``∂ℓ_n/∂W = Σ_t g_{n,t}ᵀ x_{n,t}``, summed over
+  every middle position ``t`` (tokens, or ConvNeXt's channels-last pixels).
+* Conv with ``G`` groups: ``∂ℓ_n/∂W[o, i, k] = Σ_l g_n[o, l] · x_n[i, l·s + k·d − p]``
+  within each group (the unfolded input patches ``U_n`` of example ``n``).
+
+Every case is ``Σ_n (A_nᵀ B_n)²`` with ``A_n`` (L × O) and ``B_n`` (L × K) per
+group, and there is no Python loop over examples.  Three kernels compute it;
+:func:`_choose` picks one per shape:
+
+``pairs``
+    ``Σ_n (A_nᵀB_n)² = Σ_n Σ_{l≤l'} c_{ll'} (A_{nl}∘A_{nl'})ᵀ (B_{nl}∘B_{nl'})``
+    (``c`` = 1 on the diagonal, 2 off it): one matrix product with inner size
+    ``N·L(L+1)/2`` and no per-example gradient at all.  For ``L = 1`` (2-D
+    Linear input, 1×1 maps) it is the closed form ``(g²)ᵀ(x²)``.  Convolutions
+    apply it per kernel tap over only the output positions where that tap sees
+    the input rather than padding — on the small maps of ImageNet networks at
+    CIFAR resolution this skips most of the work.
+``bmm``
+    per-example gradients of a chunk of examples by one batched matmul (on the
+    unfolded input for convolutions), squared in place and summed.
+``conv``
+    per-example gradients of a convolution as the weight gradient of one
+    grouped convolution with ``N·G`` groups (batch folded into channels,
+    :func:`torch.nn.grad.conv2d_weight`).  No unfolded copy of the input; best
+    for large maps with small per-group weights (first layers, depthwise).
+
+Batches are processed in chunks so that what is materialised per chunk stays
+under ``max_chunk_bytes``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Method", "grad_sq_sum", "supports"]
+
+Method = Literal["auto", "pairs", "bmm", "conv"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_CONV_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+# ``bmm`` is memory-bound for small L: its per-example gradients are squared
+# while still in cache, so a chunk's output aims at this size...
+_CACHE_BYTES = 4 * 2**20
+# ...with at least this many examples per chunk (unless max_chunk_bytes says fewer).
+_MIN_CHUNK = 8
+
+
+def supports(module: nn.Module) -> str | None:
+    """``None`` if :func:`grad_sq_sum` handles ``module``, else the reason it does not."""
+    if isinstance(module, _TRANSPOSED) or getattr(module, "transposed", False):
+        return "ConvTranspose not supported"
+    if isinstance(module, _CONVS):
+        if module.padding_mode not in _PADDING_MODES:
+            return f"padding_mode={module.padding_mode!r} not supported"
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        return f"{type(module).__name__} not supported (only Conv1d/2d/3d)"
+    elif not isinstance(module, nn.Linear):
+        return f"{type(module).__name__} is not an affine layer (nn.Linear or nn.Conv1d/2d/3d)"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
+        return "weight is not initialised (lazy module before its first forward)"
+    base = nn.Linear if isinstance(module, nn.Linear) else next(cls for cls in _CONVS if isinstance(module, cls))
+    for method in ("forward", "_conv_forward"):
+        if getattr(type(module), method, None) is not getattr(base, method, None):
+            # e.g. weight standardisation or fake quantisation: the gradient of the
+            # parameter is no longer g·xᵀ
+            return f"{type(module).__name__} overrides {method}(); per-example gradients assume {base.__name__}'s own"
+    return None
+
+
+def grad_sq_sum(
+    module: nn.Module,
+    x: Tensor,
+    g: Tensor,
+    *,
+    max_chunk_bytes: int = 256 * 2**20,
+    method: Method = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """``Σ_n (∂ℓ_n/∂W)²`` and ``Σ_n (∂ℓ_n/∂b)²`` for one affine layer.
+
+    ``x`` is the layer's input and ``g`` the gradient of ``Σ_n ℓ_n`` with
+    respect to its output, both batched along dim 0 (an unbatched pair counts
+    as one example).  Returns a tensor shaped like ``module.weight`` and one
+    shaped like ``module.bias`` (``None`` without a bias), in the dtype of
+    ``x``/``g`` — float16/bfloat16 are computed and returned in float32.  The
+    caller accumulates across batches (in float64).
+
+    ``max_chunk_bytes`` bounds what is materialised per chunk of examples (at
+    least one example is processed at a time).  ``method`` forces a kernel
+    (``"pairs"``, ``"bmm"``, or ``"conv"`` for convolutions); ``"auto"`` picks
+    the fastest for the shape.
+
+    Raises ``TypeError`` for a module :func:`supports` rejects and
+    ``ValueError`` when ``x``/``g`` do not fit the module.
+    """
+    reason = supports(module)
+    if reason is not None:
+        raise TypeError(f"grad_sq_sum: {reason}")
+    if method not in ("auto", "pairs", "bmm", "conv"):
+        raise ValueError(f"grad_sq_sum: unknown method {method!r}")
+    with torch.no_grad():
+        x, g = _common_dtype(x.detach(), g.detach())
+        if isinstance(module, nn.Linear):
+            return _linear(module, x, g, max_chunk_bytes, method)
+        return _conv(module, x, g, max_chunk_bytes, method)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _common_dtype(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    dtype = torch.promote_types(x.dtype, g.dtype)
+    if not dtype.is_floating_point:
+        raise TypeError(f"grad_sq_sum: floating-point inputs needed, got {x.dtype} and {g.dtype}")
+    if dtype in (torch.float16, torch.bfloat16):  # sums of many squares: overflow, lost digits
+        dtype = torch.float32
+    return x.to(dtype), g.to(dtype)
+
+
+def _per_chunk(n: int, bytes_per_example: int, max_chunk_bytes: int) -> int:
+    return max(1, min(n, max_chunk_bytes // max(1, bytes_per_example)))
+
+
+def _chunks(n: int, step: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, n, step):
+        yield lo, min(n, lo + step)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """A convolution's kernel, stride, symmetric zero padding, dilation and output size."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    out_size: tuple[int, ...]
+
+
+# ------------------------------------------------------------------- Linear
+
+
+def _linear(module: nn.Linear, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method) -> tuple[Tensor, Tensor | None]:
+    f_in, f_out = module.in_features, module.out_features
+    if x.dim() == 1:
+        x, g = x.unsqueeze(0), g.unsqueeze(0)
+    if x.shape[-1] != f_in or g.shape[-1] != f_out or x.shape[:-1] != g.shape[:-1]:
+        raise ValueError(
+            f"grad_sq_sum: Linear({f_in}, {f_out}) got input {tuple(x.shape)} and output gradient {tuple(g.shape)}"
+        )
+    if method == "conv":
+        raise ValueError("grad_sq_sum: method 'conv' is for convolutions only")
+    n = x.shape[0]
+    a = g.reshape(n, 1, -1, f_out)  # (N, G=1, L, O): L = every middle position
+    b = x.reshape(n, 1, -1, f_in)
+    L = a.shape[2]
+    if method == "auto":
+        method = _choose(L, f_out, f_in, taps=[L], conv_ok=False)
+    item = x.element_size()
+    if method == "pairs":
+        p = L * (L + 1) // 2
+        step = _per_chunk(n, 2 * p * (f_in + f_out) * item, max_chunk_bytes)
+        w2 = sum(_pairs(a[lo:hi].transpose(0, 1), b[lo:hi].transpose(0, 1)) for lo, hi in _chunks(n, step))
+    else:
+        w2 = _bmm_chunked(lambda lo, hi: (a[lo:hi], b[lo:hi]), n, f_out * f_in * item, 0, max_chunk_bytes)
+    bias = g.reshape(n, -1, f_out).sum(1).square().sum(0) if module.bias is not None else None
+    return w2[0], bias
+
+
+# --------------------------------------------------------------------- Conv
+
+
+def _conv(module: nn.Module, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method) -> tuple[Tensor, Tensor | None]:
+    nd = len(module.kernel_size)
+    if x.dim() == nd + 1:
+        x, g = x.unsqueeze(0), g.unsqueeze(0)
+    if x.dim() != nd + 2 or x.shape[1] != module.in_channels:
+        raise ValueError(f"grad_sq_sum: {type(module).__name__} got input {tuple(x.shape)}")
+    kernel, stride, dilation = tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
+    x, padding = _pad(module, x)
+    out_size = tuple(
+        (s + 2 * p - dl * (k - 1) - 1) // st + 1 for s, k, st, dl, p in zip(x.shape[2:], kernel, stride, dilation, padding)
+    )
+    n, c = x.shape[:2]
+    o, groups = module.out_channels, module.groups
+    if tuple(g.shape) != (n, o, *out_size):
+        raise ValueError(
+            f"grad_sq_sum: {type(module).__name__} with input {tuple(x.shape)} gives output {(n, o, *out_size)}, "
+            f"got output gradient {tuple(g.shape)}"
+        )
+    og, cg = o // groups, c // groups
+    geo = _Geometry(kernel, stride, padding, dilation, out_size)
+    taps = _tap_boxes(tuple(x.shape[2:]), geo)
+    if method == "auto":
+        method = _choose(math.prod(out_size), og, cg, taps=[_box_size(box) for box in taps], conv_ok=True)
+    if method == "pairs":
+        w2 = _conv_pairs(x, g, geo, taps, groups, max_chunk_bytes).reshape(module.weight.shape)
+    else:
+        w2 = _conv_dense(x, g, geo, taps, tuple(module.weight.shape), groups, method, max_chunk_bytes)
+    bias = g.reshape(n, o, -1).sum(2).square().sum(0) if module.bias is not None else None
+    return w2, bias
+
+
+def _pad(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """Pad ``x`` as the layer's forward does; return the padding left to the kernels.
+
+    Symmetric zero padding is left to the kernels (which skip it); the rest —
+    'same' with an even kernel, reflect/replicate/circular modes — is applied
+    here, exactly as ``nn.Conv*d`` does before its padding-free convolution.
+    """
+    nd = len(module.kernel_size)
+    if module.padding == "valid":
+        pads = [(0, 0)] * nd
+    elif module.padding == "same":  # the odd element goes to the end, as in nn.Conv*d
+        pads = [(dl * (k - 1) // 2, dl * (k - 1) - dl * (k - 1) // 2) for k, dl in zip(module.kernel_size, module.dilation)]
+    else:
+        pads = [(p, p) for p in module.padding]
+    if module.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
+        return x, tuple(lo for lo, _ in pads)
+    flat = [p for pair in reversed(pads) for p in pair]  # F.pad takes the last dim first
+    if any(flat):
+        x = F.pad(x, flat, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    return x, (0,) * nd
+
+
+def _tap_boxes(size: tuple[int, ...], geo: _Geometry) -> list[tuple[range, ...]]:
+    """Per kernel tap (row-major, as in the weight), the output positions where it sees the input.
+
+    Along each dim, tap ``j`` reads input ``o·s + j·d − p`` at output ``o``:
+    the ``o`` keeping that inside ``[0, size)`` form a range, so the positions
+    are a box (empty when the tap only ever sees padding).
+    """
+    per_dim = []
+    for s, k, st, dl, p, out in zip(size, geo.kernel, geo.stride, geo.dilation, geo.padding, geo.out_size):
+        ranges = []
+        for j in range(k):
+            first = max(0, -((j * dl - p) // st))
+            last = (s - 1 - j * dl + p) // st if s - 1 - j * dl + p >= 0 else -1
+            ranges.append(range(first, max(first, min(out, last + 1))))
+        per_dim.append(ranges)
+    boxes: list[tuple[range, ...]] = [()]
+    for ranges in per_dim:
+        boxes = [box + (r,) for box in boxes for r in ranges]
+    return boxes
+
+
+def _box_size(box: tuple[range, ...]) -> int:
+    return math.prod(len(r) for r in box)
+
+
+
+def _conv_pairs(x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ...]], groups: int, max_chunk_bytes: int) -> Tensor:
+    """``pairs`` per kernel tap, over the output positions where the tap sees the input → (G, Og, Cg, K)."""
+    n, c = x.shape[:2]
+    o = g.shape[1]
+    og, cg = o // groups, c // groups
+    widest = max(_box_size(box) for box in taps)
+    per_example = (widest * (widest + 1) + 2 * widest) * (og + cg) * groups * x.element_size()
+    step = _per_chunk(n, per_example, max_chunk_bytes)
+    out = x.new_zeros(groups, og, cg, len(taps))
+    offsets = [_unravel(t, geo.kernel) for t in range(len(taps))]
+    for lo, hi in _chunks(n, step):
+        m = hi - lo
+        for t, box in enumerate(taps):
+            count = _box_size(box)
+            if count == 0:  # the tap only ever sees padding: its gradient is 0
+                continue
+            g_box = g[(slice(lo, hi), slice(None), *(slice(r.start, r.stop) for r in box))]
+            x_box = x[
+                (slice(lo, hi), slice(None))
+                + tuple(
+                    slice(r.start * st + j * dl - p, (r.stop - 1) * st + j * dl - p + 1, st)
+                    for r, j, st, dl, p in zip(box, offsets[t], geo.stride, geo.dilation, geo.padding)
+                )
+            ]
+            a = g_box.reshape(m, groups, og, count).permute(1, 0, 3, 2)  # (G, m, L_t, Og)
+            b = x_box.reshape(m, groups, cg, count).permute(1, 0, 3, 2)  # (G, m, L_t, Cg)
+            out[..., t] += _pairs(a, b)
+    return out
+
+
+def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    for s in reversed(shape):
+        out.append(index % s)
+        index //= s
+    return tuple(reversed(out))
+
+
+def _conv_dense(
+    x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ...]], weight_shape: tuple[int, ...],
+    groups: int, method: str, max_chunk_bytes: int,
+) -> Tensor:
+    """``bmm`` (on unfolded patches) or ``conv``, over the taps that see the input at all."""
+    x, geo, live = _drop_dead_taps(x, geo, taps)
+    n, c = x.shape[:2]
+    o = g.shape[1]
+    og, cg = o // groups, c // groups
+    reduced_shape = (o, cg, *geo.kernel)
+    if method == "conv":
+        w2 = _conv_trick(x, g, geo, reduced_shape, groups, max_chunk_bytes)
+    else:
+        L, kg = math.prod(geo.out_size), cg * math.prod(geo.kernel)
+
+        def operands(lo: int, hi: int) -> tuple[Tensor, Tensor]:
+            u = _unfold(x[lo:hi], geo)  # (m, C·K, L)
+            b = u.view(hi - lo, groups, kg, L).transpose(2, 3)  # (m, G, L, Kg)
+            a = g[lo:hi].reshape(hi - lo, groups, og, L).transpose(2, 3)  # (m, G, L, Og)
+            return a, b
+
+        item = x.element_size()
+        w2 = _bmm_chunked(operands, n, o * kg * item, c * math.prod(geo.kernel) * L * item, max_chunk_bytes)
+        w2 = w2.reshape(reduced_shape)
+    if live is None:
+        return w2
+    full = w2.new_zeros(weight_shape)
+    full[(slice(None), slice(None), *live)] = w2
+    return full
+
+
+def _drop_dead_taps(
+    x: Tensor, geo: _Geometry, taps: list[tuple[range, ...]]
+) -> tuple[Tensor, _Geometry, tuple[slice, ...] | None]:
+    """Crop the kernel to the taps that see the input somewhere (the others have gradient 0).
+
+    Small maps in ImageNet networks (resnet's layer4 at 32×32 input is 1×1
+    under a padded 3×3 kernel) would otherwise spend most of the work on
+    zeros.  Returns the input cropped/padded for the smaller kernel (no
+    padding left), its geometry, and the live tap slices (``None``: all live).
+    """
+    spatial = len(geo.kernel)
+    live = []
+    for dim in range(spatial):  # tap j along `dim` is live if some tap using it has a non-empty box
+        js = {_unravel(t, geo.kernel)[dim] for t, box in enumerate(taps) if all(len(r) for r in box)}
+        live.append((min(js), max(js) + 1) if js else (0, 1))
+    if all(hi - lo == k for (lo, hi), k in zip(live, geo.kernel)):
+        return x, geo, None
+    flat: list[int] = []
+    for (lo, hi), size, st, dl, p, out in zip(live, x.shape[2:], geo.stride, geo.dilation, geo.padding, geo.out_size):
+        before = p - lo * dl  # negative crops
+        after = (out - 1) * st + (hi - lo - 1) * dl + 1 - size - before
+        flat = [before, after] + flat  # F.pad takes the last dim first
+    kernel = tuple(hi - lo for lo, hi in live)
+    reduced = _Geometry(kernel, geo.stride, (0,) * spatial, geo.dilation, geo.out_size)
+    return F.pad(x, flat), reduced, tuple(slice(lo, hi) for lo, hi in live)
+
+
+def _unfold(x: Tensor, geo: _Geometry) -> Tensor:
+    """Patches ``(N, C·prod(kernel), L)`` in the weight's (C, k…) order, for 1-, 2- and 3-D."""
+    kernel, stride, padding, dilation = geo.kernel, geo.stride, geo.padding, geo.dilation
+    if len(kernel) == 2:
+        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    if len(kernel) == 1:
+        return F.unfold(x.unsqueeze(2), (1, *kernel), dilation=(1, *dilation), padding=(0, *padding), stride=(1, *stride))
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    x = x.contiguous()
+    n, c = x.shape[:2]
+    sn, sc, *ss = x.stride()
+    patches = x.as_strided(
+        (n, c, *kernel, *geo.out_size),
+        (sn, sc, *(dl * s for dl, s in zip(dilation, ss)), *(st * s for st, s in zip(stride, ss))),
+    )
+    return patches.reshape(n, c * math.prod(kernel), math.prod(geo.out_size))
+
+
+def _conv_trick(x: Tensor, g: Tensor, geo: _Geometry, weight_shape: tuple[int, ...], groups: int, max_chunk_bytes: int) -> Tensor:
+    """Per-example gradients as the weight gradient of one (N·G)-group convolution."""
+    n, c, *size = x.shape
+    o = weight_shape[0]
+    weight_grad = _CONV_WEIGHT_GRAD[len(size)]
+    per_example = (math.prod(weight_shape) + c * math.prod(size) + g[0].numel()) * x.element_size()
+    acc = x.new_zeros(weight_shape)
+    for lo, hi in _chunks(n, _per_chunk(n, per_example, max_chunk_bytes)):
+        m = hi - lo
+        per = weight_grad(
+            x[lo:hi].reshape(1, m * c, *size), (m * o, *weight_shape[1:]), g[lo:hi].reshape(1, m * o, *g.shape[2:]),
+            stride=geo.stride, padding=geo.padding, dilation=geo.dilation, groups=m * groups,
+        )
+        acc += per.view(m, *weight_shape).square_().sum(0)
+    return acc
+
+
+# ------------------------------------------------------ Σ_n (A_nᵀ B_n)² kernels
+
+
+def _choose(L: int, og: int, cg: int, *, taps: list[int], conv_ok: bool) -> str:
+    """The cheapest kernel for a layer with L output positions, per-group Og × Cg·K weights.
+
+    ``taps`` lists, per kernel tap, how many output positions see the input.
+    Costs per example in units of one multiply-add inside a large matrix
+    product (2 CPU cores, batch 64): ``pairs`` does ``Σ_t L_t(L_t+1)/2 · Og·Cg``
+    plus building the products; ``bmm`` does ``L·Og·Cg`` per tap but writes,
+    squares and sums every per-example gradient, measured at ~24 units per
+    element.  The ``conv`` trick (grouped convolution, oneDNN on CPU) only wins
+    for small per-group weights on large maps: single-thread CPU ms, batch 64,
+    3×3 convs C→C at s×s maps::
+
+        C, s            pairs  bmm   conv      C, s           bmm   conv
+        256, 2×2 (L=4)   10     35    275      64, 16×16       51    17
+        64, 4×4 (L=16)   76*    3.6   16.6     16, 4×4        0.58  0.42
+        256, 8×8          —    122    326      16, 32×32       37    5.1
+        depthwise 128, 16×16:   bmm 76, conv 4.3   (* all 136 pairs per tap)
+    """
+    k = len(taps)
+    size = og * cg * k
+    if conv_ok and (size <= 4096 and L >= 9 or size <= 65536 and L >= 64):
+        return "conv"
+    pairs = sum(t * (t + 1) // 2 for t in taps) * (og * cg + 8 * (og + cg))
+    dense = k * (og * cg * (L + 24) + 8 * cg * L)
+    return "pairs" if pairs <= dense else "bmm"
+
+
+def _bmm_chunked(
+    operands: Callable[[int, int], tuple[Tensor, Tensor]], n: int, out_bytes: int, operand_bytes: int, max_chunk_bytes: int
+) -> Tensor:
+    """Σ_n (a_nᵀ b_n)² with ``operands(lo, hi)`` → a (m, G, L, O), b (m, G, L, K) for examples lo..hi.
+
+    ``out_bytes`` is one example's gradient.  Each product is squared while in
+    cache: a chunk of examples is split along O so a tile stays near
+    ``_CACHE_BYTES`` (out of cache this kernel runs several times slower).
+    """
+    step = _per_chunk(n, out_bytes + operand_bytes, max_chunk_bytes)
+    step = min(step, max(_MIN_CHUNK, _CACHE_BYTES // max(1, out_bytes)))
+    acc: Tensor | None = None
+    for lo, hi in _chunks(n, step):
+        a, b = operands(lo, hi)
+        o = a.shape[-1]
+        rows = max(1, min(o, _CACHE_BYTES * o // max(1, out_bytes * (hi - lo))))
+        if acc is None:
+            acc = a.new_zeros(a.shape[1], o, b.shape[-1])
+        at = a.transpose(2, 3)
+        for r0, r1 in _chunks(o, rows):
+            acc[:, r0:r1] += torch.matmul(at[:, :, r0:r1], b).square_().sum(0)  # (m, G, rows, K) → (G, rows, K)
+    assert acc is not None
+    return acc
+
+
+def _pairs(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_n (a_nᵀ b_n)² for a (G, n, L, O), b (G, n, L, K) → (G, O, K), via position pairs."""
+    groups, n, L, o = a.shape
+    k = b.shape[-1]
+    p = L * (L + 1) // 2
+    pa, pb = a.new_empty(groups, n, p, o), b.new_empty(groups, n, p, k)
+    start = 0
+    for l in range(L):  # the pairs (l, l' ≥ l): L slices per call, not a loop over examples
+        m = L - l
+        torch.mul(a[:, :, l : l + 1], a[:, :, l:], out=pa[:, :, start : start + m])
+        torch.mul(b[:, :, l : l + 1], b[:, :, l:], out=pb[:, :, start : start + m])
+        pa[:, :, start + 1 : start + m] *= 2  # off-diagonal pairs appear twice in the square
+        start += m
+    out = torch.bmm(pa.view(groups, n * p, o).transpose(1, 2), pb.view(groups, n * p, k))
+    return out.clamp_(min=0) if L > 1 else out  # a sum of squares: no negative rounding residue
