@@ -1,0 +1,228 @@
+"""``ftdoctor.fix``: load a checkpoint, apply one method, verify it on the data, write it back.
+
+The same steps for every method (SPEC §2):
+
+1. refuse a bad ``-o`` before any work (the input itself, an existing file
+   without ``force``); refuse TorchScript, which cannot be written back;
+2. load the model and the data; with ``new_head`` replace a head whose class
+   count differs from the data's by a fresh ``Linear(in_features, C)``;
+3. the method's ``before`` / ``apply`` / ``verify`` (see :mod:`.base`), plus
+   one check common to all: every tensor the method does not own is
+   bit-identical;
+4. a failed verification raises :class:`FixFailed` (exit 1) and writes nothing;
+5. otherwise write the model in the input's format and container, atomically,
+   and the sidecar ``OUT.ftdoctor.json``.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+import ftdoctor
+from ftdoctor import checkpoint as ckpt
+from ftdoctor.errors import FtdoctorError, VerificationFailed
+from ftdoctor.fixes.base import FIXES, Check, FixContext, FixOutcome, changed_keys, snapshot
+from ftdoctor.featurenorm import FeatureNormLinear
+
+if TYPE_CHECKING:
+    from ftdoctor.data import DataOptions
+
+SCHEMA = "ftdoctor.fix/1"
+
+
+@dataclass
+class FixResult:
+    """What ``ftdoctor fix`` did: the method's outcome, where it wrote, and the sidecar record."""
+
+    method: str
+    outcome: FixOutcome
+    input_path: Path
+    input_sha256: str
+    format: str
+    arch: str | None
+    head: str
+    num_classes: int
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    out: Path | None = None
+    output_sha256: str | None = None
+    sidecar: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome.passed
+
+    def record(self) -> dict[str, Any]:
+        """The sidecar document (JSON-ready)."""
+        o = self.outcome
+        return {
+            "schema": SCHEMA, "method": self.method, "parameters": o.parameters,
+            "seed": self.settings.get("seed"), "settings": self.settings,
+            "input": {"path": str(self.input_path), "sha256": self.input_sha256, "format": self.format,
+                      "arch": self.arch},
+            "output": {"path": str(self.out) if self.out else None, "sha256": self.output_sha256,
+                       "format": self.format},
+            "head": self.head, "num_classes": self.num_classes, "data": self.data,
+            "versions": versions(),
+            "verification": {"passed": o.passed, "checks": [c.to_json() for c in o.checks], **o.figures},
+            "left_alone": [l.to_json() for l in o.left_alone],
+            "notes": list(self.notes) + list(o.notes),
+        }
+
+    to_json = record
+
+
+class FixFailed(VerificationFailed):
+    """The fix did not pass its verification: exit 1, nothing written. ``result`` has the figures."""
+
+    def __init__(self, cause: str, remedy: str, result: FixResult) -> None:
+        super().__init__(cause, remedy)
+        self.result = result
+
+
+def versions() -> dict[str, str]:
+    out = {"ftdoctor": ftdoctor.__version__, "torch": torch.__version__.split("+")[0],
+           "python": platform.python_version()}
+    try:
+        import torchvision
+        out["torchvision"] = torchvision.__version__.split("+")[0]
+    except Exception:  # noqa: BLE001 - torchvision is a dependency, but its absence must not stop a fix
+        pass
+    return out
+
+
+def method_names() -> list[str]:
+    return list(FIXES)
+
+
+def _options_for(method: str, options: Any) -> Any:
+    cls = FIXES[method].options_type
+    if options is None:
+        return cls()
+    if not isinstance(options, cls):
+        raise TypeError(f"--method {method} takes {cls.__name__}, got {type(options).__name__}")
+    return options
+
+
+def fix(model_path: str | Path, method: str, *, out: str | Path, data: "DataOptions",
+        model: "ckpt.ModelOptions | None" = None, options: Any = None, head: str | None = None,
+        new_head: bool = False, seed: int = 0, force: bool = False, write: bool = True) -> FixResult:
+    """``ftdoctor fix``: apply ``method`` (see :data:`FIXES`) and write the verified checkpoint to ``out``.
+
+    ``options`` is the method's options dataclass (``EntameOptions``,
+    ``RifleOptions``, ``RescaleOptions``, ``DatadepOptions``; default: its
+    defaults). Raises :class:`FtdoctorError` for unusable input (exit 2) and
+    :class:`FixFailed` when the verification fails (exit 1); in both cases
+    nothing is written. ``write=False`` verifies without writing (a dry run).
+    """
+    from ftdoctor.data import load_data
+    from ftdoctor.diagnose import _with_channels, first_in_channels, install_new_head
+    from ftdoctor.model import find_head, layer_order
+
+    if method not in FIXES:
+        raise FtdoctorError(f"unknown fix method {method!r}", f"use one of {', '.join(FIXES)}")
+    opts = _options_for(method, options)
+    fixer = FIXES[method](opts)
+    model_opts = model or ckpt.ModelOptions()
+    model_path, out = Path(model_path), Path(out)
+    if write:
+        ckpt.check_output_path(model_path, out, force)
+    loaded = ckpt.load_model(model_path, model_opts)
+    if loaded.format == "torchscript":
+        raise FtdoctorError(
+            f"{model_path} is a TorchScript archive: ftdoctor can probe it but cannot write a fixed one",
+            "pass the eager checkpoint instead (the state dict with --arch NAME, or a pickled module with "
+            "--trust-checkpoint) and script the fixed model afterwards")
+    net = loaded.model
+    notes = list(loaded.notes)
+    bundle = load_data(_with_channels(data, first_in_channels(net)))
+    notes.extend(bundle.notes)
+    device = torch.device(model_opts.device)
+    first = next(iter(bundle.loader()), None)
+    if first is None:
+        raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
+    try:
+        layers, _ = layer_order(net, first[0][:2].to(device))
+    except FtdoctorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model cannot run on this data
+        raise FtdoctorError(f"the model cannot run on this data: {str(exc).splitlines()[0][:200]}",
+                            "check --image-size, the input channels and the architecture") from None
+    head_layer = find_head(layers, head)
+    outputs = int(head_layer.weight.shape[0])
+    if new_head:
+        if isinstance(head_layer.module, FeatureNormLinear):
+            notes.append(f"the feature norm in front of {head_layer.name} was dropped with the old head")
+        head_layer = install_new_head(net, head_layer, bundle.num_classes, "torch-default", seed)
+        layers = [head_layer if l.name == head_layer.name else l for l in layers]
+        notes.append(f"head {head_layer.name} replaced by a fresh Linear for {bundle.num_classes} classes "
+                     f"({outputs} before)")
+    elif outputs != bundle.num_classes:
+        raise FtdoctorError(
+            f"the head {head_layer.name} has {outputs} outputs but the data has {bundle.num_classes} classes",
+            "pass --new-head to attach a fresh head for the data's classes")
+
+    ctx = FixContext(model=net, data=bundle, layers=tuple(layers), head=head_layer,
+                     num_classes=bundle.num_classes, seed=seed, device=device)
+    fixer.validate(ctx)
+    start = snapshot(net)
+    before = fixer.before(ctx)
+    applied = fixer.apply(ctx, before)
+    outcome = fixer.verify(ctx, before, applied)
+    stray = sorted(changed_keys(start, snapshot(net)) - outcome.changes)
+    outcome.checks.append(Check("untouched_tensors_identical", after=float(len(stray)),
+                                target="0 changed outside the method's layers", passed=not stray))
+    if stray:
+        outcome.notes.append(f"changed outside the method's layers: {', '.join(stray[:5])}")
+
+    result = FixResult(
+        method=method, outcome=outcome, input_path=model_path, input_sha256=loaded.sha256, format=loaded.format,
+        arch=loaded.arch, head=head_layer.name, num_classes=bundle.num_classes,
+        data={"name": bundle.name, "split": bundle.split, "num_samples": bundle.num_samples,
+              "num_classes": bundle.num_classes},
+        settings={"seed": seed, "new_head": new_head, "head": head, "max_samples": data.max_samples,
+                  "batch_size": data.batch_size, "image_size": data.image_size, "normalize": data.normalize,
+                  "split": data.split, "device": model_opts.device},
+        out=out if write else None, notes=notes)
+    if not outcome.passed:
+        failed = "; ".join(f"{c.name} = {_fmt(c.after)} (wanted {c.target})" for c in outcome.failures())
+        raise FixFailed(f"{method} did not pass its verification: {failed}; nothing was written",
+                        _remedy(method), result)
+    if not write:
+        return result
+    try:
+        result.output_sha256 = ckpt.save_model(loaded, net, out, force=force)
+    except FtdoctorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - disk full, permissions, ...: atomic_write left nothing
+        raise FtdoctorError(f"writing {out} failed ({type(exc).__name__}: {str(exc)[:200]}); nothing was written",
+                            "check the disk space and permissions of the output directory, then run again") from None
+    try:
+        result.sidecar = ckpt.write_sidecar(out, result.record())
+    except BaseException as exc:
+        out.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and not isinstance(exc, FtdoctorError):
+            raise FtdoctorError(f"writing the sidecar of {out} failed ({type(exc).__name__}); nothing was kept",
+                                "check the disk space and permissions of the output directory") from None
+        raise
+    return result
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.6g}"
+
+
+def _remedy(method: str) -> str:
+    return {
+        "entame": "the features entering the head may be very large: try --feature-norm or a smaller --phi-w",
+        "rescale": "the model may not be exactly positively homogeneous between layers; rerun with --debug and "
+                   "report it, or use --method datadep",
+        "datadep": "the data may be too small for stable channel statistics: raise --max-samples",
+        "rifle": "report it: re-initialising the head should change nothing else",
+    }.get(method, "check the inputs and run again")
+
