@@ -42,7 +42,7 @@ def train_classifier(model: nn.Module, data: DataBundle, *, epochs: int, lr: flo
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(y)
+                total += float(loss.detach()) * len(y)
                 n += len(y)
                 bar.advance(1, status=f"epoch {epoch + 1}/{epochs} loss {total / n:.3f}")
             losses.append(total / n)
