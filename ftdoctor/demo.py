@@ -3,7 +3,9 @@
 1. pretrain :class:`~ftdoctor.zoo.ShapesNet` on the source task ``shapes`` (10 classes);
 2. ``inspect`` the saved checkpoint;
 3. ``probe`` it on a different target task, ``shapes:5``, with a fresh head —
-   the moment a fine-tune starts, where the papers' diagnoses apply.
+   the moment a fine-tune starts, where the papers' diagnoses apply;
+4. ``fix --method entame`` and probe again (the noise fraction falls to its
+   floor), and ``fix --method rescale`` (the change-rate spread shrinks).
 """
 from __future__ import annotations
 
@@ -108,4 +110,7 @@ def run_demo(workdir: Path | None, *, seed: int = 0, console: Console | None = N
     json_report.write(doc, workdir / "probe_target.json")
     table.render(doc, console)
     console.print(f"report written to {workdir / 'probe_target.json'}")
+
+    from ftdoctor.fixes.demo_steps import demo_fix_steps
+    demo_fix_steps(source, workdir, console, seed=seed)
     return workdir
