@@ -6,6 +6,8 @@ does the same on an in-memory model (the fixes verify themselves with it).
 from __future__ import annotations
 
 import fnmatch
+import re
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -269,6 +271,8 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
         ref_model = ref_loaded.model
     run = probe_model(net, bundle, options, reference=ref_model, device=device, layers=layers,
                       batch_size=data.batch_size, workers=data.workers)
+    run.findings = [concrete_suggestion(f, model_path, model_opts.arch, data, options.new_head)
+                    for f in run.findings]
     settings = {"probes": list(run.results), "seed": options.seed, "split": bundle.split,
                 "max_samples": data.max_samples, "batch_size": data.batch_size, "image_size": data.image_size,
                 "normalize": data.normalize, "change_rate_mode": options.change_rate_mode,
@@ -280,6 +284,19 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
     data_info = {"name": bundle.name, "split": bundle.split, "num_samples": run.num_samples,
                  "num_classes": bundle.num_classes}
     return Report(model=model_info(loaded, head), data=data_info, settings=settings, run=run, notes=notes)
+
+
+def concrete_suggestion(finding: Finding, model_path: str | Path, arch: str | None, data: "DataOptions",
+                        new_head: bool) -> Finding:
+    """Fill the MODEL/DATA placeholders of a suggested command with this run's own arguments."""
+    if not finding.suggestion:
+        return finding
+    model = shlex.quote(str(model_path)) + (f" --arch {shlex.quote(arch)}" if arch else "")
+    text = re.sub(r"\bMODEL\b", lambda _: model, finding.suggestion)
+    text = re.sub(r"\bDATA\b", lambda _: shlex.quote(data.data), text)
+    if new_head and text.startswith("ftdoctor fix"):
+        text = text.replace(" -o ", " --new-head -o ", 1)
+    return replace(finding, suggestion=text)
 
 
 def _with_channels(opts: DataOptions, channels: int | None) -> DataOptions:
