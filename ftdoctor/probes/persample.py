@@ -26,7 +26,8 @@ group, and there is no Python loop over examples.  Three kernels compute it;
     CIFAR resolution this skips most of the work.
 ``bmm``
     per-example gradients of a chunk of examples by one batched matmul (on the
-    unfolded input for convolutions), squared in place and summed.
+    unfolded input for convolutions), squared in place while still in cache
+    and summed.
 ``conv``
     per-example gradients of a convolution as the weight gradient of one
     grouped convolution with ``N·G`` groups (batch folded into channels,
@@ -117,6 +118,9 @@ def grad_sq_sum(
         raise ValueError(f"grad_sq_sum: unknown method {method!r}")
     with torch.no_grad():
         x, g = _common_dtype(x.detach(), g.detach())
+        if x.shape[0] == 0 and g.shape[0] == 0 and x.dim() > 1:  # an empty batch (a shard's last one)
+            bias = module.bias
+            return (x.new_zeros(module.weight.shape), None if bias is None else x.new_zeros(bias.shape))
         if isinstance(module, nn.Linear):
             return _linear(module, x, g, max_chunk_bytes, method)
         return _conv(module, x, g, max_chunk_bytes, method)
@@ -157,7 +161,9 @@ class _Geometry:
 # ------------------------------------------------------------------- Linear
 
 
-def _linear(module: nn.Linear, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method) -> tuple[Tensor, Tensor | None]:
+def _linear(
+    module: nn.Linear, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method
+) -> tuple[Tensor, Tensor | None]:
     f_in, f_out = module.in_features, module.out_features
     if x.dim() == 1:
         x, g = x.unsqueeze(0), g.unsqueeze(0)
@@ -177,9 +183,13 @@ def _linear(module: nn.Linear, x: Tensor, g: Tensor, max_chunk_bytes: int, metho
     if method == "pairs":
         p = L * (L + 1) // 2
         step = _per_chunk(n, 2 * p * (f_in + f_out) * item, max_chunk_bytes)
-        w2 = sum(_pairs(a[lo:hi].transpose(0, 1), b[lo:hi].transpose(0, 1)) for lo, hi in _chunks(n, step))
+        w2 = x.new_zeros(1, f_out, f_in)
+        scratch = _Scratch()
+        for lo, hi in _chunks(n, step):
+            _pairs_into(w2, a[lo:hi].transpose(0, 1), b[lo:hi].transpose(0, 1), scratch)
+        w2.clamp_(min=0)
     else:
-        w2 = _bmm_chunked(lambda lo, hi: (a[lo:hi], b[lo:hi]), n, f_out * f_in * item, 0, max_chunk_bytes)
+        w2 = _bmm_chunked(lambda lo, hi: (a[lo:hi], b[lo:hi]), n, f_out * f_in * item, 0, max_chunk_bytes, _Scratch())
     bias = g.reshape(n, -1, f_out).sum(1).square().sum(0) if module.bias is not None else None
     return w2[0], bias
 
@@ -187,7 +197,9 @@ def _linear(module: nn.Linear, x: Tensor, g: Tensor, max_chunk_bytes: int, metho
 # --------------------------------------------------------------------- Conv
 
 
-def _conv(module: nn.Module, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method) -> tuple[Tensor, Tensor | None]:
+def _conv(
+    module: nn.Module, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method
+) -> tuple[Tensor, Tensor | None]:
     nd = len(module.kernel_size)
     if x.dim() == nd + 1:
         x, g = x.unsqueeze(0), g.unsqueeze(0)
@@ -196,7 +208,8 @@ def _conv(module: nn.Module, x: Tensor, g: Tensor, max_chunk_bytes: int, method:
     kernel, stride, dilation = tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation)
     x, padding = _pad(module, x)
     out_size = tuple(
-        (s + 2 * p - dl * (k - 1) - 1) // st + 1 for s, k, st, dl, p in zip(x.shape[2:], kernel, stride, dilation, padding)
+        (s + 2 * p - dl * (k - 1) - 1) // st + 1
+        for s, k, st, dl, p in zip(x.shape[2:], kernel, stride, dilation, padding)
     )
     n, c = x.shape[:2]
     o, groups = module.out_channels, module.groups
@@ -229,7 +242,8 @@ def _pad(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     if module.padding == "valid":
         pads = [(0, 0)] * nd
     elif module.padding == "same":  # the odd element goes to the end, as in nn.Conv*d
-        pads = [(dl * (k - 1) // 2, dl * (k - 1) - dl * (k - 1) // 2) for k, dl in zip(module.kernel_size, module.dilation)]
+        totals = [dl * (k - 1) for k, dl in zip(module.kernel_size, module.dilation)]
+        pads = [(total // 2, total - total // 2) for total in totals]
     else:
         pads = [(p, p) for p in module.padding]
     if module.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
@@ -265,8 +279,9 @@ def _box_size(box: tuple[range, ...]) -> int:
     return math.prod(len(r) for r in box)
 
 
-
-def _conv_pairs(x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ...]], groups: int, max_chunk_bytes: int) -> Tensor:
+def _conv_pairs(
+    x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ...]], groups: int, max_chunk_bytes: int
+) -> Tensor:
     """``pairs`` per kernel tap, over the output positions where the tap sees the input → (G, Og, Cg, K)."""
     n, c = x.shape[:2]
     o = g.shape[1]
@@ -274,7 +289,8 @@ def _conv_pairs(x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ..
     widest = max(_box_size(box) for box in taps)
     per_example = (widest * (widest + 1) + 2 * widest) * (og + cg) * groups * x.element_size()
     step = _per_chunk(n, per_example, max_chunk_bytes)
-    out = x.new_zeros(groups, og, cg, len(taps))
+    out = x.new_zeros(len(taps), groups, og, cg)
+    scratch = _Scratch()
     offsets = [_unravel(t, geo.kernel) for t in range(len(taps))]
     for lo, hi in _chunks(n, step):
         m = hi - lo
@@ -292,8 +308,8 @@ def _conv_pairs(x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ..
             ]
             a = g_box.reshape(m, groups, og, count).permute(1, 0, 3, 2)  # (G, m, L_t, Og)
             b = x_box.reshape(m, groups, cg, count).permute(1, 0, 3, 2)  # (G, m, L_t, Cg)
-            out[..., t] += _pairs(a, b)
-    return out
+            _pairs_into(out[t], a, b, scratch)
+    return out.clamp_(min=0).permute(1, 2, 3, 0)
 
 
 def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -317,16 +333,21 @@ def _conv_dense(
     if method == "conv":
         w2 = _conv_trick(x, g, geo, reduced_shape, groups, max_chunk_bytes)
     else:
+        if any(geo.padding):  # once for the batch, so each chunk's patches are a plain copy
+            x = F.pad(x, [p for p in reversed(geo.padding) for _ in range(2)])
+            geo = _Geometry(geo.kernel, geo.stride, (0,) * len(geo.kernel), geo.dilation, geo.out_size)
         L, kg = math.prod(geo.out_size), cg * math.prod(geo.kernel)
+        scratch = _Scratch()
 
         def operands(lo: int, hi: int) -> tuple[Tensor, Tensor]:
-            u = _unfold(x[lo:hi], geo)  # (m, C·K, L)
+            u = scratch.get("patches", x, hi - lo, c * math.prod(geo.kernel), L)
+            _unfold_into(u, x[lo:hi], geo)
             b = u.view(hi - lo, groups, kg, L).transpose(2, 3)  # (m, G, L, Kg)
             a = g[lo:hi].reshape(hi - lo, groups, og, L).transpose(2, 3)  # (m, G, L, Og)
             return a, b
 
         item = x.element_size()
-        w2 = _bmm_chunked(operands, n, o * kg * item, c * math.prod(geo.kernel) * L * item, max_chunk_bytes)
+        w2 = _bmm_chunked(operands, n, o * kg * item, c * math.prod(geo.kernel) * L * item, max_chunk_bytes, scratch)
         w2 = w2.reshape(reduced_shape)
     if live is None:
         return w2
@@ -362,26 +383,29 @@ def _drop_dead_taps(
     return F.pad(x, flat), reduced, tuple(slice(lo, hi) for lo, hi in live)
 
 
-def _unfold(x: Tensor, geo: _Geometry) -> Tensor:
-    """Patches ``(N, C·prod(kernel), L)`` in the weight's (C, k…) order, for 1-, 2- and 3-D."""
-    kernel, stride, padding, dilation = geo.kernel, geo.stride, geo.padding, geo.dilation
-    if len(kernel) == 2:
-        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    if len(kernel) == 1:
-        return F.unfold(x.unsqueeze(2), (1, *kernel), dilation=(1, *dilation), padding=(0, *padding), stride=(1, *stride))
-    if any(padding):
-        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
-    x = x.contiguous()
+def _unfold_into(out: Tensor, x: Tensor, geo: _Geometry) -> None:
+    """Copy the patches of ``x`` (geometry without padding) into ``out`` (N, C·prod(kernel), L).
+
+    Rows are in the weight's (C, k…) order.
+    """
     n, c = x.shape[:2]
-    sn, sc, *ss = x.stride()
+    strides = x.stride()
     patches = x.as_strided(
-        (n, c, *kernel, *geo.out_size),
-        (sn, sc, *(dl * s for dl, s in zip(dilation, ss)), *(st * s for st, s in zip(stride, ss))),
+        (n, c, *geo.kernel, *geo.out_size),
+        (
+            strides[0],
+            strides[1],
+            *(dl * s for dl, s in zip(geo.dilation, strides[2:])),
+            *(st * s for st, s in zip(geo.stride, strides[2:])),
+        ),
+        x.storage_offset(),
     )
-    return patches.reshape(n, c * math.prod(kernel), math.prod(geo.out_size))
+    out.view(patches.shape).copy_(patches)
 
 
-def _conv_trick(x: Tensor, g: Tensor, geo: _Geometry, weight_shape: tuple[int, ...], groups: int, max_chunk_bytes: int) -> Tensor:
+def _conv_trick(
+    x: Tensor, g: Tensor, geo: _Geometry, weight_shape: tuple[int, ...], groups: int, max_chunk_bytes: int
+) -> Tensor:
     """Per-example gradients as the weight gradient of one (N·G)-group convolution."""
     n, c, *size = x.shape
     o = weight_shape[0]
@@ -402,26 +426,31 @@ def _conv_trick(x: Tensor, g: Tensor, geo: _Geometry, weight_shape: tuple[int, .
 
 
 def _choose(L: int, og: int, cg: int, *, taps: list[int], conv_ok: bool) -> str:
-    """The cheapest kernel for a layer with L output positions, per-group Og × Cg·K weights.
+    """The cheapest kernel for a layer with L output positions and per-group Og × Cg·K weights.
 
     ``taps`` lists, per kernel tap, how many output positions see the input.
-    Costs per example in units of one multiply-add inside a large matrix
-    product (2 CPU cores, batch 64): ``pairs`` does ``Σ_t L_t(L_t+1)/2 · Og·Cg``
-    plus building the products; ``bmm`` does ``L·Og·Cg`` per tap but writes,
-    squares and sums every per-example gradient, measured at ~24 units per
-    element.  The ``conv`` trick (grouped convolution, oneDNN on CPU) only wins
-    for small per-group weights on large maps: single-thread CPU ms, batch 64,
-    3×3 convs C→C at s×s maps::
+    Costs per example, in multiply-adds of a large matrix product: ``pairs``
+    does ``Σ_t L_t(L_t+1)/2 · Og·Cg`` plus building the products; ``bmm`` does
+    ``L·Og·Cg`` per tap but then writes, squares and sums every per-example
+    gradient (~24 such units per element, in cache).  The ``conv`` trick
+    (grouped convolution; oneDNN on CPU) wins only for small per-group weights
+    on large maps.  Measured (CPU ms for batch 64, one thread, torch 2.14)::
 
-        C, s            pairs  bmm   conv      C, s           bmm   conv
-        256, 2×2 (L=4)   10     35    275      64, 16×16       51    17
-        64, 4×4 (L=16)   76*    3.6   16.6     16, 4×4        0.58  0.42
-        256, 8×8          —    122    326      16, 32×32       37    5.1
-        depthwise 128, 16×16:   bmm 76, conv 4.3   (* all 136 pairs per tap)
+        layer (input map)                    pairs    bmm    conv   picked
+        resnet18 conv1 3→64 7×7/2 (32×32)       —     7.9    9.0    conv
+        resnet18 64→64 3×3 (8×8)              288     7.3    9.6    bmm
+        resnet18 128→128 3×3 (4×4)             35     9.3     76    bmm
+        resnet18 256→256 3×3 (2×2)            4.1      20    288    pairs
+        resnet18 512→512 3×3 (1×1)            1.0     8.4     86    pairs
+        64→64 3×3 (16×16)                       —      23     17    conv
+        32→32 3×3 (16×16)                       —     8.4    5.0    conv
+        128→128 3×3 (16×16)                     —      88    119    bmm
+        vgg11 512→512 3×3 (4×4)               277     131   1201    bmm
+        depthwise 96 3×3 (16×16)                —      42    3.3    conv
     """
     k = len(taps)
     size = og * cg * k
-    if conv_ok and (size <= 4096 and L >= 9 or size <= 65536 and L >= 64):
+    if conv_ok and (size <= 4096 and L >= 9 or size <= 65536 and L >= 128):
         return "conv"
     pairs = sum(t * (t + 1) // 2 for t in taps) * (og * cg + 8 * (og + cg))
     dense = k * (og * cg * (L + 24) + 8 * cg * L)
@@ -429,7 +458,8 @@ def _choose(L: int, og: int, cg: int, *, taps: list[int], conv_ok: bool) -> str:
 
 
 def _bmm_chunked(
-    operands: Callable[[int, int], tuple[Tensor, Tensor]], n: int, out_bytes: int, operand_bytes: int, max_chunk_bytes: int
+    operands: Callable[[int, int], tuple[Tensor, Tensor]], n: int, out_bytes: int, operand_bytes: int,
+    max_chunk_bytes: int, scratch: _Scratch,
 ) -> Tensor:
     """Σ_n (a_nᵀ b_n)² with ``operands(lo, hi)`` → a (m, G, L, O), b (m, G, L, K) for examples lo..hi.
 
@@ -442,23 +472,45 @@ def _bmm_chunked(
     acc: Tensor | None = None
     for lo, hi in _chunks(n, step):
         a, b = operands(lo, hi)
-        o = a.shape[-1]
-        rows = max(1, min(o, _CACHE_BYTES * o // max(1, out_bytes * (hi - lo))))
+        m, groups, _, o = a.shape
+        k = b.shape[-1]
+        rows = max(1, min(o, _CACHE_BYTES * o // max(1, out_bytes * m)))
         if acc is None:
-            acc = a.new_zeros(a.shape[1], o, b.shape[-1])
+            acc = a.new_zeros(groups, o, k)
         at = a.transpose(2, 3)
         for r0, r1 in _chunks(o, rows):
-            acc[:, r0:r1] += torch.matmul(at[:, :, r0:r1], b).square_().sum(0)  # (m, G, rows, K) → (G, rows, K)
+            tile = scratch.get("tile", a, m, groups, r1 - r0, k)
+            torch.matmul(at[:, :, r0:r1], b, out=tile)  # per-example gradients (m, G, rows, K)
+            acc[:, r0:r1] += tile.square_().sum(0)
     assert acc is not None
     return acc
 
 
-def _pairs(a: Tensor, b: Tensor) -> Tensor:
-    """Σ_n (a_nᵀ b_n)² for a (G, n, L, O), b (G, n, L, K) → (G, O, K), via position pairs."""
+class _Scratch:
+    """Work buffers reused across the chunks and taps of one call (fresh large
+    allocations page-fault on every use)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, like: Tensor, *shape: int) -> Tensor:
+        size = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < size:
+            buf = self.buffers[name] = like.new_empty(size)
+        return buf[:size].view(shape)
+
+
+def _pairs_into(out: Tensor, a: Tensor, b: Tensor, scratch: _Scratch) -> None:
+    """``out += Σ_n (a_nᵀ b_n)²`` for a (G, n, L, O), b (G, n, L, K), out (G, O, K), via position pairs.
+
+    The result may carry tiny negative rounding residues; the caller clamps
+    the final sum at 0.
+    """
     groups, n, L, o = a.shape
     k = b.shape[-1]
     p = L * (L + 1) // 2
-    pa, pb = a.new_empty(groups, n, p, o), b.new_empty(groups, n, p, k)
+    pa, pb = scratch.get("pa", a, groups, n, p, o), scratch.get("pb", b, groups, n, p, k)
     start = 0
     for l in range(L):  # the pairs (l, l' ≥ l): L slices per call, not a loop over examples
         m = L - l
@@ -466,5 +518,4 @@ def _pairs(a: Tensor, b: Tensor) -> Tensor:
         torch.mul(b[:, :, l : l + 1], b[:, :, l:], out=pb[:, :, start : start + m])
         pa[:, :, start + 1 : start + m] *= 2  # off-diagonal pairs appear twice in the square
         start += m
-    out = torch.bmm(pa.view(groups, n * p, o).transpose(1, 2), pb.view(groups, n * p, k))
-    return out.clamp_(min=0) if L > 1 else out  # a sum of squares: no negative rounding residue
+    out.baddbmm_(pa.view(groups, n * p, o).transpose(1, 2), pb.view(groups, n * p, k))

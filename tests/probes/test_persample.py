@@ -1,4 +1,10 @@
-"""grad_sq_sum against a brute-force loop over single examples with autograd."""
+"""grad_sq_sum against a brute-force loop over single examples with autograd.
+
+With the loss ℓ_n = η_n · layer(x_n), the gradient w.r.t. the layer output is
+η itself, so ``grad_sq_sum(layer, x, η)`` must equal Σ_n (∂ℓ_n/∂θ)² computed
+one example at a time.  Every kernel (``pairs``, ``bmm``, ``conv``) is checked,
+not only the one ``auto`` picks.
+"""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +12,10 @@ import torch
 from torch import nn
 
 from ftdoctor.probes.persample import grad_sq_sum, supports
+
+F64 = torch.float64
+ALL = ("auto", "pairs", "bmm")
+ALL_CONV = ("auto", "pairs", "bmm", "conv")
 
 
 def brute_force(layer: nn.Module, x: torch.Tensor, eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -27,6 +37,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check(layer: nn.Module, x: torch.Tensor, *, tol: float = 1e-5, methods=("auto",), **kw) -> None:
+    """Every method in ``methods`` matches the brute force within ``tol`` (max-relative)."""
     torch.manual_seed(1)
     with torch.no_grad():
         eta = torch.randn_like(layer(x))
@@ -40,11 +51,6 @@ def check(layer: nn.Module, x: torch.Tensor, *, tol: float = 1e-5, methods=("aut
         else:
             assert got_b.shape == layer.bias.shape
             assert rel_err(got_b, want_b) < tol, method
-
-
-F64 = torch.float64
-ALL = ("auto", "pairs", "bmm")
-ALL_CONV = ("auto", "pairs", "bmm", "conv")
 
 
 def linear(*args, **kw) -> nn.Linear:
@@ -139,8 +145,8 @@ def test_float32() -> None:
 
 def test_chunked_equals_unchunked() -> None:
     layer = conv(nn.Conv2d, 4, 6, 3, padding=1, groups=2)
-    x = torch.randn(11, 4, 5, 5, dtype=F64)
-    g = torch.randn(11, 6, 5, 5, dtype=F64)
+    x = torch.randn(11, 4, 3, 4, dtype=F64)
+    g = torch.randn(11, 6, 3, 4, dtype=F64)
     for method in ALL_CONV:
         whole_w, whole_b = grad_sq_sum(layer, x, g, method=method)
         for max_bytes in (1, 3000):  # one example per chunk; a few, with a ragged last chunk
@@ -156,7 +162,7 @@ def test_inputs_with_grad_history_and_half_precision() -> None:
     g = torch.randn(8, 3, 4)
     w, _ = grad_sq_sum(layer, x * 2, g)
     assert not w.requires_grad
-    w16, b16 = grad_sq_sum(layer, (x * 2).detach().bfloat16(), g.bfloat16())
+    w16, _ = grad_sq_sum(layer, (x * 2).detach().bfloat16(), g.bfloat16())
     assert w16.dtype == torch.float32 and rel_err(w16, w) < 3e-2
 
 
@@ -255,3 +261,13 @@ def test_subclass_with_its_own_forward_is_refused() -> None:
 
     assert "overrides forward()" in supports(StandardisedConv(3, 4, 3))
     assert supports(nn.modules.linear.NonDynamicallyQuantizableLinear(3, 4)) is None
+
+
+def test_empty_batch_and_unbatched_input() -> None:
+    w, b = grad_sq_sum(nn.Conv2d(3, 4, 3), torch.randn(0, 3, 5, 5), torch.randn(0, 4, 3, 3))
+    assert w.shape == (4, 3, 3, 3) and not w.any() and b.shape == (4,)
+    layer = conv(nn.Conv2d, 3, 4, 3)
+    x, g = torch.randn(3, 5, 5, dtype=F64), torch.randn(4, 3, 3, dtype=F64)
+    want_w, want_b = brute_force(layer, x.unsqueeze(0), g.unsqueeze(0))
+    got_w, got_b = grad_sq_sum(layer, x, g)
+    assert rel_err(got_w, want_w) < 1e-10 and rel_err(got_b, want_b) < 1e-10
