@@ -5,7 +5,9 @@
 3. ``probe`` it on a different target task, ``shapes:5``, with a fresh head —
    the moment a fine-tune starts, where the papers' diagnoses apply;
 4. ``fix --method entame`` and probe again (the noise fraction falls to its
-   floor), and ``fix --method rescale`` (the change-rate spread shrinks).
+   floor), and ``fix --method rescale`` (the change-rate spread shrinks);
+5. ``compare`` base against entame over a few seeds of real fine-tuning, and
+   ``plot`` the curves into the work directory.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def pretrain_source(workdir: Path, *, seed: int = 0, epochs: int = 6, console: C
     test = load_data(DataOptions(data=SOURCE_TASK, split="test", max_samples=1024, seed=seed))
     model = ShapesNet(num_classes=train.num_classes)
     t0 = time.perf_counter()
-    train_classifier(model, train, epochs=epochs, lr=3e-3, seed=seed, description="pretraining on shapes")
+    train_classifier(model, train, epochs=epochs, lr=5e-3, seed=seed, description="pretraining on shapes")
     acc = accuracy(model, test)
     path = workdir / "source.pt"
     torch.save(model.state_dict(), path)
@@ -113,4 +115,9 @@ def run_demo(workdir: Path | None, *, seed: int = 0, console: Console | None = N
 
     from ftdoctor.fixes.demo_steps import demo_fix_steps
     demo_fix_steps(source, workdir, console, seed=seed)
+
+    from ftdoctor.dynamics import demo_compare_step
+    demo_compare_step(source, workdir, console, seed=seed)
+    console.rule("done")
+    console.print(f"everything the demo wrote is in [bold]{workdir}[/]")
     return workdir
