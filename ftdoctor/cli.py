@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",   # docstrings wrap like paragraphs; `[plot]` is not taken for markup
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -750,7 +751,8 @@ def demo(
     quiet: Quiet = False,
 ) -> None:
     """The whole loop on built-in data, no download: pretrain a small CNN on a `shapes` source task,
-    inspect it, then probe it on a different `shapes` target task with a new head."""
+    inspect it, probe it on a different `shapes` target task with a new head, fix it (entame, rescale)
+    and compare fine-tuning with and without ENTAME's head, writing a plot to the work directory."""
     from ftdoctor.demo import run_demo
     progress.set_quiet(quiet)
     run_demo(workdir, seed=seed, console=console())
