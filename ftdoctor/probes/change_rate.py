@@ -78,10 +78,10 @@ class ChangeRateProbe(Probe):
                 if sq is None:
                     self.missing[i] += 1
                     continue
-                getattr(self, key).add_(sq.to(torch.float64))
+                getattr(self, key).add_(sq)              # promoted into the float64 sum, one pass
             else:
-                gw = batch.rand_grads[layer.name][0].to(torch.float64)
-                getattr(self, key).add_(gw * gw)
+                gw = batch.rand_grads[layer.name][0]
+                getattr(self, key).addcmul_(gw, gw)
         self.count += batch.size if self.mode == "exact" else batch.global_size
 
     def compute(self) -> ProbeResult:

@@ -50,13 +50,12 @@ class GradNormProbe(Probe):
         for layer in self.layers:
             k = self._key(layer.name)
             gw, gb = batch.ce_grads[layer.name]
-            gw = gw.to(torch.float64)
-            norm = gw.norm()
+            norm = torch.linalg.vector_norm(gw, dtype=torch.float64)
             getattr(self, k + "norm").add_(norm)
-            getattr(self, k + "sum").add_(gw)
+            getattr(self, k + "sum").add_(gw)                # promoted into the float64 sum, one pass
             getattr(self, k + "per_batch").append(float(norm))
             if gb is not None and layer.bias is not None:
-                getattr(self, k + "bnorm").add_(gb.to(torch.float64).norm())
+                getattr(self, k + "bnorm").add_(torch.linalg.vector_norm(gb, dtype=torch.float64))
         self.batches += 1
 
     def compute(self) -> ProbeResult:
