@@ -21,7 +21,7 @@ from ftdoctor import distributed
 from ftdoctor.engine import PassSettings, run_pass
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.heads import HEAD_INITS
-from ftdoctor.model import AffineLayer, find_head, is_scripted, layer_order, new_head_like, set_module
+from ftdoctor.model import AffineLayer, find_head, is_affine, is_scripted, layer_order, new_head_like, set_module
 from ftdoctor.probes import ORDER, PROBES, Finding, Probe, ProbeContext, ProbeResult, Skipped
 from ftdoctor.probes.noise import seed_head_params
 from ftdoctor.thresholds import Thresholds
@@ -199,7 +199,7 @@ def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = Prob
             p.reduce_(distributed.all_reduce_sum)
         n = data.num_samples
     results: dict[str, ProbeResult] = {}
-    skipped: list[Skipped] = []
+    skipped: list[Skipped] = unreached_parameters(model, layers)
     findings: list[Finding] = weight_findings(model)
     for p in probes:
         res = p.compute()
@@ -208,6 +208,23 @@ def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = Prob
         findings.extend(p.findings(res, options.thresholds))
     return ProbeRun(results=results, skipped=skipped, findings=findings, layers=list(layers), head=head,
                     num_samples=n)
+
+
+def unreached_parameters(model: nn.Module, layers: Sequence[AffineLayer]) -> list[Skipped]:
+    """Weights no probe can see: affine modules whose own forward never ran (their parent applies
+    them functionally, as ``nn.MultiheadAttention`` does with ``out_proj``) and attention's packed
+    ``in_proj_weight`` (SPEC §1.2)."""
+    seen = {l.name for l in layers}
+    out: list[Skipped] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and getattr(module, "in_proj_weight", None) is not None:
+            out.append(Skipped(f"{name}.in_proj_weight", "all",
+                               "used outside a module's own forward (nn.MultiheadAttention applies it "
+                               "functionally): no per-layer hook sees it"))
+        elif name and name not in seen and is_affine(module):
+            out.append(Skipped(name, "all", "its forward never ran on the data: the parent module applies "
+                                            "its weight functionally (e.g. nn.MultiheadAttention.out_proj)"))
+    return out
 
 
 def count_params(model: nn.Module) -> int:
