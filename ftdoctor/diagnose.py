@@ -122,10 +122,15 @@ class Report:
         return out
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # a finite sum means no NaN/Inf (they propagate); only an overflowing sum needs the full check
+    return t.numel() == 0 or bool(torch.isfinite(t.detach().sum())) or bool(torch.isfinite(t).all())
+
+
 def weight_findings(model: nn.Module) -> list[Finding]:
     """NaN/Inf in any parameter or buffer is an error finding, naming the tensors."""
     bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+           if t.is_floating_point() and not _all_finite(t)]
     if not bad:
         return []
     return [Finding("weights", "error", f"NaN or Inf in {len(bad)} tensor(s): {', '.join(bad[:5])}",

@@ -23,23 +23,36 @@ import numpy as np
 import torch
 
 from ftdoctor.probes import persample
-from ftdoctor.probes.base import Batch, Finding, Probe, ProbeContext, ProbeResult, finite_or_none, register_probe
+from ftdoctor.probes.base import (Batch, Finding, Float64Sum, Probe, ProbeContext, ProbeResult, finite_or_none,
+                                  register_probe, sum_of_squares)
 from ftdoctor.thresholds import Thresholds
 
 
 def rate_figures(g2: torch.Tensor, weight: torch.Tensor) -> dict[str, float | None]:
-    """change_rate, cv and column_cv of one layer from its G² (float64) and weight."""
-    w2 = float((weight.detach().to(torch.float64) ** 2).mean())
+    """change_rate, cv and column_cv of one layer from its G² (float64) and weight.
+
+    With ``c_e = sqrt(G²_e / w2)``: ``mean(c²) = mean(G²)/w2`` is the squared change rate, so
+    ``std(c)² = mean(c²) − mean(c)²`` needs one pass over the weights (a square root and a sum,
+    in float64) instead of materialising ``c``.
+    """
+    w2 = sum_of_squares(weight) / max(1, weight.numel())
     if w2 <= 0.0:
         return {"change_rate": None, "cv": None, "column_cv": None}
-    rate = math.sqrt(float(g2.mean()) / w2)
-    c = (g2 / w2).sqrt().flatten()
-    cv = float(c.std(unbiased=False) / c.mean()) if float(c.mean()) > 0 else None
-    cols = g2.transpose(0, 1).reshape(g2.shape[1], -1).mean(dim=1) if g2.dim() > 1 else g2
-    cc = (cols / w2).sqrt()
-    column_cv = float(cc.std(unbiased=False) / cc.mean()) if float(cc.mean()) > 0 else None
+    mean_g2 = float(g2.mean())
+    rate = math.sqrt(mean_g2 / w2)
+    cv = _cv(mean_g2 / w2, float(g2.sqrt().mean()) / math.sqrt(w2))
+    # per input column j: the mean of G² over the outputs and the kernel positions
+    cols = g2.mean(dim=[d for d in range(g2.dim()) if d != 1]) if g2.dim() > 1 else g2
+    column_cv = _cv(float((cols / w2).mean()), float((cols / w2).sqrt().mean()))
     return {"change_rate": finite_or_none(rate), "cv": None if cv is None else finite_or_none(cv),
             "column_cv": None if column_cv is None else finite_or_none(column_cv)}
+
+
+def _cv(mean_sq: float, mean: float) -> float | None:
+    """std/mean of non-negative values from their mean square and mean (None when the mean is 0)."""
+    if not mean > 0:
+        return None
+    return math.sqrt(max(0.0, mean_sq - mean * mean)) / mean
 
 
 @register_probe
@@ -59,8 +72,7 @@ class ChangeRateProbe(Probe):
         reduce = "sum" if self.mode == "exact" else "replicated"
         self.add_state("count", torch.zeros((), dtype=torch.float64), reduce)
         for layer in self.layers:
-            self.add_state(self._key(layer.name), torch.zeros(layer.weight.shape, dtype=torch.float64,
-                                                              device=layer.weight.device), reduce)
+            self.add_state(self._key(layer.name), Float64Sum(layer.weight.shape, layer.weight.device), reduce)
         self.add_state("missing", torch.zeros(len(self.layers), dtype=torch.float64))
 
     @staticmethod
@@ -78,10 +90,9 @@ class ChangeRateProbe(Probe):
                 if sq is None:
                     self.missing[i] += 1
                     continue
-                getattr(self, key).add_(sq)              # promoted into the float64 sum, one pass
+                getattr(self, key).add_(sq)
             else:
-                gw = batch.rand_grads[layer.name][0]
-                getattr(self, key).addcmul_(gw, gw)
+                getattr(self, key).add_square_(batch.rand_grads[layer.name][0])
         self.count += batch.size if self.mode == "exact" else batch.global_size
 
     def compute(self) -> ProbeResult:
@@ -94,7 +105,7 @@ class ChangeRateProbe(Probe):
                     "or not on the path to the logits)")
                 self.skip(layer.name, reason)
                 continue
-            g2 = getattr(self, self._key(layer.name)) / n
+            g2 = self.state(self._key(layer.name)) / n
             fig = rate_figures(g2, layer.weight)
             if fig["change_rate"] is None:
                 self.skip(layer.name, "its weight is all zeros (or the rate is not finite): no change rate")

@@ -16,7 +16,8 @@ import math
 import numpy as np
 import torch
 
-from ftdoctor.probes.base import Batch, Finding, Probe, ProbeContext, ProbeResult, finite_or_none, register_probe
+from ftdoctor.probes.base import (Batch, Finding, Float64Sum, Probe, ProbeContext, ProbeResult, finite_or_none,
+                                  register_probe, sum_of_squares)
 from ftdoctor.thresholds import Thresholds
 
 
@@ -35,8 +36,7 @@ class GradNormProbe(Probe):
             k = self._key(layer.name)
             dev = layer.weight.device
             self.add_state(k + "norm", torch.zeros((), dtype=torch.float64, device=dev), "replicated")
-            self.add_state(k + "sum", torch.zeros(layer.weight.shape, dtype=torch.float64, device=dev),
-                           "replicated")
+            self.add_state(k + "sum", Float64Sum(layer.weight.shape, dev), "replicated")
             self.add_state(k + "per_batch", [], reduce="cat")
             if layer.bias is not None:
                 self.add_state(k + "bnorm", torch.zeros((), dtype=torch.float64, device=dev), "replicated")
@@ -50,12 +50,12 @@ class GradNormProbe(Probe):
         for layer in self.layers:
             k = self._key(layer.name)
             gw, gb = batch.ce_grads[layer.name]
-            norm = torch.linalg.vector_norm(gw, dtype=torch.float64)
+            norm = math.sqrt(sum_of_squares(gw))
             getattr(self, k + "norm").add_(norm)
-            getattr(self, k + "sum").add_(gw)                # promoted into the float64 sum, one pass
-            getattr(self, k + "per_batch").append(float(norm))
+            getattr(self, k + "sum").add_(gw)
+            getattr(self, k + "per_batch").append(norm)
             if gb is not None and layer.bias is not None:
-                getattr(self, k + "bnorm").add_(torch.linalg.vector_norm(gb, dtype=torch.float64))
+                getattr(self, k + "bnorm").add_(math.sqrt(sum_of_squares(gb)))
         self.batches += 1
 
     def compute(self) -> ProbeResult:
@@ -64,7 +64,7 @@ class GradNormProbe(Probe):
         for layer in self.layers:
             k = self._key(layer.name)
             gn = float(getattr(self, k + "norm")) / nb
-            full = float((getattr(self, k + "sum") / nb).norm())
+            full = math.sqrt(sum_of_squares(self.state(k + "sum"))) / nb
             wn = float(layer.weight.detach().to(torch.float64).norm())
             rows.append({"name": layer.name, "kind": layer.kind, "grad_norm": finite_or_none(gn),
                          "full_grad_norm": finite_or_none(full), "weight_norm": finite_or_none(wn),

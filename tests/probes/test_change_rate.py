@@ -86,6 +86,10 @@ def test_exact_matches_per_example_loop(label, factory, shape, loss):
         assert math.isclose(layers[name]["change_rate"], math.sqrt(g2.mean() / w2), rel_tol=1e-5)
         c = (g2 / w2).sqrt().flatten()
         assert math.isclose(layers[name]["cv"], (c.std(unbiased=False) / c.mean()).item(), rel_tol=1e-5)
+        # SPEC §1.2: c_{k,j} = sqrt(mean over outputs and positions of G²_{k,·,j,·} / mean(W²))
+        cols = torch.stack([(g2[:, j].mean() / w2).sqrt() for j in range(g2.shape[1])])
+        assert math.isclose(layers[name]["column_cv"], (cols.std(unbiased=False) / cols.mean()).item(),
+                            rel_tol=1e-5)
     rates = [l["change_rate"] for l in res.figures["layers"]]
     assert math.isclose(res.figures["spread"], max(rates) / min(rates), rel_tol=1e-12)
 

@@ -1,0 +1,44 @@
+"""The probes' float64 sums fed at float32 precision: Float64Sum and sum_of_squares against float64 truth."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftdoctor.probes.base import Float64Sum, sum_of_squares
+
+
+@pytest.mark.parametrize("block", [1, 3, 16])
+def test_float64_sum_matches_float64_truth(block):
+    g = torch.Generator().manual_seed(0)
+    addends = [torch.randn(7, 5, generator=g) * 10 ** torch.randint(-3, 3, (1,), generator=g).item()
+               for _ in range(41)]   # 41: the last block is partial
+    acc, sq = Float64Sum((7, 5), block=block), Float64Sum((7, 5), block=block)
+    for t in addends:
+        acc.add_(t)
+        sq.add_square_(t)
+    truth = torch.stack([t.double() for t in addends])
+    assert acc.value().dtype == torch.float64
+    scale = truth.abs().sum(0)   # rounding is relative to the addends' magnitudes
+    assert ((acc.value() - truth.sum(0)).abs() / scale).max() < 2e-6
+    assert ((sq.value() - truth.square().sum(0)) / truth.square().sum(0)).abs().max() < 2e-6
+    # reading flushes; adding after a read goes on from the total
+    before = acc.value().clone()
+    acc.add_(addends[0])
+    assert torch.allclose(acc.value(), before + addends[0].double(), rtol=1e-7, atol=0)
+
+
+def test_float64_addends_go_straight_into_the_total():
+    acc = Float64Sum((3,), block=16)
+    acc.add_(torch.tensor([1.0, 1e-17, 2.0], dtype=torch.float64))
+    acc.add_(torch.tensor([1e-17, 1.0, 0.0], dtype=torch.float64))
+    assert acc.value().tolist() == [1.0 + 1e-17, 1e-17 + 1.0, 2.0]
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 3 * 4096 + 17, 1_000_003])
+def test_sum_of_squares_is_float64_accurate(n):
+    t = torch.randn(n, generator=torch.Generator().manual_seed(n)) * torch.rand(n) ** 4
+    truth = float(t.double().square().sum())
+    got = sum_of_squares(t)
+    assert got == pytest.approx(truth, rel=1e-6, abs=0)
+    assert sum_of_squares(t.half()) == pytest.approx(float(t.half().double().square().sum()), rel=1e-6, abs=0)
+    assert sum_of_squares(t.double().reshape(-1, 1)) == pytest.approx(truth, rel=1e-12, abs=0)
