@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads OpenMP: on a shared machine, spinning OpenMP threads wait for a descheduled
-# peer and a 2-thread pass ran up to 30x slower (SmallCNN: 1305 vs 41 ms/batch, load 3 on 2 cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from _machine import header  # before torch: sets OMP_WAIT_POLICY
 
 import argparse  # noqa: E402
 import copy
-import platform
 import statistics
 import time
 import warnings
@@ -142,18 +139,6 @@ def make_bundle(batches: int, dtype: torch.dtype = torch.float32, seed: int = 0)
     x = torch.randn(64 * batches, 3, 32, 32, generator=g).to(dtype)
     y = torch.randint(0, 10, (64 * batches,), generator=g)
     return Bundle(x, y, 10, 64)
-
-
-def cpu_name() -> str:
-    """The CPU model (Linux: /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------ the two sides
@@ -365,9 +350,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"torch {torch.__version__}, threads={args.threads} (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), {cpu_name()}, "
-          f"load average {load}")
+    print(header(args.threads))
     if not HAVE_BACKPACK:
         print("BackPACK is not installed: pip install -r benchmarks/requirements.txt "
               "(the side-by-side rows are skipped)")

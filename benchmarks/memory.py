@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads OpenMP: on a shared machine, spinning OpenMP threads wait for a descheduled
-# peer and a 2-thread pass ran up to 30x slower (SmallCNN: 1305 vs 41 ms/batch, load 3 on 2 cores).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from _machine import header  # before torch: sets OMP_WAIT_POLICY
 
 import argparse  # noqa: E402
 import copy
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -76,18 +73,6 @@ class Bundle:
         return DataLoader(self.dataset, batch_size=batch_size or self.batch_size)
 
 
-def cpu_name() -> str:
-    """The CPU model (Linux: /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux, macOS)."""
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -129,12 +114,6 @@ def spawn(args: argparse.Namespace, count: int, size: int, batch_size: int) -> d
 
 def mb(n: float) -> str:
     return f"{n / 2 ** 20:7.0f} MB"
-
-
-def header(threads: int) -> str:
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"torch {torch.__version__}, threads={threads} (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), {cpu_name()}, "
-            f"{os.cpu_count()} CPUs, load average {load}")
 
 
 def scaling(args: argparse.Namespace) -> None:

@@ -1,26 +1,30 @@
 """Cost of the probe pass relative to a plain training step over the same batches (SPEC §7).
 
-    python benchmarks/overhead.py [--repeats 5] [--batches 8] [--threads 2]
+    python benchmarks/overhead.py [--repeats 5] [--batches 16] [--threads 2] [--models resnet18,vgg]
 
 For torchvision resnet18 at 32×32 (batch 64) and a VGG-style CNN without
 BatchNorm, prints the median time of
 
 * a plain training step: forward + backward (+ nothing else) per batch,
+* the floor: an eval-mode forward and the two backward passes every probe pass
+  needs, asking autograd for all weight gradients and nothing more (about
+  1.67× in theory: one forward and two backward passes against one of each),
 * the full probe pass with the default probes (noise, change_rate, grad_norm —
-  all that apply without ``--reference``), ``--change-rate-mode exact`` and ``batch``,
-* the same in exact mode with a reference model too (adds r2 and drift, and one
-  more forward pass of the reference per batch),
+  all that apply without ``--reference``), ``--change-rate-mode batch`` and
+  ``exact``,
+* the floor and the exact probe pass with a reference model too (adds r2 and
+  drift, and the reference's forward pass per batch),
 
-and their ratios. Repeats are interleaved (baseline, exact, batch, baseline, ...)
-so drift in machine load hits all of them alike. Targets: exact ≤ 2.5×,
-batch ≤ 1.9×; the floor is about 1.67× (one forward and two backward passes
-against one forward and one backward).
+and their ratios to the training step. Repeats are interleaved (train, floor,
+batch, exact, ..., train, floor, ...) so drift in machine load hits all of them
+alike. Targets (SPEC §7): exact ≤ 2.5×, batch ≤ 1.9×.
 """
 from __future__ import annotations
 
-import argparse
+from _machine import header  # before torch: sets OMP_WAIT_POLICY
+
+import argparse  # noqa: E402
 import copy
-import platform
 import statistics
 import time
 
@@ -75,28 +79,61 @@ def train_steps(model: nn.Module, bundle: Bundle) -> float:
     return time.perf_counter() - t0
 
 
+def floor_steps(model: nn.Module, bundle: Bundle, ref: nn.Module | None = None) -> float:
+    """The physics the probe pass cannot avoid: an eval-mode forward and the two backward passes
+    (random η loss, mean cross-entropy) asking for every weight gradient — no hooks, no per-example
+    work, no bookkeeping — plus the reference's forward when ``ref`` is given."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0 = time.perf_counter()
+    for x, y, _ in bundle.loader():
+        logits = model(x)
+        eta = torch.randn_like(logits)
+        torch.autograd.grad((eta * logits).sum(), params, retain_graph=True)
+        torch.autograd.grad(F.cross_entropy(logits, y), params)
+        if ref is not None:
+            with torch.no_grad():
+                ref(x)
+    elapsed = time.perf_counter() - t0
+    model.train()
+    return elapsed
+
+
 def probe_pass(model: nn.Module, ref: nn.Module | None, bundle: Bundle, mode: str) -> float:
     t0 = time.perf_counter()
     probe_model(model, bundle, ProbeOptions(change_rate_mode=mode), reference=ref, batch_size=bundle.batch_size)
     return time.perf_counter() - t0
 
 
+RUNS = {
+    "train": lambda m, r, b: train_steps(m, b),
+    "floor": lambda m, r, b: floor_steps(m, b),
+    "batch": lambda m, r, b: probe_pass(m, None, b, "batch"),
+    "exact": lambda m, r, b: probe_pass(m, None, b, "exact"),
+    "floor+ref": lambda m, r, b: floor_steps(m, b, r),
+    "exact+ref": lambda m, r, b: probe_pass(m, r, b, "exact"),
+}
+
+
 def bench(name: str, model: nn.Module, batches: int, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     bundle = Bundle(torch.randn(64 * batches, 3, 32, 32), torch.randint(0, 10, (64 * batches,)), 10, 64)
     ref = copy.deepcopy(model)
-    train_steps(model, bundle)                     # warm-up: allocator, kernels, thread pool
-    probe_pass(model, None, bundle, "exact")
-    times: dict[str, list[float]] = {"train": [], "exact": [], "batch": [], "exact+ref": []}
+    for run in RUNS.values():                      # warm-up: allocator, kernels, thread pool
+        run(model, ref, bundle)
+    times: dict[str, list[float]] = {k: [] for k in RUNS}
     for _ in range(repeats):
-        times["train"].append(train_steps(model, bundle))
-        times["exact"].append(probe_pass(model, None, bundle, "exact"))
-        times["batch"].append(probe_pass(model, None, bundle, "batch"))
-        times["exact+ref"].append(probe_pass(model, ref, bundle, "exact"))
+        for key, run in RUNS.items():
+            times[key].append(run(model, ref, bundle))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{name:<20} train step {1000 * med['train'] / batches:7.1f} ms/batch   "
-          f"exact {med['exact'] / med['train']:5.2f}x (target 2.5)   batch {med['batch'] / med['train']:5.2f}x "
-          f"(target 1.9)   exact + r2/drift {med['exact+ref'] / med['train']:5.2f}x")
+    ratio = {k: med[k] / med["train"] for k in RUNS}
+    verdict = lambda r, target: "ok" if r <= target else "OVER"   # noqa: E731
+    print(f"{name}: train step {1000 * med['train'] / batches:.1f} ms/batch")
+    print(f"  without a reference (noise, change_rate, grad_norm)   floor {ratio['floor']:.2f}x   "
+          f"batch {ratio['batch']:.2f}x (target 1.9: {verdict(ratio['batch'], 1.9)})   "
+          f"exact {ratio['exact']:.2f}x (target 2.5: {verdict(ratio['exact'], 2.5)})")
+    print(f"  with --reference (+ r2, drift)                        floor {ratio['floor+ref']:.2f}x   "
+          f"exact {ratio['exact+ref']:.2f}x (target 2.5: {verdict(ratio['exact+ref'], 2.5)})")
     return med
 
 
@@ -105,14 +142,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, default=16)   # 1024 examples, probe's default
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default="resnet18,vgg", help="comma-separated: resnet18, vgg")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from torchvision.models import resnet18
-    print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"batch 64 at 32x32, {args.batches} batches, median of {args.repeats} interleaved repeats")
-    print("ratios: probe pass / plain training step (forward + backward), same batches")
-    bench("resnet18", resnet18(num_classes=10), args.batches, args.repeats)
-    bench("VGG-style (no BN)", VGGish(), args.batches, args.repeats)
+    models = {"resnet18": lambda: resnet18(num_classes=10), "vgg": VGGish}
+    print(header(args.threads))
+    print(f"batch 64 at 32x32, {args.batches} batches, median of {args.repeats} interleaved repeats; "
+          f"ratios to a plain training step (forward + backward) over the same batches")
+    for key in args.models.split(","):
+        bench({"resnet18": "resnet18", "vgg": "VGG-style (no BN)"}[key], models[key](), args.batches, args.repeats)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import typer
 
 from ftdoctor import __version__
 from ftdoctor import progress
+from ftdoctor.allocator import keep_freed_memory
 from ftdoctor.errors import FtdoctorError
 
 app = typer.Typer(
@@ -773,6 +774,7 @@ def _is_rank0() -> bool:
 
 def main() -> None:
     """Console entry point: run the app, map errors to SPEC exit codes."""
+    keep_freed_memory()   # large per-batch tensors reused without page faults (glibc; see allocator.py)
     try:
         code = app(standalone_mode=False)
         if code == 130:  # without standalone mode typer returns Ctrl-C as the value 130 instead of raising

@@ -3,14 +3,16 @@
 Per batch: one forward pass of the model in eval mode, at most two backward
 passes — the random linear loss ``Σ_n η_n·logits_n`` (Krähenbühl et al. §3)
 and the mean cross-entropy with the labels (RIFLE §4.6.1) — and one forward
-pass of the reference model when R² is asked. What each backward yields is
+pass of the reference model when R² is asked (after the backward passes, so
+its outputs never coexist with the autograd graph). What each backward yields is
 decided by what the probes declared in :attr:`Probe.needs`:
 
 * ``grad_sq`` — Σ_n (∂ℓ_n/∂W)², per example, batched from each affine layer's
   input (forward hook) and the gradient at its output (tensor hook), no loop
-  over examples (:mod:`ftdoctor.probes.persample`). For the random loss the
-  backward asks autograd for the input's gradient only, so no weight gradient
-  is formed at all.
+  over examples (:mod:`ftdoctor.probes.persample`). A backward that serves
+  only these hooks (the random loss; the cross-entropy when no probe wants its
+  batch gradient) asks autograd for the input's gradient alone, so no weight
+  gradient is formed at all.
 * ``rand_grads`` / ``ce_grads`` — batch gradients of the affine weights.
 
 The model is left as it was: hooks removed, the train/eval flags and
@@ -190,6 +192,9 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
     need_rand = ("rand_grads" in needs) or (want_grad_sq and loss_kind == "random")
     rand_weight_grads = need_rand and not (want_grad_sq and loss_kind == "random" and exact)
     need_ce = ("ce_grads" in needs) or (want_grad_sq and loss_kind == "ce")
+    ce_weight_grads = "ce_grads" in needs
+    # a backward that only feeds the per-example hooks asks autograd for the input's gradient alone
+    input_only = (need_rand and not rand_weight_grads) or (need_ce and not ce_weight_grads)
     need_graph = need_rand or need_ce
     params = _affine_params(layers)
     ref_pairs = list(reference_pairs)
@@ -208,9 +213,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
             rand_g: Sequence[Tensor | None] | None = None
             ce_g: Sequence[Tensor | None] | None = None
             if batch.size:
-                if ref_cap is not None:
-                    batch.ref_outputs = ref_cap.run(x)
-                x_in = x.detach().requires_grad_(True) if need_rand and not rand_weight_grads else x
+                x_in = x.detach().requires_grad_(True) if input_only else x
                 with torch.set_grad_enabled(need_graph):
                     logits = model(x_in)
                 check_logits(logits, y, num_classes)
@@ -233,16 +236,22 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                     ce_sq = want_grad_sq and loss_kind == "ce"
                     # per-example terms CE_n = global_size · (this loss's share): scale the output gradient
                     cap.phase, cap.grad_scale = ("grad_sq", float(global_size)) if ce_sq else (None, 1.0)
-                    ce_g = torch.autograd.grad(loss_ce, params, allow_unused=True)
+                    if ce_weight_grads:
+                        ce_g = torch.autograd.grad(loss_ce, params, allow_unused=True)
+                    else:
+                        torch.autograd.grad(loss_ce, [x_in], allow_unused=True)
                     if ce_sq:
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 cap.phase = None
                 batch.head_input = cap.head_input
                 batch.outputs = dict(cap.outputs)
                 del logits
+                if ref_cap is not None:
+                    # after the backward passes: the reference's outputs never coexist with the graph
+                    batch.ref_outputs = ref_cap.run(x)
             if rand_weight_grads:
                 batch.rand_grads = _grads_by_layer(layers, _reduce_grads(params, rand_g, all_reduce))
-            if need_ce:
+            if ce_weight_grads:
                 batch.ce_grads = _grads_by_layer(layers, _reduce_grads(params, ce_g, all_reduce))
             for probe in probes:
                 probe.update(batch)
@@ -284,10 +293,11 @@ class _RefCapture:
         return hook
 
     def run(self, x: Tensor) -> dict[str, Tensor]:
-        self.outputs = {}
+        """The reference's affine outputs for ``x``, handed over (the capture keeps no reference)."""
         with torch.no_grad():
             self.reference(x)
-        return self.outputs
+        outputs, self.outputs = self.outputs, {}
+        return outputs
 
     def close(self) -> None:
         for h in self._handles:

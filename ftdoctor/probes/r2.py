@@ -9,7 +9,8 @@ is compared with the reference's ``b``:
   that was merely rescaled);
 * ``r2_identity`` — ``1 − Σ(a − b)² / Σ(b − mean b)²`` (no fit).
 
-Streaming float64 sums Σa, Σb, Σa², Σb², Σab per channel: O(channels) memory.
+Streaming float64 sums Σa, Σb, Σa², Σb², Σab per channel: O(channels) memory
+(each batch's share computed on shifted values, :func:`moment_sums`).
 """
 from __future__ import annotations
 
@@ -21,12 +22,35 @@ from ftdoctor.probes.base import Batch, Finding, Probe, ProbeContext, ProbeResul
 from ftdoctor.thresholds import Thresholds
 
 
-def channel_rows(out: Tensor, kind: str) -> Tensor:
-    """(rows, channels): channel is dim 1 of conv outputs, the last dim of linear outputs."""
-    if kind.startswith("Conv"):
-        c = out.shape[1]
-        return out.transpose(0, 1).reshape(c, -1).T
-    return out.reshape(-1, out.shape[-1])
+def channel_dims(out: Tensor, kind: str) -> tuple[int, list[int]]:
+    """The channel dim (1 for conv outputs, the last for linear ones) and the dims pooled over."""
+    channel = 1 if kind.startswith("Conv") and out.dim() > 1 else out.dim() - 1
+    return channel, [d for d in range(out.dim()) if d != channel]
+
+
+def moment_sums(a: Tensor, b: Tensor, kind: str, shift_a: Tensor, shift_b: Tensor) -> tuple[int, list[Tensor]]:
+    """Per-channel ``Σa, Σb, Σa², Σb², Σab`` of one batch (float64) and the number of rows pooled.
+
+    Computed in the activations' own layout and precision on values shifted by a per-channel
+    constant near their mean (``shift_a``/``shift_b``, e.g. the first batch's means), then
+    unshifted in float64: a float32 sum of raw squares would lose the variance whenever a channel's
+    mean dwarfs its spread; shifted, the float32 sums keep ~1e-7 of it, and no float64 copy of the
+    activations is made.
+    """
+    channel, dims = channel_dims(a, kind)
+    shape = [1] * a.dim()
+    shape[channel] = a.shape[channel]
+    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    shift_a, shift_b = shift_a.to(work), shift_b.to(work)   # unshifted below by exactly what was subtracted
+    da = a.to(work) - shift_a.view(shape)
+    db = b.to(work) - shift_b.view(shape)
+    rows = a.numel() // max(1, a.shape[channel])
+    sa, sb = (x.sum(dims).double() for x in (da, db))
+    saa, sbb, sab = ((x * y).sum(dims).double() for x, y in ((da, da), (db, db), (da, db)))
+    ha, hb = shift_a.double(), shift_b.double()
+    return rows, [sa + rows * ha, sb + rows * hb,
+                  saa + 2 * ha * sa + rows * ha * ha, sbb + 2 * hb * sb + rows * hb * hb,
+                  sab + ha * sb + hb * sa + rows * ha * hb]
 
 
 def r2_from_sums(n: float, sa: np.ndarray, sb: np.ndarray, saa: np.ndarray, sbb: np.ndarray,
@@ -55,6 +79,7 @@ class R2Probe(Probe):
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
         self.pairs = [(m, r) for m, r in ctx.reference_layers if m.name != ctx.head.name]
+        self.shifts: dict[str, tuple[Tensor, Tensor]] = {}   # per layer: channel means of its first batch
         for mine, _ in self.pairs:
             c = mine.weight.shape[0]
             k = self._key(mine.name)
@@ -69,19 +94,18 @@ class R2Probe(Probe):
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
         for mine, _ in self.pairs:
-            a_out = batch.outputs.get(mine.name)
-            b_out = batch.ref_outputs.get(mine.name)
-            if a_out is None or b_out is None or a_out.shape != b_out.shape:
+            a = batch.outputs.get(mine.name)
+            b = batch.ref_outputs.get(mine.name)
+            if a is None or b is None or a.shape != b.shape or a.numel() == 0:
                 continue
+            if mine.name not in self.shifts:
+                _, dims = channel_dims(a, mine.kind)
+                self.shifts[mine.name] = (a.mean(dims, dtype=torch.float64), b.mean(dims, dtype=torch.float64))
+            rows, sums = moment_sums(a, b, mine.kind, *self.shifts[mine.name])
             k = self._key(mine.name)
-            a = channel_rows(a_out, mine.kind).to(torch.float64)
-            b = channel_rows(b_out, mine.kind).to(torch.float64)
-            getattr(self, k + "n").add_(a.shape[0])
-            getattr(self, k + "sa").add_(a.sum(0))
-            getattr(self, k + "sb").add_(b.sum(0))
-            getattr(self, k + "saa").add_((a * a).sum(0))
-            getattr(self, k + "sbb").add_((b * b).sum(0))
-            getattr(self, k + "sab").add_((a * b).sum(0))
+            getattr(self, k + "n").add_(rows)
+            for s, value in zip(("sa", "sb", "saa", "sbb", "sab"), sums):
+                getattr(self, k + s).add_(value)
 
     def compute(self) -> ProbeResult:
         rows, arrays = [], {}
