@@ -74,6 +74,7 @@ class ChangeRateProbe(Probe):
         for layer in self.layers:
             self.add_state(self._key(layer.name), Float64Sum(layer.weight.shape, layer.weight.device), reduce)
         self.add_state("missing", torch.zeros(len(self.layers), dtype=torch.float64))
+        self._result: ProbeResult | None = None
 
     @staticmethod
     def _key(name: str) -> str:
@@ -96,6 +97,8 @@ class ChangeRateProbe(Probe):
         self.count += batch.size if self.mode == "exact" else batch.global_size
 
     def compute(self) -> ProbeResult:
+        if self._result is not None:     # compute() turns the sums into means in place: once only
+            return self._result
         n = float(self.count)
         layers, arrays, rates = [], {}, []
         for i, layer in enumerate(self.layers):
@@ -105,7 +108,8 @@ class ChangeRateProbe(Probe):
                     "or not on the path to the logits)")
                 self.skip(layer.name, reason)
                 continue
-            g2 = self.state(self._key(layer.name)) / n
+            g2 = self.state(self._key(layer.name)).div_(n)     # the sum becomes the mean: no float64 copy
+            setattr(self, self._key(layer.name), g2)
             fig = rate_figures(g2, layer.weight)
             if fig["change_rate"] is None:
                 self.skip(layer.name, "its weight is all zeros (or the rate is not finite): no change rate")
@@ -115,9 +119,10 @@ class ChangeRateProbe(Probe):
                 rates.append(fig["change_rate"])
         spread = max(rates) / min(rates) if rates else None
         log_std = float(np.std(np.log(rates))) if rates else None
-        return ProbeResult(figures={"mode": self.mode, "loss": self.loss,
-                                    "spread": None if spread is None else finite_or_none(spread),
-                                    "log_std": log_std, "layers": layers}, arrays=arrays)
+        self._result = ProbeResult(figures={"mode": self.mode, "loss": self.loss,
+                                            "spread": None if spread is None else finite_or_none(spread),
+                                            "log_std": log_std, "layers": layers}, arrays=arrays)
+        return self._result
 
     def findings(self, result: ProbeResult, thresholds: Thresholds) -> list[Finding]:
         f = result.figures

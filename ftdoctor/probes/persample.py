@@ -223,7 +223,8 @@ def _conv(
     geo = _Geometry(kernel, stride, padding, dilation, out_size)
     taps = _tap_boxes(tuple(x.shape[2:]), geo)
     if method == "auto":
-        method = _choose(math.prod(out_size), og, cg, taps=[_box_size(box) for box in taps], conv_ok=True)
+        method = _choose(math.prod(out_size), og, cg, taps=[_box_size(box) for box in taps], conv_ok=True,
+                         groups=groups)
     if method == "pairs":
         w2 = _conv_pairs(x, g, geo, taps, groups, max_chunk_bytes).reshape(module.weight.shape)
     else:
@@ -426,7 +427,7 @@ def _conv_trick(
 # ------------------------------------------------------ Σ_n (A_nᵀ B_n)² kernels
 
 
-def _choose(L: int, og: int, cg: int, *, taps: list[int], conv_ok: bool) -> str:
+def _choose(L: int, og: int, cg: int, *, taps: list[int], conv_ok: bool, groups: int = 1) -> str:
     """The cheapest kernel for a layer with L output positions and per-group Og × Cg·K weights.
 
     ``taps`` lists, per kernel tap, how many output positions see the input.
@@ -434,24 +435,33 @@ def _choose(L: int, og: int, cg: int, *, taps: list[int], conv_ok: bool) -> str:
     does ``Σ_t L_t(L_t+1)/2 · Og·Cg`` plus building the products; ``bmm`` does
     ``L·Og·Cg`` per tap but then writes, squares and sums every per-example
     gradient (~24 such units per element, in cache).  The ``conv`` trick
-    (grouped convolution; oneDNN on CPU) wins only for small per-group weights
-    on large maps.  Measured (CPU ms for batch 64, one thread, torch 2.14)::
+    (grouped convolution; oneDNN on CPU) wins for grouped and depthwise
+    convolutions and for moderate per-group weights on large maps, but not
+    when each group's unfolded row is short (RGB input under a 3×3 kernel:
+    Cg·K = 27) nor for 1×1 kernels, where ``bmm`` is one long matrix product
+    per example.  Measured (CPU ms, torch 2.14, batch 64 unless noted;
+    1 = one thread, 2 = two)::
 
         layer (input map)                    pairs    bmm    conv   picked
-        resnet18 conv1 3→64 7×7/2 (32×32)       —     7.9    9.0    conv
-        resnet18 64→64 3×3 (8×8)              288     7.3    9.6    bmm
-        resnet18 128→128 3×3 (4×4)             35     9.3     76    bmm
-        resnet18 256→256 3×3 (2×2)            4.1      20    288    pairs
-        resnet18 512→512 3×3 (1×1)            1.0     8.4     86    pairs
-        64→64 3×3 (16×16)                       —      23     17    conv
-        32→32 3×3 (16×16)                       —     8.4    5.0    conv
-        128→128 3×3 (16×16)                     —      88    119    bmm
-        vgg11 512→512 3×3 (4×4)               277     131   1201    bmm
-        depthwise 96 3×3 (16×16)                —      42    3.3    conv
+        resnet18 conv1 3→64 7×7/2 (32×32)       —     7.9    9.0    conv  (1; 2: 5.6 / 5.6)
+        resnet18 64→64 3×3 (8×8)              288     7.3    9.6    bmm   (1)
+        resnet18 128→128 3×3 (4×4)             35     9.3     76    bmm   (1)
+        resnet18 256→256 3×3 (2×2)            4.1      20    288    pairs (1)
+        resnet18 512→512 3×3 (1×1)            1.0     8.4     86    pairs (1)
+        64→64 3×3 (16×16)                       —      23     17    conv  (1)
+        32→32 3×3 (32×32)                       —      49     12    conv  (2)
+        3→16 3×3 (32×32)                        —     2.7     18    bmm   (2)
+        8→16 3×3 (32×32)                        —     4.6    2.9    conv  (2)
+        128→128 3×3 (16×16)                     —      88    119    bmm   (1)
+        vgg11 512→512 3×3 (4×4)               277     131   1201    bmm   (1)
+        depthwise 96 3×3 (16×16)                —      38    3.9    conv  (2)
+        1×1 64→256 (56×56), batch 16            —      19     50    bmm   (2)
+        3→64 7×7/2 (224×224), batch 16          —     106     68    conv  (2)
     """
     k = len(taps)
     size = og * cg * k
-    if conv_ok and (size <= 4096 and L >= 9 or size <= 65536 and L >= 128):
+    if (conv_ok and k > 1 and (groups > 1 or cg * k > 32)
+            and (size <= 4096 and L >= 9 or size <= 65536 and L >= 128)):
         return "conv"
     pairs = sum(t * (t + 1) // 2 for t in taps) * (og * cg + 8 * (og + cg))
     dense = k * (og * cg * (L + 24) + 8 * cg * L)
