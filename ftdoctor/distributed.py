@@ -78,6 +78,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if not _world.distributed:
         return t
     import torch.distributed as dist
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        # nccl reduces only CUDA tensors; a few small counters live on the CPU
+        out = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(t.device)
     out = t.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out

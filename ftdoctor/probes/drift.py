@@ -11,22 +11,26 @@ import math
 
 import torch
 
-from ftdoctor.probes.base import Batch, Finding, Probe, ProbeContext, ProbeResult, finite_or_none, register_probe
+from ftdoctor.probes.base import (Batch, Finding, Probe, ProbeContext, ProbeResult, finite_or_none, register_probe,
+                                  sum_of_squares)
 from ftdoctor.thresholds import Thresholds
 
 
 def drift_figures(layers, reference_modules: dict) -> dict:
+    """‖W − W⁰‖ per layer and their squared sum, in the weights' precision (float32 at least) with
+    float64 sums (:func:`sum_of_squares`): no float64 copy of the model."""
     rows, new, penalty = [], [], 0.0
     for layer in layers:
         ref = reference_modules.get(layer.name)
-        w = layer.weight.detach().to(torch.float64).cpu()
+        w = layer.weight.detach()
         w0 = getattr(ref, "weight", None)
         if not isinstance(w0, torch.Tensor) or tuple(w0.shape) != tuple(w.shape):
             new.append(layer.name)
             continue
-        w0 = w0.detach().to(torch.float64).cpu()
-        sq = float(((w - w0) ** 2).sum())
-        base = float(w0.norm())
+        work = torch.promote_types(torch.promote_types(w.dtype, w0.dtype), torch.float32)
+        w0 = w0.detach().to(w.device, work)
+        sq = sum_of_squares(w.to(work) - w0)
+        base = math.sqrt(sum_of_squares(w0))
         penalty += sq
         rows.append({"name": layer.name, "abs": finite_or_none(math.sqrt(sq)),
                      "rel": finite_or_none(math.sqrt(sq) / base) if base > 0 else None})

@@ -80,11 +80,12 @@ class NoiseProbe(Probe):
                                         opts.head_init, ctx.seed, k)
                 self.heads.append((w.to(head.weight), None if b is None else b.to(head.weight)))
         k = self.seeds
-        self.add_state("count", torch.zeros((), dtype=torch.float64))
+        dev = head.weight.device          # the sums live where the logits are (--device cuda)
+        self.add_state("count", torch.zeros((), dtype=torch.float64, device=dev))
         for s in _SUMS:
-            self.add_state(s, torch.zeros(k, dtype=torch.float64))
-        self.add_state("feature", torch.zeros((), dtype=torch.float64))
-        self.add_state("nonfinite", torch.zeros((), dtype=torch.float64))
+            self.add_state(s, torch.zeros(k, dtype=torch.float64, device=dev))
+        self.add_state("feature", torch.zeros((), dtype=torch.float64, device=dev))
+        self.add_state("nonfinite", torch.zeros((), dtype=torch.float64, device=dev))
 
     def _logits_per_head(self, batch: Batch) -> list[tuple[Tensor, Tensor]]:
         """(logits, head weight) per seed; without seeds the model's own logits and head."""

@@ -10,9 +10,12 @@ is compared with the reference's ``b``:
 * ``r2_identity`` — ``1 − Σ(a − b)² / Σ(b − mean b)²`` (no fit).
 
 Streaming float64 sums Σa, Σb, Σa², Σb², Σab per channel: O(channels) memory
-(each batch's share computed on shifted values, :func:`moment_sums`).
+(accumulated on values shifted by the first batch's channel means and unshifted
+once at the end, :func:`shifted_sums`, :func:`unshift`).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,29 +31,32 @@ def channel_dims(out: Tensor, kind: str) -> tuple[int, list[int]]:
     return channel, [d for d in range(out.dim()) if d != channel]
 
 
-def moment_sums(a: Tensor, b: Tensor, kind: str, shift_a: Tensor, shift_b: Tensor) -> tuple[int, list[Tensor]]:
-    """Per-channel ``Σa, Σb, Σa², Σb², Σab`` of one batch (float64) and the number of rows pooled.
+def shifted_sums(a: Tensor, b: Tensor, kind: str, shift_a: Tensor, shift_b: Tensor) -> tuple[int, Tensor]:
+    """One batch's per-channel ``[Σa', Σb', Σa'², Σb'², Σa'b']`` (5, C) with ``a' = a − shift_a``,
+    ``b' = b − shift_b``, and the number of rows pooled per channel.
 
-    Computed in the activations' own layout and precision on values shifted by a per-channel
-    constant near their mean (``shift_a``/``shift_b``, e.g. the first batch's means), then
-    unshifted in float64: a float32 sum of raw squares would lose the variance whenever a channel's
-    mean dwarfs its spread; shifted, the float32 sums keep ~1e-7 of it, and no float64 copy of the
-    activations is made.
+    In the activations' own layout and precision (float32 at least): shifted by a per-channel
+    constant near the mean, float32 sums keep ~1e-7 of the variance, where sums of raw squares
+    would lose it whenever a channel's mean dwarfs its spread; and no float64 copy of the
+    activations is made. :func:`unshift` turns the accumulated sums into raw ones, in float64.
     """
     channel, dims = channel_dims(a, kind)
     shape = [1] * a.dim()
     shape[channel] = a.shape[channel]
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
-    shift_a, shift_b = shift_a.to(work), shift_b.to(work)   # unshifted below by exactly what was subtracted
+    work = shift_a.dtype
     da = a.to(work) - shift_a.view(shape)
     db = b.to(work) - shift_b.view(shape)
     rows = a.numel() // max(1, a.shape[channel])
-    sa, sb = (x.sum(dims).double() for x in (da, db))
-    saa, sbb, sab = ((x * y).sum(dims).double() for x, y in ((da, da), (db, db), (da, db)))
+    return rows, torch.stack([da.sum(dims), db.sum(dims), (da * da).sum(dims), (db * db).sum(dims),
+                              (da * db).sum(dims)])
+
+
+def unshift(n: Tensor | float, sums: Tensor, shift_a: Tensor, shift_b: Tensor) -> Tensor:
+    """Raw ``[Σa, Σb, Σa², Σb², Σab]`` (float64) from sums of values shifted by exactly ``shift_a/b``."""
+    sa, sb, saa, sbb, sab = sums.double()
     ha, hb = shift_a.double(), shift_b.double()
-    return rows, [sa + rows * ha, sb + rows * hb,
-                  saa + 2 * ha * sa + rows * ha * ha, sbb + 2 * hb * sb + rows * hb * hb,
-                  sab + ha * sb + hb * sa + rows * ha * hb]
+    return torch.stack([sa + n * ha, sb + n * hb, saa + 2 * ha * sa + n * ha * ha,
+                        sbb + 2 * hb * sb + n * hb * hb, sab + ha * sb + hb * sa + n * ha * hb])
 
 
 def r2_from_sums(n: float, sa: np.ndarray, sb: np.ndarray, saa: np.ndarray, sbb: np.ndarray,
@@ -83,9 +89,11 @@ class R2Probe(Probe):
         for mine, _ in self.pairs:
             c = mine.weight.shape[0]
             k = self._key(mine.name)
-            self.add_state(k + "n", torch.zeros((), dtype=torch.float64))
-            for s in ("sa", "sb", "saa", "sbb", "sab"):
-                self.add_state(k + s, torch.zeros(c, dtype=torch.float64))
+            dev = mine.weight.device
+            self.add_state(k + "n", torch.zeros((), dtype=torch.float64, device=dev))
+            # Σa, Σb, Σa², Σb², Σab: shifted sums during the pass, raw ones after _unshift()
+            self.add_state(k + "sums", torch.zeros(5, c, dtype=torch.float64, device=dev))
+        self._raw = False
 
     @staticmethod
     def _key(name: str) -> str:
@@ -98,16 +106,32 @@ class R2Probe(Probe):
             b = batch.ref_outputs.get(mine.name)
             if a is None or b is None or a.shape != b.shape or a.numel() == 0:
                 continue
-            if mine.name not in self.shifts:
+            if mine.name not in self.shifts:    # this process's first batch: its channel means
                 _, dims = channel_dims(a, mine.kind)
-                self.shifts[mine.name] = (a.mean(dims, dtype=torch.float64), b.mean(dims, dtype=torch.float64))
-            rows, sums = moment_sums(a, b, mine.kind, *self.shifts[mine.name])
+                work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+                self.shifts[mine.name] = (a.to(work).mean(dims), b.to(work).mean(dims))
+            rows, sums = shifted_sums(a, b, mine.kind, *self.shifts[mine.name])
             k = self._key(mine.name)
             getattr(self, k + "n").add_(rows)
-            for s, value in zip(("sa", "sb", "saa", "sbb", "sab"), sums):
-                getattr(self, k + s).add_(value)
+            getattr(self, k + "sums").add_(sums)
+
+    def _unshift(self) -> None:
+        """Shifted sums → raw float64 sums, once (before the cross-process sum: shifts differ per process)."""
+        if self._raw:
+            return
+        for mine, _ in self.pairs:
+            if mine.name in self.shifts:
+                k = self._key(mine.name)
+                setattr(self, k + "sums", unshift(getattr(self, k + "n"), getattr(self, k + "sums"),
+                                                  *self.shifts[mine.name]))
+        self._raw = True
+
+    def reduce_(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
+        self._unshift()
+        super().reduce_(all_reduce)
 
     def compute(self) -> ProbeResult:
+        self._unshift()
         rows, arrays = [], {}
         for mine, _ in self.pairs:
             k = self._key(mine.name)
@@ -115,7 +139,7 @@ class R2Probe(Probe):
             if n == 0:
                 self.skip(mine.name, "its output never matched the reference's in shape")
                 continue
-            sums = [getattr(self, k + s).cpu().numpy() for s in ("sa", "sb", "saa", "sbb", "sab")]
+            sums = list(getattr(self, k + "sums").cpu().numpy())
             r2, ident, constant = r2_from_sums(n, *sums)
             live = ~constant
             arrays[f"{mine.name}/r2"] = r2
