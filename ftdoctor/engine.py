@@ -9,10 +9,10 @@ decided by what the probes declared in :attr:`Probe.needs`:
 
 * ``grad_sq`` — Σ_n (∂ℓ_n/∂W)², per example, batched from each affine layer's
   input (forward hook) and the gradient at its output (tensor hook), no loop
-  over examples (:mod:`ftdoctor.probes.persample`). A backward that serves
-  only these hooks (the random loss; the cross-entropy when no probe wants its
-  batch gradient) asks autograd for the input's gradient alone, so no weight
-  gradient is formed at all.
+  over examples (:mod:`ftdoctor.probes.persample`). For the random loss the
+  backward asks autograd for the input's gradient only, so no weight gradient
+  is formed at all (a layer whose output does not depend on the input, e.g. a
+  Linear on learned queries, is then listed in ``skipped``).
 * ``rand_grads`` / ``ce_grads`` — batch gradients of the affine weights.
 
 The model is left as it was: hooks removed, the train/eval flags and
@@ -192,9 +192,6 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
     need_rand = ("rand_grads" in needs) or (want_grad_sq and loss_kind == "random")
     rand_weight_grads = need_rand and not (want_grad_sq and loss_kind == "random" and exact)
     need_ce = ("ce_grads" in needs) or (want_grad_sq and loss_kind == "ce")
-    ce_weight_grads = "ce_grads" in needs
-    # a backward that only feeds the per-example hooks asks autograd for the input's gradient alone
-    input_only = (need_rand and not rand_weight_grads) or (need_ce and not ce_weight_grads)
     need_graph = need_rand or need_ce
     params = _affine_params(layers)
     ref_pairs = list(reference_pairs)
@@ -213,7 +210,9 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
             rand_g: Sequence[Tensor | None] | None = None
             ce_g: Sequence[Tensor | None] | None = None
             if batch.size:
-                x_in = x.detach().requires_grad_(True) if input_only else x
+                # the reference sees the batch as loaded, even if the model's forward changes its input in place
+                x_ref = x.clone() if ref_cap is not None else None
+                x_in = x.detach().requires_grad_(True) if need_rand and not rand_weight_grads else x
                 with torch.set_grad_enabled(need_graph):
                     logits = model(x_in)
                 check_logits(logits, y, num_classes)
@@ -236,10 +235,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                     ce_sq = want_grad_sq and loss_kind == "ce"
                     # per-example terms CE_n = global_size · (this loss's share): scale the output gradient
                     cap.phase, cap.grad_scale = ("grad_sq", float(global_size)) if ce_sq else (None, 1.0)
-                    if ce_weight_grads:
-                        ce_g = torch.autograd.grad(loss_ce, params, allow_unused=True)
-                    else:
-                        torch.autograd.grad(loss_ce, [x_in], allow_unused=True)
+                    ce_g = torch.autograd.grad(loss_ce, params, allow_unused=True)
                     if ce_sq:
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 cap.phase = None
@@ -248,10 +244,10 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                 del logits
                 if ref_cap is not None:
                     # after the backward passes: the reference's outputs never coexist with the graph
-                    batch.ref_outputs = ref_cap.run(x)
+                    batch.ref_outputs = ref_cap.run(x_ref)
             if rand_weight_grads:
                 batch.rand_grads = _grads_by_layer(layers, _reduce_grads(params, rand_g, all_reduce))
-            if ce_weight_grads:
+            if need_ce:
                 batch.ce_grads = _grads_by_layer(layers, _reduce_grads(params, ce_g, all_reduce))
             for probe in probes:
                 probe.update(batch)

@@ -130,6 +130,11 @@ class R2Probe(Probe):
         self._unshift()
         super().reduce_(all_reduce)
 
+    def merge_(self, other: Probe) -> None:
+        self._unshift()
+        other._unshift()   # type: ignore[attr-defined]  # each process shifted by its own means
+        super().merge_(other)
+
     def compute(self) -> ProbeResult:
         self._unshift()
         rows, arrays = [], {}

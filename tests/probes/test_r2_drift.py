@@ -91,3 +91,34 @@ def test_r2_keeps_its_digits_when_a_channel_mean_dwarfs_its_spread():
     ident = 1 - ((a - b) ** 2).sum(1) / ((b - b.mean(1, keepdim=True)) ** 2).sum(1)
     assert torch.allclose(torch.as_tensor(res.arrays["features.0/r2"]), want, rtol=1e-6)
     assert torch.allclose(torch.as_tensor(res.arrays["features.0/r2_identity"]), ident, rtol=1e-6)
+
+
+def test_r2_merge_of_two_processes_equals_one_pass():
+    # each process shifts by its own first batch's means: merging must unshift both first
+    from ftdoctor.diagnose import find_head, reference_pairs
+    from ftdoctor.engine import PassSettings, run_pass
+    from ftdoctor.model import layer_order
+    from ftdoctor.probes.base import ProbeContext
+    from ftdoctor.probes.r2 import R2Probe
+
+    torch.manual_seed(0)
+    ref = SmallCNN(num_classes=4).eval()
+    model = SmallCNN(num_classes=4).eval()
+    bundle = make_bundle((3, 8, 8), n=40, num_classes=4)
+    layers, _ = layer_order(model, bundle.x[:1])
+    head = find_head(list(layers), None)
+    ctx = ProbeContext(model=model, layers=tuple(layers), head=head, num_classes=4, seed=0, reference=ref,
+                       reference_layers=tuple(reference_pairs(layers, ref)), options=ProbeOptions())
+
+    def fed(lo, hi):
+        probe = R2Probe(ctx)
+        batches = [(bundle.x[i:i + 8], bundle.y[i:i + 8], torch.arange(i, i + 8), 8) for i in range(lo, hi, 8)]
+        run_pass(model, batches, [probe], layers, head, 4, PassSettings(), reference=ref,
+                 reference_pairs=ctx.reference_layers)
+        return probe
+
+    whole, first, second = fed(0, 40), fed(0, 16), fed(16, 40)
+    first.merge_(second)
+    for name in ("features.0", "features.3"):
+        assert torch.allclose(torch.as_tensor(first.compute().arrays[f"{name}/r2"]),
+                              torch.as_tensor(whole.compute().arrays[f"{name}/r2"]), rtol=1e-6)
