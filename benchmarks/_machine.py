@@ -1,5 +1,5 @@
 """What the benchmarks share: OpenMP's wait policy set before torch loads, the CLI's allocator
-settings, and a one-line machine header.
+settings, a one-line machine header, and the in-memory data bundle they feed to ``probe_model``.
 
 Import this module before ``torch``. With OpenMP's default (spinning) wait policy, a thread that
 waits for a descheduled peer burns its core: whenever anything else ran on this two-core machine a
@@ -39,3 +39,24 @@ def header(threads: int) -> str:
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     return (f"torch {torch.__version__}, threads={threads} (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
             f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load}")
+
+
+class Bundle:
+    """A DataBundle over any (x, y, index) dataset: batches in a fixed order, as ``probe_model`` reads them."""
+
+    def __init__(self, dataset, num_classes: int, batch_size: int, name: str = "bench") -> None:
+        self.dataset, self.num_classes, self.batch_size = dataset, num_classes, batch_size
+        self.num_samples, self.name, self.split, self.notes = len(dataset), name, "train", []
+
+    def loader(self, batch_size=None, shuffle=False, seed=0, sampler=None, drop_last=False):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.dataset, batch_size=batch_size or self.batch_size)
+
+
+def tensor_bundle(x, y, num_classes: int, batch_size: int) -> Bundle:
+    """A :class:`Bundle` over in-memory tensors (index = position)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    return Bundle(TensorDataset(x, y, torch.arange(len(y))), num_classes, batch_size)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 
-from _machine import header  # before torch: sets OMP_WAIT_POLICY
+from _machine import Bundle, header, tensor_bundle  # before torch: sets OMP_WAIT_POLICY
 
 import argparse  # noqa: E402
 import copy
@@ -40,7 +40,6 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from ftdoctor.diagnose import ProbeOptions, probe_model
 from ftdoctor.model import layer_order, registered_affine_layers
@@ -122,23 +121,11 @@ def tiny_convnext() -> nn.Module:
 # ----------------------------------------------------------------- the data
 
 
-class Bundle:
-    """An in-memory DataBundle: ``dataset`` items (x, y, index), batches in a fixed order."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int) -> None:
-        self.dataset = TensorDataset(x, y, torch.arange(len(y)))
-        self.num_samples, self.num_classes, self.batch_size = len(y), num_classes, batch_size
-        self.name, self.split, self.notes = "bench", "train", []
-
-    def loader(self, batch_size=None, shuffle=False, seed=0, sampler=None, drop_last=False) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=batch_size or self.batch_size)
-
-
 def make_bundle(batches: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Bundle:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(64 * batches, 3, 32, 32, generator=g).to(dtype)
     y = torch.randint(0, 10, (64 * batches,), generator=g)
-    return Bundle(x, y, 10, 64)
+    return tensor_bundle(x, y, 10, 64)
 
 
 # ------------------------------------------------------------ the two sides

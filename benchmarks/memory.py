@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from _machine import header  # before torch: sets OMP_WAIT_POLICY
+from _machine import Bundle, header  # before torch: sets OMP_WAIT_POLICY
 
 import argparse  # noqa: E402
 import copy
@@ -35,7 +35,7 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ftdoctor.diagnose import ProbeOptions, probe_model
 
@@ -61,18 +61,6 @@ class LazyFake(Dataset):
         return x, y, int(i)
 
 
-class Bundle:
-    """A DataBundle over :class:`LazyFake`."""
-
-    def __init__(self, count: int, size: int, batch_size: int) -> None:
-        self.dataset = LazyFake(count, size)
-        self.num_samples, self.num_classes, self.batch_size = count, 10, batch_size
-        self.name, self.split, self.notes = "lazy-fake", "train", []
-
-    def loader(self, batch_size=None, shuffle=False, seed=0, sampler=None, drop_last=False) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=batch_size or self.batch_size)
-
-
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux, macOS)."""
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -94,10 +82,10 @@ def child(arch: str, count: int, size: int, batch_size: int, threads: int) -> No
     torch.manual_seed(0)
     model = build(arch).eval()
     reference = copy.deepcopy(model)
-    warm = Bundle(min(batch_size, count), size, batch_size)
+    warm = Bundle(LazyFake(min(batch_size, count), size), 10, batch_size, "lazy-fake")
     probe_model(model, warm, OPTIONS, reference=reference)   # one batch: kernels, allocator, thread pool
     before = peak_rss_bytes()
-    bundle = Bundle(count, size, batch_size)
+    bundle = Bundle(LazyFake(count, size), 10, batch_size, "lazy-fake")
     t0 = time.perf_counter()
     run = probe_model(model, bundle, OPTIONS, reference=reference)
     seconds = time.perf_counter() - t0

@@ -21,7 +21,7 @@ alike. Targets (SPEC §7): exact ≤ 2.5×, batch ≤ 1.9×.
 """
 from __future__ import annotations
 
-from _machine import header  # before torch: sets OMP_WAIT_POLICY
+from _machine import header, tensor_bundle  # before torch: sets OMP_WAIT_POLICY
 
 import argparse  # noqa: E402
 import copy
@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+
 
 from ftdoctor.diagnose import ProbeOptions, probe_model
 
@@ -54,22 +54,7 @@ class VGGish(nn.Module):
         return self.classifier(self.features(x))
 
 
-class Bundle:
-    """An in-memory DataBundle: (x, y, index) batches in a fixed order."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int) -> None:
-        self.x, self.y, self.num_classes, self.batch_size = x, y, num_classes, batch_size
-        self.num_samples, self.name, self.split, self.notes = len(y), "bench", "train", []
-
-    @property
-    def dataset(self) -> TensorDataset:
-        return TensorDataset(self.x, self.y, torch.arange(len(self.y)))
-
-    def loader(self, batch_size=None, shuffle=False, seed=0, sampler=None, drop_last=False):
-        return DataLoader(self.dataset, batch_size=batch_size or self.batch_size)
-
-
-def train_steps(model: nn.Module, bundle: Bundle) -> float:
+def train_steps(model: nn.Module, bundle) -> float:
     model.train()
     t0 = time.perf_counter()
     for x, y, _ in bundle.loader():
@@ -79,7 +64,7 @@ def train_steps(model: nn.Module, bundle: Bundle) -> float:
     return time.perf_counter() - t0
 
 
-def floor_steps(model: nn.Module, bundle: Bundle, ref: nn.Module | None = None) -> float:
+def floor_steps(model: nn.Module, bundle, ref: nn.Module | None = None) -> float:
     """The physics the probe pass cannot avoid: an eval-mode forward and the two backward passes
     (random η loss, mean cross-entropy) asking for every weight gradient — no hooks, no per-example
     work, no bookkeeping — plus the reference's forward when ``ref`` is given."""
@@ -99,7 +84,7 @@ def floor_steps(model: nn.Module, bundle: Bundle, ref: nn.Module | None = None) 
     return elapsed
 
 
-def probe_pass(model: nn.Module, ref: nn.Module | None, bundle: Bundle, mode: str) -> float:
+def probe_pass(model: nn.Module, ref: nn.Module | None, bundle, mode: str) -> float:
     t0 = time.perf_counter()
     probe_model(model, bundle, ProbeOptions(change_rate_mode=mode), reference=ref, batch_size=bundle.batch_size)
     return time.perf_counter() - t0
@@ -117,7 +102,7 @@ RUNS = {
 
 def bench(name: str, model: nn.Module, batches: int, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
-    bundle = Bundle(torch.randn(64 * batches, 3, 32, 32), torch.randint(0, 10, (64 * batches,)), 10, 64)
+    bundle = tensor_bundle(torch.randn(64 * batches, 3, 32, 32), torch.randint(0, 10, (64 * batches,)), 10, 64)
     ref = copy.deepcopy(model)
     for run in RUNS.values():                      # warm-up: allocator, kernels, thread pool
         run(model, ref, bundle)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from dataclasses import dataclass, field
 
 import pytest
@@ -88,3 +89,31 @@ class BNCNN(nn.Module):
 def tiny_cnn():
     torch.manual_seed(0)
     return SmallCNN().eval()
+
+
+# An importable module's source (`--arch MODULE:SmallCNN`) for tests that drive the CLI: they write it
+# into a temporary directory on sys.path under a name of their own.
+NETS_SOURCE = textwrap.dedent('''
+    import torch.nn as nn
+
+    class SmallCNN(nn.Module):
+        def __init__(self, num_classes=10, in_ch=3):
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(in_ch, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(2), nn.Flatten())
+            self.fc = nn.Linear(8 * 4, num_classes)
+
+        def forward(self, x):
+            return self.fc(self.features(x))
+
+    class NoAffine(nn.Module):
+        def __init__(self, num_classes=10):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.pool(self.bn(x)).flatten(1)
+''')

@@ -10,46 +10,21 @@ import json
 import math
 import os
 import sys
-import textwrap
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SmallCNN
+from conftest import NETS_SOURCE
 from ftdoctor import cli
-from ftdoctor.check import (CheckReport, CheckResult, CheckpointVerdict, check, collect_checkpoints,
+from ftdoctor.check import (CheckReport, CheckResult, CheckpointVerdict, collect_checkpoints,
                             find_pyproject, planned_checks, resolve_thresholds)
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.report import github, junit
 from ftdoctor.thresholds import Thresholds
 
-NETS = textwrap.dedent('''
-    import torch.nn as nn
-
-    class SmallCNN(nn.Module):
-        def __init__(self, num_classes=10, in_ch=3):
-            super().__init__()
-            self.features = nn.Sequential(
-                nn.Conv2d(in_ch, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(2), nn.Flatten())
-            self.fc = nn.Linear(8 * 4, num_classes)
-
-        def forward(self, x):
-            return self.fc(self.features(x))
-
-    class NoAffine(nn.Module):
-        def __init__(self, num_classes=10):
-            super().__init__()
-            self.bn = nn.BatchNorm2d(3)
-            self.pool = nn.AdaptiveAvgPool2d(1)
-
-        def forward(self, x):
-            return self.pool(self.bn(x)).flatten(1)
-''')
+NETS = NETS_SOURCE
 ARCH = ["--arch", "ftd_check_nets:SmallCNN"]
 
 

@@ -10,42 +10,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from conftest import NETS_SOURCE
 from ftdoctor import cli
 from ftdoctor.check import check
 from ftdoctor.checkpoint import ModelOptions
 from ftdoctor.errors import FtdoctorError
 
-NETS = textwrap.dedent('''
-    import torch.nn as nn
-
-    class SmallCNN(nn.Module):
-        def __init__(self, num_classes=10, in_ch=3):
-            super().__init__()
-            self.features = nn.Sequential(
-                nn.Conv2d(in_ch, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(2), nn.Flatten())
-            self.fc = nn.Linear(8 * 4, num_classes)
-
-        def forward(self, x):
-            return self.fc(self.features(x))
-
-    class NoAffine(nn.Module):
-        def __init__(self, num_classes=10):
-            super().__init__()
-            self.bn = nn.BatchNorm2d(3)
-            self.pool = nn.AdaptiveAvgPool2d(1)
-
-        def forward(self, x):
-            return self.pool(self.bn(x)).flatten(1)
-''')
+NETS = NETS_SOURCE
 ARCH = ["--arch", "ftd_hostile_nets:SmallCNN"]
 DATA = ["--data", "shapes:10", "--max-samples", "32", "--batch-size", "16", "--quiet"]
 MARKER = "pwned-by-pickle"

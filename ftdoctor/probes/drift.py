@@ -11,8 +11,7 @@ import math
 
 import torch
 
-from ftdoctor.probes.base import (Batch, Finding, Probe, ProbeContext, ProbeResult, finite_or_none, register_probe,
-                                  sum_of_squares)
+from ftdoctor.probes.base import Batch, Finding, Probe, ProbeResult, finite_or_none, register_probe, sum_of_squares
 from ftdoctor.thresholds import Thresholds
 
 

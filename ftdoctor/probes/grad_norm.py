@@ -65,7 +65,7 @@ class GradNormProbe(Probe):
             k = self._key(layer.name)
             gn = float(getattr(self, k + "norm")) / nb
             full = math.sqrt(sum_of_squares(self.state(k + "sum"))) / nb
-            wn = float(layer.weight.detach().to(torch.float64).norm())
+            wn = math.sqrt(sum_of_squares(layer.weight))
             rows.append({"name": layer.name, "kind": layer.kind, "grad_norm": finite_or_none(gn),
                          "full_grad_norm": finite_or_none(full), "weight_norm": finite_or_none(wn),
                          "relative": finite_or_none(gn / wn) if wn > 0 else None,
