@@ -10,9 +10,13 @@ decided by what the probes declared in :attr:`Probe.needs`:
 * ``grad_sq`` — Σ_n (∂ℓ_n/∂W)², per example, batched from each affine layer's
   input (forward hook) and the gradient at its output (tensor hook), no loop
   over examples (:mod:`ftdoctor.probes.persample`). For the random loss the
-  backward asks autograd for the input's gradient only, so no weight gradient
-  is formed at all (a layer whose output does not depend on the input, e.g. a
-  Linear on learned queries, is then listed in ``skipped``).
+  backward asks autograd only for the gradients at the outputs of the *root*
+  layers — those fed by the model's input through no other affine layer — so
+  it forms no weight gradient and no gradient below them (resnet18's first
+  convolution would cost 10 ms a batch for a 3-channel input gradient nobody
+  reads). Every layer whose output depends on the input lies on a path from
+  the loss to a root; a layer whose output does not (e.g. a Linear on learned
+  queries) is listed in ``skipped``.
 * ``rand_grads`` / ``ce_grads`` — batch gradients of the affine weights.
 
 The model is left as it was: hooks removed, the train/eval flags and
@@ -29,6 +33,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.model import AffineLayer
@@ -81,6 +86,11 @@ class _Capture:
         self.grad_sq: dict[str, Tensor] = {}
         self.phase: str | None = None      # which backward the tensor hooks serve
         self.grad_scale = 1.0
+        # roots: set input_leaf (the model's input, requiring grad) before the forward
+        self.input_leaf: Tensor | None = None
+        self.root_edges: list[GradientEdge] = []
+        self._stops: set[Node] = set()     # this forward's affine outputs
+        self._dead: set[Node] = set()      # nodes known not to reach the input past no affine output
         self.unsupported: dict[str, str] = {}
         self._handles: list = []
         if grad_sq:
@@ -106,6 +116,33 @@ class _Capture:
         self.calls.clear()
         self.grad_sq = {}
         self.head_input = None
+        self.input_leaf = None
+        self.root_edges = []
+        self._stops.clear()
+        self._dead.clear()
+
+    def _is_root(self, x: Tensor) -> bool:
+        """Whether ``x`` depends on :attr:`input_leaf` through no affine layer's output.
+
+        Walks the autograd graph from ``x`` towards the leaves, stopping at the outputs of the
+        affine layers that ran before; nodes found not to reach the input are remembered for the
+        rest of this forward, so the walks of one forward visit each node about once.
+        """
+        if x is self.input_leaf:
+            return True
+        if x.grad_fn is None:
+            return False
+        stack, seen = [x.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node in seen or node in self._stops or node in self._dead:
+                continue
+            if getattr(node, "variable", None) is self.input_leaf:   # the input's AccumulateGrad
+                return True
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+        self._dead |= seen
+        return False
 
     def _hook(self, layer: AffineLayer) -> Callable:
         name, module = layer.name, layer.module
@@ -119,10 +156,15 @@ class _Capture:
             if self.want_outputs:
                 # clone: an in-place activation after the layer would overwrite it
                 self.outputs[name] = out.detach().clone()
-            if (self.want_grad_sq and name not in self.unsupported and x is not None
-                    and out.requires_grad):
-                self.inputs[name] = x.detach()
-                out.register_hook(self._grad_hook(name, module))
+            if self.want_grad_sq and isinstance(out, Tensor) and out.requires_grad:
+                # taken now: an in-place op after the layer would move the tensor's own edge
+                edge = get_gradient_edge(out)
+                if self.input_leaf is not None and isinstance(x, Tensor) and self._is_root(x):
+                    self.root_edges.append(edge)
+                self._stops.add(edge.node)
+                if name not in self.unsupported and x is not None:
+                    self.inputs[name] = x.detach()
+                    out.register_hook(self._grad_hook(name, module))
         return hook
 
     def _grad_hook(self, name: str, module: nn.Module) -> Callable[[Tensor], None]:
@@ -213,6 +255,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                 # the reference sees the batch as loaded, even if the model's forward changes its input in place
                 x_ref = x.clone() if ref_cap is not None else None
                 x_in = x.detach().requires_grad_(True) if need_rand and not rand_weight_grads else x
+                cap.input_leaf = x_in if x_in is not x else None
                 with torch.set_grad_enabled(need_graph):
                     logits = model(x_in)
                 check_logits(logits, y, num_classes)
@@ -224,10 +267,11 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                         cap.phase = None
                         rand_g = torch.autograd.grad(loss_r, params, retain_graph=need_ce, allow_unused=True)
                     else:
-                        # only the input's gradient is asked for: autograd forms no weight gradient,
-                        # the tensor hooks see every layer's output gradient on the way
+                        # only the gradients at the root layers' outputs are asked for: autograd forms
+                        # no weight gradient, the tensor hooks see every layer's output gradient on the way
                         cap.phase, cap.grad_scale = "grad_sq", 1.0
-                        torch.autograd.grad(loss_r, [x_in], retain_graph=need_ce, allow_unused=True)
+                        torch.autograd.grad(loss_r, cap.root_edges or [x_in], retain_graph=need_ce,
+                                            allow_unused=True)
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 if need_ce:
                     # the global batch's mean CE: local sum / global size (DDP's averaging)

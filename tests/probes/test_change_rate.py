@@ -36,6 +36,41 @@ class Conv1dNet(nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean(-1))
 
 
+class NoBackwardPastHere(torch.autograd.Function):
+    """Identity whose backward fails: the random-loss pass must not differentiate below the first layer."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        raise AssertionError("the input's gradient was formed")
+
+
+class Graphs(nn.Module):
+    """Where the random loss's backward may stop (engine: the root layers' outputs): the input
+    normalised inside forward then guarded by :class:`NoBackwardPastHere`, two stems on it (one
+    followed by an in-place ReLU), an input-side BatchNorm before the second stem, and a layer fed
+    both by an affine layer and straight from the (pooled) input."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.1, -0.2, 0.3]).view(1, 3, 1, 1))
+        self.stem_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.stem_b = nn.Conv2d(3, 4, 1)
+        self.mix = nn.Linear(4 + 3, 6)
+        self.fc = nn.Linear(6, c)
+
+    def forward(self, x):
+        x = NoBackwardPastHere.apply((x - self.mean) * 2.0)
+        a = torch.relu_(self.stem_a(x))
+        b = self.stem_b(self.bn(x))
+        pooled = torch.cat([(a + b).mean((2, 3)), x.mean((2, 3))], 1)
+        return self.fc(torch.tanh(self.mix(pooled)))
+
+
 def brute_force_g2(model, bundle, seed, loss="random"):
     """Mean over examples of the squared per-example weight gradient, one example at a time."""
     layers = forward_order(model, bundle.x[:1])
@@ -63,6 +98,7 @@ CASES = [
     ("linear 2-D and 3-D", SeqLinear, (5, 6)),
     ("conv1d stride/pad/dilation", Conv1dNet, (3, 11)),
     ("conv2d stride/pad/dilation/groups", lambda: SmallCNN(num_classes=4), (3, 8, 8)),
+    ("two stems, in-place, input skip", Graphs, (3, 5, 5)),
 ]
 
 
