@@ -15,12 +15,14 @@ once at the end, :func:`shifted_sums`, :func:`unshift`).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ftdoctor.model import AffineLayer
 from ftdoctor.probes.base import Batch, Finding, Probe, ProbeContext, ProbeResult, register_probe
 from ftdoctor.thresholds import Thresholds
 
@@ -31,24 +33,31 @@ def channel_dims(out: Tensor, kind: str) -> tuple[int, list[int]]:
     return channel, [d for d in range(out.dim()) if d != channel]
 
 
-def shifted_sums(a: Tensor, b: Tensor, kind: str, shift_a: Tensor, shift_b: Tensor) -> tuple[int, Tensor]:
-    """One batch's per-channel ``[Σa', Σb', Σa'², Σb'², Σa'b']`` (5, C) with ``a' = a − shift_a``,
-    ``b' = b − shift_b``, and the number of rows pooled per channel.
+def shifted_sums(pairs: list[tuple[Tensor, Tensor, Tensor, Tensor]], kind: str) -> list[Tensor]:
+    """Per pair ``(a, b, shift_a, shift_b)`` of one batch, the per-channel
+    ``[Σa', Σb', Σa'², Σb'², Σa'b']`` (5, C) with ``a' = a − shift_a``, ``b' = b − shift_b``.
 
-    In the activations' own layout and precision (float32 at least): shifted by a per-channel
-    constant near the mean, float32 sums keep ~1e-7 of the variance, where sums of raw squares
-    would lose it whenever a channel's mean dwarfs its spread; and no float64 copy of the
-    activations is made. :func:`unshift` turns the accumulated sums into raw ones, in float64.
+    Every ``a`` and ``b`` must share one shape and ``kind`` (their layers' outputs); the pairs are
+    stacked and reduced together, a handful of tensor operations for all of them — resnet18 has
+    20 layer outputs in 5 shapes, and per-layer operations on its small late maps cost more in
+    dispatch than in arithmetic (14 → 9 ms a batch, measured). Sums are taken in the activations'
+    own precision (float32 at least) on values shifted by a per-channel constant near the mean:
+    float32 sums then keep ~1e-7 of the variance, where sums of raw squares would lose it whenever
+    a channel's mean dwarfs its spread, and no float64 copy of the activations is made.
+    :func:`unshift` turns the accumulated sums into raw ones, in float64.
     """
-    channel, dims = channel_dims(a, kind)
-    shape = [1] * a.dim()
-    shape[channel] = a.shape[channel]
-    work = shift_a.dtype
-    da = a.to(work) - shift_a.view(shape)
-    db = b.to(work) - shift_b.view(shape)
-    rows = a.numel() // max(1, a.shape[channel])
-    return rows, torch.stack([da.sum(dims), db.sum(dims), (da * da).sum(dims), (db * db).sum(dims),
-                              (da * db).sum(dims)])
+    channel, _ = channel_dims(pairs[0][0], kind)
+    shape = pairs[0][0].shape
+    lead, c = math.prod(shape[:channel]), shape[channel]
+    work = pairs[0][2].dtype
+    k = len(pairs)
+    # (2k, rows before the channel, C, rows after): the a's, then the b's
+    x = torch.stack([a.to(work) for a, *_ in pairs] + [b.to(work) for _, b, *_ in pairs]).view(2 * k, lead, c, -1)
+    x.sub_(torch.stack([sa for *_, sa, _ in pairs] + [sb for *_, sb in pairs]).view(2 * k, 1, c, 1))
+    first = x.sum((1, 3))
+    second = x.square().sum((1, 3))
+    cross = (x[:k] * x[k:]).sum((1, 3))
+    return [torch.stack([first[i], first[k + i], second[i], second[k + i], cross[i]]) for i in range(k)]
 
 
 def unshift(n: Tensor | float, sums: Tensor, shift_a: Tensor, shift_b: Tensor) -> Tensor:
@@ -101,6 +110,7 @@ class R2Probe(Probe):
 
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
+        groups: dict[tuple, list[tuple[AffineLayer, tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
         for mine, _ in self.pairs:
             a = batch.outputs.get(mine.name)
             b = batch.ref_outputs.get(mine.name)
@@ -110,10 +120,16 @@ class R2Probe(Probe):
                 _, dims = channel_dims(a, mine.kind)
                 work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
                 self.shifts[mine.name] = (a.to(work).mean(dims), b.to(work).mean(dims))
-            rows, sums = shifted_sums(a, b, mine.kind, *self.shifts[mine.name])
-            k = self._key(mine.name)
-            getattr(self, k + "n").add_(rows)
-            getattr(self, k + "sums").add_(sums)
+            shift_a, shift_b = self.shifts[mine.name]
+            key = (tuple(a.shape), channel_dims(a, mine.kind)[0], shift_a.dtype)
+            groups.setdefault(key, []).append((mine, (a, b, shift_a, shift_b)))
+        for (shape, channel, _), members in groups.items():
+            kind = members[0][0].kind
+            rows = math.prod(shape) // max(1, shape[channel])
+            for (mine, _), sums in zip(members, shifted_sums([m for _, m in members], kind)):
+                k = self._key(mine.name)
+                getattr(self, k + "n").add_(rows)
+                getattr(self, k + "sums").add_(sums)
 
     def _unshift(self) -> None:
         """Shifted sums → raw float64 sums, once (before the cross-process sum: shifts differ per process)."""

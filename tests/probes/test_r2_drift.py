@@ -53,6 +53,29 @@ def test_r2_matches_numpy_corrcoef():
     assert torch.allclose(got, want, rtol=1e-6)   # per-batch sums of float32 activations in float32
 
 
+def test_r2_of_same_shaped_layers_reduced_together_stay_apart():
+    """Layers with outputs of one shape are reduced in one stack: each keeps its own figures."""
+    torch.manual_seed(0)
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(inplace=True),
+                                   torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.Tanh(),
+                                   torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.Flatten(),
+                                   torch.nn.Linear(6 * 25, 4)).eval()
+
+    ref, model = net(), net()
+    bundle = make_bundle((3, 5, 5), n=20, num_classes=4, batch_size=8)
+    res = probe_model(model, bundle, ProbeOptions(probes=("r2",)), reference=ref).results["r2"]
+    a, b = bundle.x.double(), bundle.x.double()
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            a, b = model[i].double()(a), ref[i].double()(b)
+            fa, fb = a.transpose(0, 1).reshape(6, -1), b.transpose(0, 1).reshape(6, -1)
+            want = torch.stack([torch.corrcoef(torch.stack([fa[c], fb[c]]))[0, 1] ** 2 for c in range(6)])
+            assert torch.allclose(torch.as_tensor(res.arrays[f"{i}/r2"]), want, rtol=1e-5), i
+            a, b = model[i + 1](a), ref[i + 1](b)
+
+
 def test_drift_closed_form_and_new_layers():
     torch.manual_seed(0)
     ref = SmallCNN(num_classes=10).eval()
