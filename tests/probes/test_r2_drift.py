@@ -4,10 +4,12 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 
 from conftest import SmallCNN, make_bundle
 from ftdoctor.diagnose import ProbeOptions, probe_model
+from ftdoctor.probes import r2 as r2_module
 
 
 def test_r2_against_itself_is_one_and_drift_zero():
@@ -95,9 +97,15 @@ def test_drift_closed_form_and_new_layers():
     assert math.isclose(fig["sp_penalty"], 0.25 * n, rel_tol=1e-6)  # float32 weights
 
 
-def test_r2_keeps_its_digits_when_a_channel_mean_dwarfs_its_spread():
+@pytest.mark.parametrize("path", ["gram", "gram in chunks of one example", "stacked"])
+def test_r2_keeps_its_digits_when_a_channel_mean_dwarfs_its_spread(path, monkeypatch):
     # activations ~1e4 ± 1 over several batches: float32 sums of raw squares would lose the
-    # variance entirely; the figures must still match float64 truth from the same activations
+    # variance entirely; the figures must still match float64 truth from the same activations,
+    # by either way of reducing them (r2.shifted_sums)
+    if path == "stacked":
+        monkeypatch.setattr(r2_module, "_GRAM_MIN_POSITIONS", 10**9)
+    elif path != "gram":
+        monkeypatch.setattr(r2_module, "_GRAM_CHUNK_BYTES", 1)
     torch.manual_seed(0)
     ref = SmallCNN(num_classes=4).eval()
     model = copy.deepcopy(ref)
