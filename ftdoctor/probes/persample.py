@@ -291,7 +291,7 @@ def _conv_pairs(
     widest = max(_box_size(box) for box in taps)
     per_example = (widest * (widest + 1) + 2 * widest) * (og + cg) * groups * x.element_size()
     step = _per_chunk(n, per_example, max_chunk_bytes)
-    out = x.new_zeros(len(taps), groups, og, cg)
+    out = x.new_empty(len(taps), groups, og, cg)   # each tap's first product overwrites: no zero-fill pass
     scratch = _Scratch()
     offsets = [_unravel(t, geo.kernel) for t in range(len(taps))]
     for lo, hi in _chunks(n, step):
@@ -299,6 +299,8 @@ def _conv_pairs(
         for t, box in enumerate(taps):
             count = _box_size(box)
             if count == 0:  # the tap only ever sees padding: its gradient is 0
+                if lo == 0:
+                    out[t].zero_()
                 continue
             g_box = g[(slice(lo, hi), slice(None), *(slice(r.start, r.stop) for r in box))]
             x_box = x[
@@ -310,7 +312,7 @@ def _conv_pairs(
             ]
             a = g_box.reshape(m, groups, og, count).permute(1, 0, 3, 2)  # (G, m, L_t, Og)
             b = x_box.reshape(m, groups, cg, count).permute(1, 0, 3, 2)  # (G, m, L_t, Cg)
-            _pairs_into(out[t], a, b, scratch)
+            _pairs_into(out[t], a, b, scratch, accumulate=lo > 0)
     return out.clamp_(min=0).permute(1, 2, 3, 0)
 
 
@@ -513,8 +515,9 @@ class _Scratch:
         return buf[:size].view(shape)
 
 
-def _pairs_into(out: Tensor, a: Tensor, b: Tensor, scratch: _Scratch) -> None:
-    """``out += Σ_n (a_nᵀ b_n)²`` for a (G, n, L, O), b (G, n, L, K), out (G, O, K), via position pairs.
+def _pairs_into(out: Tensor, a: Tensor, b: Tensor, scratch: _Scratch, accumulate: bool = True) -> None:
+    """``out += Σ_n (a_nᵀ b_n)²`` for a (G, n, L, O), b (G, n, L, K), out (G, O, K), via position pairs
+    (``out =`` with ``accumulate=False``).
 
     The result may carry tiny negative rounding residues; the caller clamps
     the final sum at 0.
@@ -530,4 +533,8 @@ def _pairs_into(out: Tensor, a: Tensor, b: Tensor, scratch: _Scratch) -> None:
         torch.mul(b[:, :, l : l + 1], b[:, :, l:], out=pb[:, :, start : start + m])
         pa[:, :, start + 1 : start + m] *= 2  # off-diagonal pairs appear twice in the square
         start += m
-    out.baddbmm_(pa.view(groups, n * p, o).transpose(1, 2), pb.view(groups, n * p, k))
+    lhs, rhs = pa.view(groups, n * p, o).transpose(1, 2), pb.view(groups, n * p, k)
+    if accumulate:
+        out.baddbmm_(lhs, rhs)
+    else:
+        torch.bmm(lhs, rhs, out=out)
