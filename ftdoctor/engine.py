@@ -116,6 +116,10 @@ class _Capture:
         self.calls.clear()
         self.grad_sq = {}
         self.head_input = None
+        self.forget_graph()
+
+    def forget_graph(self) -> None:
+        """Drop what refers to this forward's autograd graph (once its backward passes are done)."""
         self.input_leaf = None
         self.root_edges = []
         self._stops.clear()
@@ -283,6 +287,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                     if ce_sq:
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 cap.phase = None
+                cap.forget_graph()
                 batch.head_input = cap.head_input
                 batch.outputs = dict(cap.outputs)
                 del logits
