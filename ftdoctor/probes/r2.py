@@ -54,10 +54,10 @@ def shifted_sums(pairs: list[tuple[Tensor, Tensor, Tensor, Tensor]], kind: str) 
 
     * large maps — ``a'`` and ``b'`` side by side per (example, channel), their 2×2 Gram matrices
       by one batched matrix product, added over examples in float64: four passes over the
-      activations instead of about twenty (VGG-style at 32×32: 17 → 10 ms a batch);
+      activations instead of about twenty (VGG-style at 32×32: 17 → 10 ms a batch, in isolation);
     * small maps, and linear layers — the pairs stacked and reduced together, a handful of tensor
       operations for all of them: per-layer operations on resnet18's small late maps cost more in
-      dispatch than in arithmetic (resnet18 at 32×32: 14 → 9 ms a batch).
+      dispatch than in arithmetic (resnet18 at 32×32: 14 → 9 ms a batch, in isolation).
     """
     channel, _ = channel_dims(pairs[0][0], kind)
     shape = pairs[0][0].shape
