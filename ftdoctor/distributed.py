@@ -80,10 +80,10 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
     if dist.get_backend() == "nccl" and t.device.type != "cuda":
         # nccl reduces only CUDA tensors; a few small counters live on the CPU
-        out = t.to(torch.device("cuda", torch.cuda.current_device()))
+        out = t.to(torch.device("cuda", torch.cuda.current_device())).contiguous()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out.to(t.device)
-    out = t.clone()
+    out = t.clone(memory_format=torch.contiguous_format)   # collectives take dense row-major tensors
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
 

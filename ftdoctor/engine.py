@@ -86,6 +86,8 @@ class _Capture:
         self.grad_sq: dict[str, Tensor] = {}
         self.phase: str | None = None      # which backward the tensor hooks serve
         self.grad_scale = 1.0
+        # a probe's running sum to add a layer's squares into in place, or None (grad_sq_sum's out=)
+        self.grad_sq_sink: Callable[[str, torch.dtype], Tensor | None] | None = None
         # roots: set input_leaf (the model's input, requiring grad) before the forward
         self.input_leaf: Tensor | None = None
         self.root_edges: list[GradientEdge] = []
@@ -178,8 +180,12 @@ class _Capture:
             x = self.inputs.pop(name, None)
             if x is None:
                 return
-            w, _ = persample.grad_sq_sum(module, x, g * self.grad_scale if self.grad_scale != 1.0 else g)
-            self.grad_sq[name] = w.detach()
+            if self.grad_scale != 1.0:
+                g = g * self.grad_scale
+            dtype = persample.computation_dtype(x, g)
+            sink = self.grad_sq_sink(name, dtype) if self.grad_sq_sink is not None else None
+            w, _ = persample.grad_sq_sum(module, x, g, out=sink)
+            self.grad_sq[name] = w if w is sink else w.detach()   # the sink itself: the probe knows it
         return on_grad
 
 
@@ -247,6 +253,10 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                      head_input="head_input" in needs) as cap, \
             _reference_capture(reference, ref_pairs) as ref_cap, \
             _progress.task(description, total, "examples") as bar:
+        # one probe takes the per-example squares: it may have them added into its running sums
+        takers = [p for p in probes if "grad_sq" in p.needs]
+        if len(takers) == 1 and hasattr(takers[0], "grad_sq_sink"):
+            cap.grad_sq_sink = takers[0].grad_sq_sink
         for x, y, idx, global_size in batches:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)

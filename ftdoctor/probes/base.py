@@ -121,13 +121,28 @@ class Float64Sum:
         self._pending = 0
 
     def _target(self, like: Tensor) -> Tensor:
+        # laid out like the first addend (zeros_like keeps the strides of a permuted tensor), so a
+        # producer can add straight into it in its own layout (:meth:`sink`)
         if like.dtype == torch.float64:
             if self._total is None:
-                self._total = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+                self._total = torch.zeros_like(like, dtype=torch.float64, device=self.device)
             return self._total
         if self._partial is None:
-            self._partial = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+            self._partial = torch.zeros_like(like, dtype=torch.float32, device=self.device)
         return self._partial
+
+    def sink(self, dtype: torch.dtype) -> Tensor | None:
+        """The tensor an addend of ``dtype`` goes into, for a producer to add into in place
+        (then call :meth:`added_in_place_`); ``None`` until a first :meth:`add_` has set its layout."""
+        target = self._total if dtype == torch.float64 else self._partial if dtype == torch.float32 else None
+        return target
+
+    def added_in_place_(self, target: Tensor) -> "Float64Sum":
+        """Count an addend a producer added into :meth:`sink`'s tensor itself."""
+        if target is not self._partial and target is not self._total:
+            raise ValueError("not this sum's tensor")
+        self._added(target)
+        return self
 
     def _added(self, target: Tensor) -> None:
         if target is self._partial:
@@ -160,7 +175,7 @@ class Float64Sum:
         self._pending = 0
 
     def value(self) -> Tensor:
-        """The float64 sum of everything added so far."""
+        """The float64 sum of everything added so far (in the first addend's layout)."""
         self.flush_()
         if self._total is None:
             self._total = torch.zeros(self.shape, dtype=torch.float64, device=self.device)

@@ -80,6 +80,14 @@ class ChangeRateProbe(Probe):
     def _key(name: str) -> str:
         return "g2__" + name.replace(".", "__")
 
+    def grad_sq_sink(self, name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """Where the engine may add a layer's per-example squares in place (exact mode): this probe's
+        running sum, in the layout of the first batch's squares; ``None`` to be handed a tensor."""
+        if self.mode != "exact":
+            return None
+        acc = getattr(self, self._key(name), None)
+        return acc.sink(dtype) if isinstance(acc, Float64Sum) else None
+
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
         if self.mode == "exact" and batch.size == 0:
@@ -91,7 +99,11 @@ class ChangeRateProbe(Probe):
                 if sq is None:
                     self.missing[i] += 1
                     continue
-                getattr(self, key).add_(sq)
+                acc = getattr(self, key)
+                if sq is acc.sink(sq.dtype):    # the engine added it in place already
+                    acc.added_in_place_(sq)
+                else:
+                    acc.add_(sq)
             else:
                 getattr(self, key).add_square_(batch.rand_grads[layer.name][0])
         self.count += batch.size if self.mode == "exact" else batch.global_size
@@ -108,13 +120,15 @@ class ChangeRateProbe(Probe):
                     "or not on the path to the logits)")
                 self.skip(layer.name, reason)
                 continue
-            g2 = self.state(self._key(layer.name)).div_(n)     # the sum becomes the mean: no float64 copy
+            # the sum becomes the mean, no float64 copy; clamped: squares added in place by the
+            # pair-expanded kernel may leave rounding residues just below 0 where G² is 0
+            g2 = self.state(self._key(layer.name)).div_(n).clamp_(min=0)
             setattr(self, self._key(layer.name), g2)
             fig = rate_figures(g2, layer.weight)
             if fig["change_rate"] is None:
                 self.skip(layer.name, "its weight is all zeros (or the rate is not finite): no change rate")
             layers.append({"name": layer.name, "kind": layer.kind, **fig})
-            arrays[f"{layer.name}/grad_sq_mean"] = g2.cpu().numpy()
+            arrays[f"{layer.name}/grad_sq_mean"] = np.ascontiguousarray(g2.cpu().numpy())
             if fig["change_rate"] is not None and fig["change_rate"] > 0:
                 rates.append(fig["change_rate"])
         spread = max(rates) / min(rates) if rates else None

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Method", "grad_sq_sum", "supports"]
+__all__ = ["Method", "computation_dtype", "grad_sq_sum", "supports"]
 
 Method = Literal["auto", "pairs", "bmm", "conv"]
 
@@ -94,6 +94,7 @@ def grad_sq_sum(
     *,
     max_chunk_bytes: int = 256 * 2**20,
     method: Method = "auto",
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``Σ_n (∂ℓ_n/∂W)²`` and ``Σ_n (∂ℓ_n/∂b)²`` for one affine layer.
 
@@ -103,6 +104,14 @@ def grad_sq_sum(
     shaped like ``module.bias`` (``None`` without a bias), in the dtype of
     ``x``/``g`` — float16/bfloat16 are computed and returned in float32.  The
     caller accumulates across batches (in float64).
+
+    ``out`` (shaped like the weight, in the computation's dtype): add the
+    weight's sum into it and return it instead of a new tensor — a running
+    sum across batches without a per-batch tensor to fill, add and free.  Its
+    layout is the caller's; the ``pairs`` kernel adds in place into a
+    tap-major one (``out`` laid out like the tensor this function returns
+    for that layer, e.g. from ``torch.zeros_like`` of a first result).  Sums
+    added this way are not clamped at 0: clamp the total.
 
     ``max_chunk_bytes`` bounds what is materialised per chunk of examples (at
     least one example is processed at a time).  ``method`` forces a kernel
@@ -119,23 +128,38 @@ def grad_sq_sum(
         raise ValueError(f"grad_sq_sum: unknown method {method!r}")
     with torch.no_grad():
         x, g = _common_dtype(x.detach(), g.detach())
+        if out is not None and (out.shape != module.weight.shape or out.dtype != x.dtype):
+            raise ValueError(f"grad_sq_sum: out must be {x.dtype} shaped {tuple(module.weight.shape)}, "
+                             f"got {out.dtype} {tuple(out.shape)}")
         if x.shape[0] == 0 and g.shape[0] == 0 and x.dim() > 1:  # an empty batch (a shard's last one)
             bias = module.bias
-            return (x.new_zeros(module.weight.shape), None if bias is None else x.new_zeros(bias.shape))
+            return (x.new_zeros(module.weight.shape) if out is None else out,
+                    None if bias is None else x.new_zeros(bias.shape))
         if isinstance(module, nn.Linear):
-            return _linear(module, x, g, max_chunk_bytes, method)
-        return _conv(module, x, g, max_chunk_bytes, method)
+            return _linear(module, x, g, max_chunk_bytes, method, out)
+        return _conv(module, x, g, max_chunk_bytes, method, out)
+
+
+def _added(out: Tensor | None, w2: Tensor) -> Tensor:
+    """``w2``, or ``out += w2`` (returning ``out``) when there is a running sum."""
+    return w2 if out is None else out.add_(w2)
 
 
 # ------------------------------------------------------------------ helpers
 
 
-def _common_dtype(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+def computation_dtype(x: Tensor, g: Tensor) -> torch.dtype:
+    """The dtype :func:`grad_sq_sum` computes and returns in for these inputs (its ``out``'s)."""
     dtype = torch.promote_types(x.dtype, g.dtype)
-    if not dtype.is_floating_point:
-        raise TypeError(f"grad_sq_sum: floating-point inputs needed, got {x.dtype} and {g.dtype}")
     if dtype in (torch.float16, torch.bfloat16):  # sums of many squares: overflow, lost digits
         dtype = torch.float32
+    return dtype
+
+
+def _common_dtype(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    dtype = computation_dtype(x, g)
+    if not dtype.is_floating_point:
+        raise TypeError(f"grad_sq_sum: floating-point inputs needed, got {x.dtype} and {g.dtype}")
     return x.to(dtype), g.to(dtype)
 
 
@@ -163,7 +187,7 @@ class _Geometry:
 
 
 def _linear(
-    module: nn.Linear, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method
+    module: nn.Linear, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method, out: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     f_in, f_out = module.in_features, module.out_features
     if x.dim() == 1:
@@ -181,25 +205,28 @@ def _linear(
     if method == "auto":
         method = _choose(L, f_out, f_in, taps=[L], conv_ok=False)
     item = x.element_size()
+    into = out.view(1, f_out, f_in) if out is not None and out.is_contiguous() else None
     if method == "pairs":
         p = L * (L + 1) // 2
         step = _per_chunk(n, 2 * p * (f_in + f_out) * item, max_chunk_bytes)
-        w2 = x.new_zeros(1, f_out, f_in)
+        w2 = into if into is not None else x.new_zeros(1, f_out, f_in)
         scratch = _Scratch()
         for lo, hi in _chunks(n, step):
             _pairs_into(w2, a[lo:hi].transpose(0, 1), b[lo:hi].transpose(0, 1), scratch)
-        w2.clamp_(min=0)
+        if into is None:
+            w2.clamp_(min=0)
     else:
-        w2 = _bmm_chunked(lambda lo, hi: (a[lo:hi], b[lo:hi]), n, f_out * f_in * item, 0, max_chunk_bytes, _Scratch())
+        w2 = _bmm_chunked(lambda lo, hi: (a[lo:hi], b[lo:hi]), n, f_out * f_in * item, 0, max_chunk_bytes,
+                          _Scratch(), into)
     bias = g.reshape(n, -1, f_out).sum(1).square().sum(0) if module.bias is not None else None
-    return w2[0], bias
+    return (out if into is not None else _added(out, w2[0])), bias
 
 
 # --------------------------------------------------------------------- Conv
 
 
 def _conv(
-    module: nn.Module, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method
+    module: nn.Module, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method, out: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     nd = len(module.kernel_size)
     if x.dim() == nd + 1:
@@ -226,11 +253,28 @@ def _conv(
         method = _choose(math.prod(out_size), og, cg, taps=[_box_size(box) for box in taps], conv_ok=True,
                          groups=groups)
     if method == "pairs":
-        w2 = _conv_pairs(x, g, geo, taps, groups, max_chunk_bytes).reshape(module.weight.shape)
+        into = _tap_major(out, groups, len(taps))
+        w2 = _conv_pairs(x, g, geo, taps, groups, max_chunk_bytes, into).reshape(module.weight.shape)
+        w2 = out if into is not None else _added(out, w2)
     else:
-        w2 = _conv_dense(x, g, geo, taps, tuple(module.weight.shape), groups, method, max_chunk_bytes)
+        w2 = _conv_dense(x, g, geo, taps, tuple(module.weight.shape), groups, method, max_chunk_bytes, out)
     bias = g.reshape(n, o, -1).sum(2).square().sum(0) if module.bias is not None else None
     return w2, bias
+
+
+def _tap_major(out: Tensor | None, groups: int, taps: int) -> Tensor | None:
+    """``out`` (O, Cg, k…) as the (taps, G, Og, Cg) tensor ``pairs`` accumulates into, if its
+    memory is laid out that way (else ``None``)."""
+    if out is None:
+        return None
+    o, cg = out.shape[:2]
+    try:
+        view = out.view(o, cg, taps).permute(2, 0, 1)
+    except RuntimeError:   # the kernel dims are not merged in memory
+        return None
+    if not view.is_contiguous():
+        return None
+    return view.view(taps, groups, o // groups, cg)
 
 
 def _pad(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
@@ -282,16 +326,19 @@ def _box_size(box: tuple[range, ...]) -> int:
 
 
 def _conv_pairs(
-    x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ...]], groups: int, max_chunk_bytes: int
+    x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ...]], groups: int, max_chunk_bytes: int,
+    into: Tensor | None = None,
 ) -> Tensor:
-    """``pairs`` per kernel tap, over the output positions where the tap sees the input → (G, Og, Cg, K)."""
+    """``pairs`` per kernel tap, over the output positions where the tap sees the input → (G, Og, Cg, K);
+    added into ``into`` (K, G, Og, Cg), unclamped, when given."""
     n, c = x.shape[:2]
     o = g.shape[1]
     og, cg = o // groups, c // groups
     widest = max(_box_size(box) for box in taps)
     per_example = (widest * (widest + 1) + 2 * widest) * (og + cg) * groups * x.element_size()
     step = _per_chunk(n, per_example, max_chunk_bytes)
-    out = x.new_empty(len(taps), groups, og, cg)   # each tap's first product overwrites: no zero-fill pass
+    # each tap's first product overwrites: no zero-fill pass (or all add into the running sum)
+    out = into if into is not None else x.new_empty(len(taps), groups, og, cg)
     scratch = _Scratch()
     offsets = [_unravel(t, geo.kernel) for t in range(len(taps))]
     for lo, hi in _chunks(n, step):
@@ -299,7 +346,7 @@ def _conv_pairs(
         for t, box in enumerate(taps):
             count = _box_size(box)
             if count == 0:  # the tap only ever sees padding: its gradient is 0
-                if lo == 0:
+                if lo == 0 and into is None:
                     out[t].zero_()
                 continue
             g_box = g[(slice(lo, hi), slice(None), *(slice(r.start, r.stop) for r in box))]
@@ -312,8 +359,10 @@ def _conv_pairs(
             ]
             a = g_box.reshape(m, groups, og, count).permute(1, 0, 3, 2)  # (G, m, L_t, Og)
             b = x_box.reshape(m, groups, cg, count).permute(1, 0, 3, 2)  # (G, m, L_t, Cg)
-            _pairs_into(out[t], a, b, scratch, accumulate=lo > 0)
-    return out.clamp_(min=0).permute(1, 2, 3, 0)
+            _pairs_into(out[t], a, b, scratch, accumulate=lo > 0 or into is not None)
+    if into is None:
+        out.clamp_(min=0)
+    return out.permute(1, 2, 3, 0)
 
 
 def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -326,16 +375,18 @@ def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _conv_dense(
     x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ...]], weight_shape: tuple[int, ...],
-    groups: int, method: str, max_chunk_bytes: int,
+    groups: int, method: str, max_chunk_bytes: int, out: Tensor | None = None,
 ) -> Tensor:
-    """``bmm`` (on unfolded patches) or ``conv``, over the taps that see the input at all."""
+    """``bmm`` (on unfolded patches) or ``conv``, over the taps that see the input at all (added into
+    ``out`` when given)."""
     x, geo, live = _drop_dead_taps(x, geo, taps)
+    into = out if live is None else None   # a running sum the kernel can add into directly
     n, c = x.shape[:2]
     o = g.shape[1]
     og, cg = o // groups, c // groups
     reduced_shape = (o, cg, *geo.kernel)
     if method == "conv":
-        w2 = _conv_trick(x, g, geo, reduced_shape, groups, max_chunk_bytes)
+        w2 = _conv_trick(x, g, geo, reduced_shape, groups, max_chunk_bytes, into)
     else:
         if any(geo.padding):  # once for the batch, so each chunk's patches are a plain copy
             x = F.pad(x, [p for p in reversed(geo.padding) for _ in range(2)])
@@ -351,10 +402,19 @@ def _conv_dense(
             return a, b
 
         item = x.element_size()
-        w2 = _bmm_chunked(operands, n, o * kg * item, c * math.prod(geo.kernel) * L * item, max_chunk_bytes, scratch)
+        acc = into.view(groups, o // groups, kg) if into is not None and into.is_contiguous() else None
+        w2 = _bmm_chunked(operands, n, o * kg * item, c * math.prod(geo.kernel) * L * item, max_chunk_bytes, scratch,
+                          acc)
         w2 = w2.reshape(reduced_shape)
+        if acc is None and into is not None:
+            into.add_(w2)
+    if into is not None:   # added in place
+        return into
     if live is None:
         return w2
+    if out is not None:
+        out[(slice(None), slice(None), *live)] += w2
+        return out
     full = w2.new_zeros(weight_shape)
     full[(slice(None), slice(None), *live)] = w2
     return full
@@ -408,14 +468,16 @@ def _unfold_into(out: Tensor, x: Tensor, geo: _Geometry) -> None:
 
 
 def _conv_trick(
-    x: Tensor, g: Tensor, geo: _Geometry, weight_shape: tuple[int, ...], groups: int, max_chunk_bytes: int
+    x: Tensor, g: Tensor, geo: _Geometry, weight_shape: tuple[int, ...], groups: int, max_chunk_bytes: int,
+    acc: Tensor | None = None,
 ) -> Tensor:
-    """Per-example gradients as the weight gradient of one (N·G)-group convolution."""
+    """Per-example gradients as the weight gradient of one (N·G)-group convolution (added into ``acc``)."""
     n, c, *size = x.shape
     o = weight_shape[0]
     weight_grad = _CONV_WEIGHT_GRAD[len(size)]
     per_example = (math.prod(weight_shape) + c * math.prod(size) + g[0].numel()) * x.element_size()
-    acc = x.new_zeros(weight_shape)
+    if acc is None:
+        acc = x.new_zeros(weight_shape)
     for lo, hi in _chunks(n, _per_chunk(n, per_example, max_chunk_bytes)):
         m = hi - lo
         per = weight_grad(
@@ -472,9 +534,10 @@ def _choose(L: int, og: int, cg: int, *, taps: list[int], conv_ok: bool, groups:
 
 def _bmm_chunked(
     operands: Callable[[int, int], tuple[Tensor, Tensor]], n: int, out_bytes: int, operand_bytes: int,
-    max_chunk_bytes: int, scratch: _Scratch,
+    max_chunk_bytes: int, scratch: _Scratch, acc: Tensor | None = None,
 ) -> Tensor:
-    """Σ_n (a_nᵀ b_n)² with ``operands(lo, hi)`` → a (m, G, L, O), b (m, G, L, K) for examples lo..hi.
+    """Σ_n (a_nᵀ b_n)² with ``operands(lo, hi)`` → a (m, G, L, O), b (m, G, L, K) for examples lo..hi
+    (added into ``acc`` (G, O, K) when given).
 
     ``out_bytes`` is one example's gradient.  Each product is squared while in
     cache: a chunk of examples is split along O so a tile stays near
@@ -483,7 +546,6 @@ def _bmm_chunked(
     step = _per_chunk(n, out_bytes + operand_bytes, max_chunk_bytes)
     cache = _CACHE_BYTES * max(1, torch.get_num_threads())
     step = min(step, max(_MIN_CHUNK, cache // max(1, out_bytes)))
-    acc: Tensor | None = None
     for lo, hi in _chunks(n, step):
         a, b = operands(lo, hi)
         m, groups, _, o = a.shape

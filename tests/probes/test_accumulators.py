@@ -42,3 +42,23 @@ def test_sum_of_squares_is_float64_accurate(n):
     assert got == pytest.approx(truth, rel=1e-6, abs=0)
     assert sum_of_squares(t.half()) == pytest.approx(float(t.half().double().square().sum()), rel=1e-6, abs=0)
     assert sum_of_squares(t.double().reshape(-1, 1)) == pytest.approx(truth, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float64_sum_sink_in_the_first_addends_layout(dtype):
+    # a producer adding into sink() in place (counted by added_in_place_) sums like add_, across the
+    # float32 blocks' folds, and the sum keeps the first addend's (permuted) layout
+    g = torch.Generator().manual_seed(1)
+    addends = [torch.rand(4, 3, 5, generator=g, dtype=dtype).permute(1, 2, 0) for _ in range(37)]
+    acc = Float64Sum((3, 5, 4), block=16)
+    assert acc.sink(dtype) is None           # no layout before a first addend
+    acc.add_(addends[0])
+    for t in addends[1:]:
+        target = acc.sink(dtype)
+        assert target.stride() == addends[0].stride()
+        target.add_(t)
+        acc.added_in_place_(target)
+    truth = torch.stack([t.double() for t in addends]).sum(0)
+    assert ((acc.value() - truth).abs() / truth).max() < 2e-6
+    with pytest.raises(ValueError):
+        acc.added_in_place_(torch.zeros(3, 5, 4, dtype=dtype))

@@ -271,3 +271,30 @@ def test_empty_batch_and_unbatched_input() -> None:
     want_w, want_b = brute_force(layer, x.unsqueeze(0), g.unsqueeze(0))
     got_w, got_b = grad_sq_sum(layer, x, g)
     assert rel_err(got_w, want_w) < 1e-10 and rel_err(got_b, want_b) < 1e-10
+
+
+@pytest.mark.parametrize("layout", ["returned", "standard"])
+def test_running_sum_in_out(layout) -> None:
+    # out=: two batches added into one running sum equal the two results added, for every kernel, with
+    # the running sum laid out like a first result (the pairs kernel's tap-major layout) or plainly
+    cases = [
+        (conv(nn.Conv2d, 4, 6, 3, padding=1, groups=2), (9, 4, 3, 4)),
+        (conv(nn.Conv2d, 4, 6, 3, padding=1), (7, 4, 1, 1)),                 # dead taps, L = 1
+        (conv(nn.Conv2d, 3, 5, 1), (6, 3, 4, 4)),                            # 1×1 kernel
+        (linear(7, 5), (9, 3, 7)),
+    ]
+    for layer, shape in cases:
+        methods = ALL if isinstance(layer, nn.Linear) else ALL_CONV
+        x1, x2 = torch.randn(shape, dtype=F64), torch.randn(shape, dtype=F64)
+        g1, g2 = (torch.randn(layer(x).shape, dtype=F64) for x in (x1, x2))
+        for method in methods:
+            for max_bytes in (1, 256 * 2**20):
+                w1, _ = grad_sq_sum(layer, x1, g1, method=method, max_chunk_bytes=max_bytes)
+                w2, _ = grad_sq_sum(layer, x2, g2, method=method, max_chunk_bytes=max_bytes)
+                acc = torch.zeros_like(w1) if layout == "returned" else torch.zeros(w1.shape, dtype=F64)
+                for x, g in ((x1, g1), (x2, g2)):
+                    got, _ = grad_sq_sum(layer, x, g, method=method, max_chunk_bytes=max_bytes, out=acc)
+                    assert got is acc
+                assert rel_err(acc, w1 + w2) < 1e-12, (layer, method, max_bytes)
+    with pytest.raises(ValueError, match="out must be"):
+        grad_sq_sum(nn.Linear(3, 4), torch.randn(2, 3), torch.randn(2, 4), out=torch.zeros(3, 4))
