@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import copy
+import threading
 
+import pytest
 import torch
+from torch import nn
 
 from conftest import BNCNN, make_bundle
+from ftdoctor import engine
 from ftdoctor.diagnose import ProbeOptions, probe_model
 
 
@@ -24,3 +28,65 @@ def test_model_left_exactly_as_it_was():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+
+
+def _run(model, ref, bundle):
+    run = probe_model(model, bundle, ProbeOptions(seed=2), reference=ref)
+    return ({k: v.figures for k, v in run.results.items()},
+            {(k, a): v.arrays[a].tobytes() for k, v in run.results.items() for a in v.arrays})
+
+
+def test_overlapped_reference_forward_gives_the_same_report(monkeypatch):
+    # the reference's forward on a second thread during the backward passes: byte-identical figures
+    torch.manual_seed(0)
+    model = BNCNN(num_classes=4)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    bundle = make_bundle((3, 8, 8), n=40, num_classes=4, batch_size=8)
+    monkeypatch.setattr(engine, "overlap_allowed", lambda *a: False)
+    in_line = _run(model, ref, bundle)
+    started = []
+    real_start = engine._RefCapture.start
+    monkeypatch.setattr(engine._RefCapture, "start",
+                        lambda self, x: (real_start(self, x), started.append(self._thread is not None)))
+    monkeypatch.setattr(engine, "overlap_allowed", lambda *a: True)
+    assert _run(model, ref, bundle) == in_line
+    assert started == [False, True, True, True, True]      # the first batch in line: it sizes the outputs
+
+
+def test_an_error_in_the_overlapped_reference_reaches_the_caller(monkeypatch):
+    class Failing(BNCNN):
+        calls = 0
+
+        def forward(self, x):
+            Failing.calls += 1
+            if Failing.calls == 3:
+                raise RuntimeError("reference broke")
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model, ref = BNCNN(num_classes=4), Failing(num_classes=4)
+    monkeypatch.setattr(engine, "overlap_allowed", lambda *a: True)
+    with pytest.raises(RuntimeError, match="reference broke"):
+        probe_model(model, make_bundle((3, 8, 8), n=40, num_classes=4, batch_size=8), ProbeOptions(), reference=ref)
+    assert not any(t.name == "ftdoctor-reference" for t in threading.enumerate())
+
+
+def test_overlap_only_where_it_pays_and_is_safe(monkeypatch):
+    model, other = BNCNN(), BNCNN()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert engine.overlap_allowed(model, other, "cpu")
+    assert not engine.overlap_allowed(model, model, "cpu")                 # shared modules: hooks would cross
+    assert not engine.overlap_allowed(model, nn.Sequential(other, model.fc), "cpu")
+    assert not engine.overlap_allowed(model, other, "meta")
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert not engine.overlap_allowed(model, other, "cpu")            # spinning OpenMP teams would fight
+        torch.set_num_threads(1)
+        assert engine.overlap_allowed(model, other, "cpu")
+    finally:
+        torch.set_num_threads(threads)
