@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -260,6 +261,10 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
         takers = [p for p in probes if "grad_sq" in p.needs]
         if len(takers) == 1 and hasattr(takers[0], "grad_sq_sink"):
             cap.grad_sq_sink = takers[0].grad_sq_sink
+        # the one probe comparing outputs may reduce pairs during the reference's forward
+        pairers = [p for p in probes if "outputs" in p.needs]
+        if ref_cap is not None and len(pairers) == 1 and hasattr(pairers[0], "take_pair"):
+            ref_cap.takers = pairers
         for x, y, idx, global_size in batches:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
@@ -278,7 +283,11 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                 check_logits(logits, y, num_classes)
                 batch.logits = logits.detach()
                 if ref_cap is not None:
+                    # the model's outputs as of its own forward (a copy: a shared module's hook would
+                    # overwrite the capture's during the reference's forward)
+                    batch.outputs = ref_cap.model_outputs = dict(cap.outputs)
                     ref_cap.start(x_ref)   # overlaps the backward passes when allowed, else a no-op
+                clock = (time.perf_counter(), time.process_time())
                 if need_rand:
                     eta = example_normals(settings.seed, idx, logits.shape[1]).to(logits.device, logits.dtype)
                     loss_r = (eta * logits).sum()
@@ -303,8 +312,11 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 cap.phase = None
                 cap.forget_graph()
+                if ref_cap is not None:
+                    ref_cap.measured(*clock)
                 batch.head_input = cap.head_input
-                batch.outputs = dict(cap.outputs)
+                if ref_cap is None:
+                    batch.outputs = dict(cap.outputs)
                 del logits
                 if ref_cap is not None:
                     # in line, after the backward passes (the reference's outputs then never coexist with
@@ -337,8 +349,19 @@ def _reduce_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None] | Non
     return out
 
 
-# The reference's outputs may coexist with the autograd graph (overlapped forward) up to this size.
+# The reference's outputs may coexist with the autograd graph (overlapped forward) up to this size...
 _OVERLAP_BYTES = 512 * 2**20
+# ...and the backward passes must leave at least this much of the machine idle (two threads on two
+# cores, measured: resnet18 at 32×32 leaves 0.44–0.50 idle and gains 0.2 of a training step; the
+# VGG-style net's grouped-convolution kernels leave 0.23–0.27 and lose 0.05).
+_OVERLAP_SPARE_CORES = 0.35
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def overlap_allowed(model: nn.Module, reference: nn.Module, device: torch.device | str) -> bool:
@@ -367,7 +390,13 @@ class _RefCapture:
         self.pairs = pairs
         self.outputs: dict[str, Tensor] = {}
         self.overlap = overlap
+        # probes that reduce a (model output, reference output) pair in the hook (Probe.take_pair),
+        # and the model's outputs of the batch for them
+        self.takers: list[Probe] = []
+        self.model_outputs: dict[str, Tensor] = {}
         self.last_bytes: int | None = None    # the previous batch's outputs: small enough to overlap?
+        self.spare: float | None = None       # cores the second batch's backward passes left idle
+        self._inline_batches = 0
         self._thread: threading.Thread | None = None
         self._result: dict[str, Tensor] | BaseException | None = None
         self._handles = []
@@ -378,22 +407,42 @@ class _RefCapture:
 
     def _hook(self, name: str) -> Callable:
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            a = self.model_outputs.get(name)
+            if (self.takers and a is not None and isinstance(out, Tensor)
+                    and self.takers[0].take_pair(name, a, out.detach())):
+                return    # reduced now, before any in-place op after the layer: no copy kept
             self.outputs[name] = out.detach().clone()
         return hook
 
     def run(self, x: Tensor) -> dict[str, Tensor]:
-        """The reference's affine outputs for ``x``, handed over (the capture keeps no reference)."""
+        """The reference's affine outputs for ``x`` that no taker consumed, handed over (the capture
+        keeps no reference)."""
         with torch.no_grad():
             self.reference(x)
         outputs, self.outputs = self.outputs, {}
+        self.model_outputs = {}
         self.last_bytes = sum(t.numel() * t.element_size() for t in outputs.values())
         return outputs
 
+    def measured(self, wall0: float, cpu0: float) -> None:
+        """The backward passes of an in-line batch began at ``wall0`` / process time ``cpu0``: from
+        the cores they kept busy, whether a second thread would find one idle. Measured on the second
+        batch (the first pays one-time costs: allocations, kernel selection)."""
+        self._inline_batches += 1
+        if self.spare is None and self._thread is None and self._inline_batches == 2:
+            wall = time.perf_counter() - wall0
+            busy = (time.process_time() - cpu0) / wall if wall > 0 else float(_cores())
+            self.spare = _cores() - busy
+            if os.environ.get("FTDOCTOR_DEBUG_OVERLAP"):
+                print(f"[overlap] busy {busy:.2f} of {_cores()} cores, spare {self.spare:.2f}")
+
     def start(self, x: Tensor) -> None:
-        """Begin the forward for ``x`` on a second thread when :func:`overlap_allowed` and the last
-        batch's outputs were at most ``_OVERLAP_BYTES`` (the first batch runs in line); :meth:`finish`
+        """Begin the forward for ``x`` on a second thread when :func:`overlap_allowed`, the second
+        batch's backward passes left ``_OVERLAP_SPARE_CORES`` idle, and the last batch's outputs were
+        at most ``_OVERLAP_BYTES`` (the first two batches run in line, measuring both); :meth:`finish`
         hands over the outputs either way."""
-        if not self.overlap or self.last_bytes is None or self.last_bytes > _OVERLAP_BYTES:
+        if (not self.overlap or self.last_bytes is None or self.last_bytes > _OVERLAP_BYTES
+                or self.spare is None or self.spare < _OVERLAP_SPARE_CORES):
             return
 
         def work() -> None:

@@ -52,8 +52,12 @@ def test_overlapped_reference_forward_gives_the_same_report(monkeypatch):
     monkeypatch.setattr(engine._RefCapture, "start",
                         lambda self, x: (real_start(self, x), started.append(self._thread is not None)))
     monkeypatch.setattr(engine, "overlap_allowed", lambda *a: True)
+    monkeypatch.setattr(engine, "_OVERLAP_SPARE_CORES", -1e9)   # whatever this machine's load
     assert _run(model, ref, bundle) == in_line
-    assert started == [False, True, True, True, True]      # the first batch in line: it sizes the outputs
+    assert started == [False, False, True, True, True]      # two batches in line: they measure size and load
+    monkeypatch.setattr(engine, "_OVERLAP_SPARE_CORES", 1e9)    # no idle core: always in line
+    started.clear()
+    assert _run(model, ref, bundle) == in_line and not any(started)
 
 
 def test_an_error_in_the_overlapped_reference_reaches_the_caller(monkeypatch):
@@ -62,13 +66,14 @@ def test_an_error_in_the_overlapped_reference_reaches_the_caller(monkeypatch):
 
         def forward(self, x):
             Failing.calls += 1
-            if Failing.calls == 3:
+            if Failing.calls == 4:     # a batch after the two in line
                 raise RuntimeError("reference broke")
             return super().forward(x)
 
     torch.manual_seed(0)
     model, ref = BNCNN(num_classes=4), Failing(num_classes=4)
     monkeypatch.setattr(engine, "overlap_allowed", lambda *a: True)
+    monkeypatch.setattr(engine, "_OVERLAP_SPARE_CORES", -1e9)
     with pytest.raises(RuntimeError, match="reference broke"):
         probe_model(model, make_bundle((3, 8, 8), n=40, num_classes=4, batch_size=8), ProbeOptions(), reference=ref)
     assert not any(t.name == "ftdoctor-reference" for t in threading.enumerate())

@@ -128,6 +128,7 @@ class R2Probe(Probe):
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
         self.pairs = [(m, r) for m, r in ctx.reference_layers if m.name != ctx.head.name]
+        self._by_name = {m.name: m for m, _ in self.pairs}
         self.shifts: dict[str, tuple[Tensor, Tensor]] = {}   # per layer: channel means of its first batch
         for mine, _ in self.pairs:
             c = mine.weight.shape[0]
@@ -142,19 +143,45 @@ class R2Probe(Probe):
     def _key(name: str) -> str:
         return "r2__" + name.replace(".", "__") + "__"
 
+    def _shifts(self, layer: AffineLayer, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        if layer.name not in self.shifts:    # this process's first batch: its channel means
+            _, dims = channel_dims(a, layer.kind)
+            work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+            self.shifts[layer.name] = (a.to(work).mean(dims), b.to(work).mean(dims))
+        return self.shifts[layer.name]
+
+    @torch.no_grad()
+    def take_pair(self, name: str, a: Tensor, b: Tensor) -> bool:
+        """Reduce one layer's pair as the reference's forward produces ``b``, if it is a large map.
+
+        The engine calls this from the reference's forward hook, with this batch's model output ``a``
+        and the reference's own output ``b`` before any later in-place op; True means consumed — no
+        copy of ``b`` is kept for :meth:`update` (which reduces the small maps, together). When the
+        reference's forward overlaps the backward passes (engine), so does this work.
+        """
+        layer = self._by_name.get(name)
+        if layer is None or a.shape != b.shape or a.numel() == 0:
+            return False
+        channel, _ = channel_dims(a, layer.kind)
+        lead, c = math.prod(a.shape[:channel]), a.shape[channel]
+        positions = math.prod(a.shape[channel + 1:])
+        if positions < _GRAM_MIN_POSITIONS:
+            return False
+        shift_a, shift_b = self._shifts(layer, a, b)
+        k = self._key(name)
+        getattr(self, k + "n").add_(lead * positions)
+        getattr(self, k + "sums").add_(_gram_sums(a, b, shift_a, shift_b, lead, c, positions))
+        return True
+
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
         groups: dict[tuple, list[tuple[AffineLayer, tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
         for mine, _ in self.pairs:
             a = batch.outputs.get(mine.name)
-            b = batch.ref_outputs.get(mine.name)
+            b = batch.ref_outputs.get(mine.name)     # absent when take_pair() consumed it
             if a is None or b is None or a.shape != b.shape or a.numel() == 0:
                 continue
-            if mine.name not in self.shifts:    # this process's first batch: its channel means
-                _, dims = channel_dims(a, mine.kind)
-                work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-                self.shifts[mine.name] = (a.to(work).mean(dims), b.to(work).mean(dims))
-            shift_a, shift_b = self.shifts[mine.name]
+            shift_a, shift_b = self._shifts(mine, a, b)
             key = (tuple(a.shape), channel_dims(a, mine.kind)[0], shift_a.dtype)
             groups.setdefault(key, []).append((mine, (a, b, shift_a, shift_b)))
         for (shape, channel, _), members in groups.items():
