@@ -352,8 +352,8 @@ def _reduce_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None] | Non
 # The reference's outputs may coexist with the autograd graph (overlapped forward) up to this size...
 _OVERLAP_BYTES = 512 * 2**20
 # ...and the backward passes must leave at least this much of the machine idle (two threads on two
-# cores, measured: resnet18 at 32×32 leaves 0.44–0.50 idle and gains 0.2 of a training step; the
-# VGG-style net's grouped-convolution kernels leave 0.23–0.27 and lose 0.05).
+# cores, measured: resnet18 at 32×32 leaves 0.41–0.56 of a core idle and gains 0.2 of a training step;
+# the VGG-style net's grouped-convolution kernels leave 0.20–0.32 and lose 0.05).
 _OVERLAP_SPARE_CORES = 0.35
 
 
@@ -433,8 +433,6 @@ class _RefCapture:
             wall = time.perf_counter() - wall0
             busy = (time.process_time() - cpu0) / wall if wall > 0 else float(_cores())
             self.spare = _cores() - busy
-            if os.environ.get("FTDOCTOR_DEBUG_OVERLAP"):
-                print(f"[overlap] busy {busy:.2f} of {_cores()} cores, spare {self.spare:.2f}")
 
     def start(self, x: Tensor) -> None:
         """Begin the forward for ``x`` on a second thread when :func:`overlap_allowed`, the second
