@@ -4,7 +4,8 @@ Per batch: one forward pass of the model in eval mode, at most two backward
 passes — the random linear loss ``Σ_n η_n·logits_n`` (Krähenbühl et al. §3)
 and the mean cross-entropy with the labels (RIFLE §4.6.1) — and one forward
 pass of the reference model when R² is asked (after the backward passes, so
-its outputs never coexist with the autograd graph). What each backward yields is
+what it keeps never coexists with the autograd graph, or on a second thread
+during them when a core is idle: :func:`overlap_allowed`). What each backward yields is
 decided by what the probes declared in :attr:`Probe.needs`:
 
 * ``grad_sq`` — Σ_n (∂ℓ_n/∂W)², per example, batched from each affine layer's
@@ -96,6 +97,7 @@ class _Capture:
         self.root_edges: list[GradientEdge] = []
         self._stops: set[Node] = set()     # this forward's affine outputs
         self._dead: set[Node] = set()      # nodes known not to reach the input past no affine output
+        self._owner = threading.get_ident()   # hooks fired on another thread are not this pass's
         self.unsupported: dict[str, str] = {}
         self._handles: list = []
         if grad_sq:
@@ -130,18 +132,17 @@ class _Capture:
         self._stops.clear()
         self._dead.clear()
 
-    def _is_root(self, x: Tensor) -> bool:
-        """Whether ``x`` depends on :attr:`input_leaf` through no affine layer's output.
+    def _is_root(self, out_node: Node) -> bool:
+        """Whether the layer whose output's node is ``out_node`` reads :attr:`input_leaf` through no
+        other affine layer's output.
 
-        Walks the autograd graph from ``x`` towards the leaves, stopping at the outputs of the
-        affine layers that ran before; nodes found not to reach the input are remembered for the
-        rest of this forward, so the walks of one forward visit each node about once.
+        Walks the autograd graph from that node's inputs (whatever argument carried the input)
+        towards the leaves, stopping at the outputs of the affine layers that ran before. Nodes
+        found not to reach the input are remembered for the rest of this forward, so walks that
+        fail never repeat one another's work (a successful walk ends at the input, near by).
         """
-        if x is self.input_leaf:
-            return True
-        if x.grad_fn is None:
-            return False
-        stack, seen = [x.grad_fn], set()
+        stack = [n for n, _ in out_node.next_functions if n is not None]
+        seen: set[Node] = set()
         while stack:
             node = stack.pop()
             if node in seen or node in self._stops or node in self._dead:
@@ -158,6 +159,8 @@ class _Capture:
         is_head = name == self.head.name
 
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            if threading.get_ident() != self._owner:   # e.g. a reference reaching the model's modules
+                return
             self.calls[name] = self.calls.get(name, 0) + 1
             x = args[0] if args else None
             if is_head and self.want_head_input and x is not None:
@@ -168,7 +171,7 @@ class _Capture:
             if self.want_grad_sq and isinstance(out, Tensor) and out.requires_grad:
                 # taken now: an in-place op after the layer would move the tensor's own edge
                 edge = get_gradient_edge(out)
-                if self.input_leaf is not None and isinstance(x, Tensor) and self._is_root(x):
+                if self.input_leaf is not None and self._is_root(edge.node):
                     self.root_edges.append(edge)
                 self._stops.add(edge.node)
                 if name not in self.unsupported and x is not None:
@@ -254,7 +257,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
     with preserved(model, params if need_graph else []), \
             _Capture(layers, head, grad_sq=want_grad_sq, outputs="outputs" in needs,
                      head_input="head_input" in needs) as cap, \
-            _reference_capture(reference, ref_pairs, reference is not None
+            _reference_capture(reference, ref_pairs, reference is not None and need_graph and all_reduce is None
                                and overlap_allowed(model, reference, device)) as ref_cap, \
             _progress.task(description, total, "examples") as bar:
         # one probe takes the per-example squares: it may have them added into its running sums
@@ -286,6 +289,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                     # the model's outputs as of its own forward (a copy: a shared module's hook would
                     # overwrite the capture's during the reference's forward)
                     batch.outputs = ref_cap.model_outputs = dict(cap.outputs)
+                    ref_cap.model_calls = dict(cap.calls)
                     ref_cap.start(x_ref)   # overlaps the backward passes when allowed, else a no-op
                 clock = (time.perf_counter(), time.process_time())
                 if need_rand:
@@ -311,6 +315,8 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                     if ce_sq:
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 cap.phase = None
+                # the graph below the roots never ran, so nothing freed it: drop what holds it
+                loss_r = loss_ce = eta = None
                 cap.forget_graph()
                 if ref_cap is not None:
                     ref_cap.measured(*clock)
@@ -372,7 +378,9 @@ def overlap_allowed(model: nn.Module, reference: nn.Module, device: torch.device
     (resnet18 at 32×32, two threads: 2.51× → 2.31× a training step with ``--reference``). Only on
     the CPU; only when OpenMP's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``) or torch runs one
     thread — with spinning waits two thread teams fight for the cores (measured 2.44× → 2.60×) —
-    and only when the reference shares no module with the model (their hooks would cross).
+    and only when the reference shares no module with the model (their hooks would cross). The pass
+    also keeps it in line without a backward pass to overlap and under ``torchrun`` (the other ranks
+    hold the other cores).
     """
     if torch.device(device).type != "cpu":
         return False
@@ -394,9 +402,16 @@ class _RefCapture:
         # and the model's outputs of the batch for them
         self.takers: list[Probe] = []
         self.model_outputs: dict[str, Tensor] = {}
+        # layers whose pairs may be taken in the hook: called once per forward on both sides (the
+        # first batch, in line and copying everything, finds them; see run)
+        self.takeable: frozenset[str] = frozenset()
+        self.model_calls: dict[str, int] = {}     # the model's calls per layer in this batch's forward
+        self._calls: dict[str, int] = {}
+        self._taken: set[str] = set()
+        self._running = False
         self.last_bytes: int | None = None    # the previous batch's outputs: small enough to overlap?
         self.spare: float | None = None       # cores the second batch's backward passes left idle
-        self._inline_batches = 0
+        self._batches = 0
         self._thread: threading.Thread | None = None
         self._result: dict[str, Tensor] | BaseException | None = None
         self._handles = []
@@ -407,9 +422,15 @@ class _RefCapture:
 
     def _hook(self, name: str) -> Callable:
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            if not self._running:    # a module shared with the model, firing in the model's forward
+                return
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if name in self._taken:
+                return    # called again in this forward: the first call's pair was taken (see run)
             a = self.model_outputs.get(name)
-            if (self.takers and a is not None and isinstance(out, Tensor)
+            if (name in self.takeable and a is not None and isinstance(out, Tensor)
                     and self.takers[0].take_pair(name, a, out.detach())):
+                self._taken.add(name)
                 return    # reduced now, before any in-place op after the layer: no copy kept
             self.outputs[name] = out.detach().clone()
         return hook
@@ -417,9 +438,19 @@ class _RefCapture:
     def run(self, x: Tensor) -> dict[str, Tensor]:
         """The reference's affine outputs for ``x`` that no taker consumed, handed over (the capture
         keeps no reference)."""
-        with torch.no_grad():
-            self.reference(x)
+        self.outputs, self._calls, self._taken = {}, {}, set()
+        self._running = True
+        try:
+            with torch.no_grad():
+                self.reference(x)
+        finally:
+            self._running = False
         outputs, self.outputs = self.outputs, {}
+        if self.takers and self.last_bytes is None:
+            # from the first batch on: a layer called more than once (on either side) keeps the old
+            # way, its last call's copy, as update() expects
+            self.takeable = frozenset(n for n, c in self._calls.items()
+                                      if c == 1 and self.model_calls.get(n) == 1)
         self.model_outputs = {}
         self.last_bytes = sum(t.numel() * t.element_size() for t in outputs.values())
         return outputs
@@ -428,8 +459,8 @@ class _RefCapture:
         """The backward passes of an in-line batch began at ``wall0`` / process time ``cpu0``: from
         the cores they kept busy, whether a second thread would find one idle. Measured on the second
         batch (the first pays one-time costs: allocations, kernel selection)."""
-        self._inline_batches += 1
-        if self.spare is None and self._thread is None and self._inline_batches == 2:
+        self._batches += 1
+        if self.spare is None and self._thread is None and self._batches == 2:
             wall = time.perf_counter() - wall0
             busy = (time.process_time() - cpu0) / wall if wall > 0 else float(_cores())
             self.spare = _cores() - busy
@@ -470,6 +501,7 @@ class _RefCapture:
 
     def close(self) -> None:
         self._join()   # never leave the thread running past the pass (an error in a backward pass)
+        self._result = None
         for h in self._handles:
             h.remove()
         for m, training in self._modes.items():

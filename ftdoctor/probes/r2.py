@@ -65,6 +65,11 @@ def shifted_sums(pairs: list[tuple[Tensor, Tensor, Tensor, Tensor]], kind: str) 
     positions = math.prod(shape[channel + 1:])
     if positions >= _GRAM_MIN_POSITIONS:
         return [_gram_sums(a, b, sa, sb, lead, c, positions) for a, b, sa, sb in pairs]
+    # stacks of at most _GRAM_CHUNK_BYTES (a ViT's token outputs are large and many of one shape)
+    per_pair = 2 * pairs[0][0].numel() * pairs[0][2].element_size()
+    step = max(1, _GRAM_CHUNK_BYTES // max(1, per_pair))
+    if len(pairs) > step:
+        return [s for i in range(0, len(pairs), step) for s in shifted_sums(pairs[i:i + step], kind)]
     work = pairs[0][2].dtype
     k = len(pairs)
     # (2k, rows before the channel, C, rows after): the a's, then the b's

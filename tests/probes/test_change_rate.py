@@ -161,3 +161,31 @@ def test_batch_mode_with_ce_is_refused():
     from ftdoctor.errors import FtdoctorError
     with pytest.raises(FtdoctorError, match="cross terms"):
         ProbeOptions(change_rate_mode="batch", change_rate_loss="ce").validate(False)
+
+
+class KeywordStem(nn.Module):
+    """A stem called with its input as a keyword (hooks see no positional input, so it is skipped),
+    a layer after it, and a side layer on the input: the layer after the stem is still measured."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.after = nn.Conv2d(4, 4, 3, padding=1)
+        self.side = nn.Linear(3, 4)
+        self.fc = nn.Linear(4, c)
+
+    def forward(self, x):
+        feat = torch.tanh(self.after(torch.tanh(self.stem(input=x)))).mean((2, 3))
+        return self.fc(feat + self.side(x.mean((2, 3))))
+
+
+def test_layers_after_a_keyword_called_stem_are_measured():
+    torch.manual_seed(0)
+    model = KeywordStem().double()
+    bundle = make_bundle((3, 5, 5), n=16, num_classes=4, batch_size=6)
+    bundle.x = bundle.x.double()
+    truth = brute_force_g2(model, bundle, seed=1)
+    res = ours(model, bundle, seed=1)
+    for name in ("after", "side", "fc"):
+        got = torch.as_tensor(res.arrays[f"{name}/grad_sq_mean"])
+        assert ((got - truth[name]).abs().max() / truth[name].abs().max()).item() < 1e-5, name

@@ -153,3 +153,52 @@ def test_r2_merge_of_two_processes_equals_one_pass():
     for name in ("features.0", "features.3"):
         assert torch.allclose(torch.as_tensor(first.compute().arrays[f"{name}/r2"]),
                               torch.as_tensor(whole.compute().arrays[f"{name}/r2"]), rtol=1e-6)
+
+
+def _last_call_outputs(net, layer, x):
+    """The last call's output of ``layer`` in ``net``'s forward (what r2 compares)."""
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    with torch.no_grad():
+        net(x)
+    handle.remove()
+    return seen[-1]
+
+
+def _corr2(a, b):
+    fa, fb = a.transpose(0, 1).reshape(a.shape[1], -1).double(), b.transpose(0, 1).reshape(b.shape[1], -1).double()
+    return torch.stack([torch.corrcoef(torch.stack([fa[c], fb[c]]))[0, 1] ** 2 for c in range(fa.shape[0])])
+
+
+class Twice(torch.nn.Module):
+    """A convolution applied twice per forward, and one the reference may share with the model."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.c = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.d = torch.nn.Conv2d(3, 5, 3, padding=1)
+        self.fc = torch.nn.Linear(5, c)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.d(torch.tanh(self.c(torch.tanh(self.c(x)))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_r2_with_a_layer_called_twice_and_a_shared_module(overlap, monkeypatch):
+    # every batch after the first reduces large maps in the reference's hooks: a layer called twice
+    # still compares its last calls, and a module the reference shares with the model is not
+    # confused with the model's own output
+    from ftdoctor import engine
+    monkeypatch.setattr(engine, "overlap_allowed", lambda *a: overlap)
+    monkeypatch.setattr(engine, "_OVERLAP_SPARE_CORES", -1e9)
+    torch.manual_seed(0)
+    model, ref = Twice().eval(), Twice().eval()
+    shared = copy.deepcopy(ref)
+    shared.d = model.d                                      # shares a module: overlap is refused anyway
+    bundle = make_bundle((3, 8, 8), n=40, num_classes=4, batch_size=8)
+    for reference in (ref, shared):
+        res = probe_model(model, bundle, ProbeOptions(probes=("r2",)), reference=reference).results["r2"]
+        for name in ("c", "d"):
+            want = _corr2(_last_call_outputs(model, getattr(model, name), bundle.x),
+                          _last_call_outputs(reference, getattr(reference, name), bundle.x))
+            assert torch.allclose(torch.as_tensor(res.arrays[f"{name}/r2"]), want, rtol=1e-5), (name, reference)
