@@ -267,7 +267,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
         # the one probe comparing outputs may reduce pairs during the reference's forward
         pairers = [p for p in probes if "outputs" in p.needs]
         if ref_cap is not None and len(pairers) == 1 and hasattr(pairers[0], "take_pair"):
-            ref_cap.takers = pairers
+            ref_cap.taker = pairers[0]
         for x, y, idx, global_size in batches:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
@@ -398,9 +398,9 @@ class _RefCapture:
         self.pairs = pairs
         self.outputs: dict[str, Tensor] = {}
         self.overlap = overlap
-        # probes that reduce a (model output, reference output) pair in the hook (Probe.take_pair),
-        # and the model's outputs of the batch for them
-        self.takers: list[Probe] = []
+        # the probe that reduces a (model output, reference output) pair in the hook (take_pair),
+        # and the model's outputs of the batch for it
+        self.taker: Probe | None = None
         self.model_outputs: dict[str, Tensor] = {}
         # layers whose pairs may be taken in the hook: called once per forward on both sides (the
         # first batch, in line and copying everything, finds them; see run)
@@ -428,8 +428,8 @@ class _RefCapture:
             if name in self._taken:
                 return    # called again in this forward: the first call's pair was taken (see run)
             a = self.model_outputs.get(name)
-            if (name in self.takeable and a is not None and isinstance(out, Tensor)
-                    and self.takers[0].take_pair(name, a, out.detach())):
+            if (self.taker is not None and name in self.takeable and a is not None
+                    and isinstance(out, Tensor) and self.taker.take_pair(name, a, out.detach())):
                 self._taken.add(name)
                 return    # reduced now, before any in-place op after the layer: no copy kept
             self.outputs[name] = out.detach().clone()
@@ -446,7 +446,7 @@ class _RefCapture:
         finally:
             self._running = False
         outputs, self.outputs = self.outputs, {}
-        if self.takers and self.last_bytes is None:
+        if self.taker is not None and self.last_bytes is None:
             # from the first batch on: a layer called more than once (on either side) keeps the old
             # way, its last call's copy, as update() expects
             self.takeable = frozenset(n for n, c in self._calls.items()

@@ -134,8 +134,7 @@ class Float64Sum:
     def sink(self, dtype: torch.dtype) -> Tensor | None:
         """The tensor an addend of ``dtype`` goes into, for a producer to add into in place
         (then call :meth:`added_in_place_`); ``None`` until a first :meth:`add_` has set its layout."""
-        target = self._total if dtype == torch.float64 else self._partial if dtype == torch.float32 else None
-        return target
+        return self._total if dtype == torch.float64 else self._partial if dtype == torch.float32 else None
 
     def added_in_place_(self, target: Tensor) -> "Float64Sum":
         """Count an addend a producer added into :meth:`sink`'s tensor itself."""

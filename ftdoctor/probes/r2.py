@@ -33,6 +33,12 @@ def channel_dims(out: Tensor, kind: str) -> tuple[int, list[int]]:
     return channel, [d for d in range(out.dim()) if d != channel]
 
 
+def _layout(out: Tensor, kind: str) -> tuple[int, int, int]:
+    """(rows before the channel dim, channels, positions after it) of a layer's output."""
+    channel, _ = channel_dims(out, kind)
+    return math.prod(out.shape[:channel]), out.shape[channel], math.prod(out.shape[channel + 1:])
+
+
 # Outputs with at least this many positions per (example, channel) — conv maps of 8×8 and up —
 # are reduced by batched dot products, the rest stacked per shape (:func:`shifted_sums`)...
 _GRAM_MIN_POSITIONS = 64
@@ -59,10 +65,7 @@ def shifted_sums(pairs: list[tuple[Tensor, Tensor, Tensor, Tensor]], kind: str) 
       operations for all of them: per-layer operations on resnet18's small late maps cost more in
       dispatch than in arithmetic (resnet18 at 32×32: 14 → 9 ms a batch, in isolation).
     """
-    channel, _ = channel_dims(pairs[0][0], kind)
-    shape = pairs[0][0].shape
-    lead, c = math.prod(shape[:channel]), shape[channel]
-    positions = math.prod(shape[channel + 1:])
+    lead, c, positions = _layout(pairs[0][0], kind)
     if positions >= _GRAM_MIN_POSITIONS:
         return [_gram_sums(a, b, sa, sb, lead, c, positions) for a, b, sa, sb in pairs]
     # stacks of at most _GRAM_CHUNK_BYTES (a ViT's token outputs are large and many of one shape)
@@ -167,9 +170,7 @@ class R2Probe(Probe):
         layer = self._by_name.get(name)
         if layer is None or a.shape != b.shape or a.numel() == 0:
             return False
-        channel, _ = channel_dims(a, layer.kind)
-        lead, c = math.prod(a.shape[:channel]), a.shape[channel]
-        positions = math.prod(a.shape[channel + 1:])
+        lead, c, positions = _layout(a, layer.kind)
         if positions < _GRAM_MIN_POSITIONS:
             return False
         shift_a, shift_b = self._shifts(layer, a, b)
@@ -189,9 +190,10 @@ class R2Probe(Probe):
             shift_a, shift_b = self._shifts(mine, a, b)
             key = (tuple(a.shape), channel_dims(a, mine.kind)[0], shift_a.dtype)
             groups.setdefault(key, []).append((mine, (a, b, shift_a, shift_b)))
-        for (shape, channel, _), members in groups.items():
+        for members in groups.values():
             kind = members[0][0].kind
-            rows = math.prod(shape) // max(1, shape[channel])
+            lead, _, positions = _layout(members[0][1][0], kind)
+            rows = lead * positions
             for (mine, _), sums in zip(members, shifted_sums([m for _, m in members], kind)):
                 k = self._key(mine.name)
                 getattr(self, k + "n").add_(rows)
