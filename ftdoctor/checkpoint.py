@@ -47,7 +47,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ftdoctor import bounds
 from ftdoctor.errors import FtdoctorError
+from ftdoctor.outputs import Output, atomic_write, check_outputs, journal, sidecar_path
+from ftdoctor.safety import open_regular, regular_file
 
 __all__ = [
     "FORMATS",
@@ -133,7 +136,7 @@ class LoadedModel:
 def sha256_file(path: Path) -> str:
     """The hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "the checkpoint") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -217,64 +220,12 @@ def _quiet() -> Iterator[None]:
 
 def check_output_path(inp: Path, out: Path, force: bool) -> None:
     """Refuse to write onto the input, over an existing file without ``force``, or into a missing directory."""
-    inp, out = Path(inp), Path(out)
-    same = out.resolve() == inp.resolve()
-    if not same and out.exists() and inp.exists():
-        with contextlib.suppress(OSError):
-            same = os.path.samefile(inp, out)
-    if same:
-        raise FtdoctorError(
-            f"refusing to overwrite the input {inp}", "choose a different output path with -o"
-        )
-    if out.is_dir():
-        raise FtdoctorError(f"output {out} is a directory", "give a file name with -o")
-    if out.exists() and not force:
-        raise FtdoctorError(f"output {out} already exists", "pass --force to overwrite it, or choose another -o")
-    if not out.parent.is_dir():
-        raise FtdoctorError(
-            f"the output directory {out.parent} does not exist", "create it first, or choose another -o"
-        )
-
-
-def atomic_write(out: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file next to ``out``, fsync it, then rename it onto ``out``.
-
-    On any exception (KeyboardInterrupt included) the temporary file is removed
-    and the exception re-raised: ``out`` is either untouched or complete.
-    """
-    out = Path(out)
-    while True:
-        tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            # O_EXCL reserves the name; the mode follows the umask like any new file.
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX only)
-        dir_fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    check_outputs([Output(Path(out), "-o", replace=False)], [inp], force=force)
 
 
 def write_sidecar(out: Path, record: dict) -> Path:
     """Write ``OUT.ftdoctor.json`` (sorted keys, indent 2) atomically and return its path."""
-    out = Path(out)
-    path = out.with_name(out.name + ".ftdoctor.json")
+    path = sidecar_path(out)
     text = json.dumps(record, sort_keys=True, indent=2) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
@@ -296,6 +247,10 @@ def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force:
             "or a pickled module with --trust-checkpoint)",
         )
     check_output_path(loaded.path, out, force)
+    return _save(box, model, out)
+
+
+def _save(box: Container, model: nn.Module, out: Path) -> str:
     if box.format == "module":
         payload = _wrap(box, _on_cpu(model))
         writer: Callable[[Path], None] = lambda tmp: torch.save(payload, tmp)
@@ -310,8 +265,7 @@ def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force:
         writer = lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
     else:  # pragma: no cover - Container is only made here
         raise ValueError(f"unknown checkpoint format {box.format!r}")
-    atomic_write(out, writer)
-    return sha256_file(out)
+    return sha256_file(atomic_write(out, writer))
 
 
 def _wrap(box: Container, payload: Any) -> Any:
@@ -377,12 +331,10 @@ def load_model(path: str | Path, opts: ModelOptions = ModelOptions()) -> LoadedM
     device = _parse_device(opts.device)
     if opts.num_classes is not None and opts.num_classes < 1:
         raise FtdoctorError(f"--num-classes {opts.num_classes} is not a class count", "give a positive integer")
-    if not path.exists():
-        raise FtdoctorError(f"{path} does not exist", "check the checkpoint path")
     if path.is_dir():
         raise FtdoctorError(f"{path} is a directory, not a checkpoint file", "pass the checkpoint file itself")
+    size = regular_file(path, "the checkpoint").st_size   # before any byte is read: no FIFO, no device
     try:
-        size = path.stat().st_size
         digest = sha256_file(path)
     except OSError as exc:
         raise _unreadable(path, _short(exc), "check that the file is readable") from None
@@ -392,12 +344,17 @@ def load_model(path: str | Path, opts: ModelOptions = ModelOptions()) -> LoadedM
     notes: list[str] = []
     if _looks_like_safetensors(path):
         state, metadata = _read_safetensors(path)
+        bounds.check_tensors(state, path, size)
         box = Container("safetensors", metadata=metadata)
         return _from_state_dict(path, digest, state, box, opts, device, notes)
+    bounds.check_zip_entries(path, size)
     if _looks_like_torchscript(path):
         return _from_torchscript(path, digest, opts, device, notes)
+    if not _is_zip(path):
+        bounds.check_legacy_storages(path, size)
 
     obj = _torch_load(path, opts.trust_checkpoint, notes)
+    bounds.check_tensors(obj, path, size)
     wrapper_key, payload = _find_payload(path, obj, notes)
     wrapper = None
     if wrapper_key is not None:
@@ -438,7 +395,7 @@ def _looks_like_safetensors(path: Path) -> bool:
     if path.suffix.lower() == ".safetensors":
         return True
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "the checkpoint") as f:
             head = f.read(9)
     except OSError:
         return False
@@ -462,14 +419,22 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return state, (dict(metadata) if metadata else None)
 
 
+def _is_zip(path: Path) -> bool:
+    """``zipfile.is_zipfile`` without its exceptions (a damaged end record raises BadZipFile)."""
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _looks_like_torchscript(path: Path) -> bool:
     """A zip archive with TorchScript's ``constants.pkl`` or ``code/`` entries."""
     try:
-        if not zipfile.is_zipfile(path):
+        if not _is_zip(path):
             return False
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (OSError, zipfile.BadZipFile, ValueError):
+    except Exception:  # noqa: BLE001 - any damage (even an unsupported compression method): not one
         return False
     for name in names:
         parts = name.split("/")
@@ -480,7 +445,20 @@ def _looks_like_torchscript(path: Path) -> bool:
 
 
 def _torch_load(path: Path, trust: bool, notes: list[str]) -> Any:
-    """``torch.load(weights_only=True)``; full unpickling only with ``--trust-checkpoint``."""
+    """``torch.load(weights_only=True)``; full unpickling only with ``--trust-checkpoint``.
+
+    Before torch 2.6, ``weights_only=True`` itself could run code from a crafted
+    file (CVE-2025-32434): under such a torch only ``--trust-checkpoint`` reads a pickle.
+    """
+    if not torch_is_safe():
+        if not trust:
+            raise FtdoctorError(
+                f"{path} was not read: torch {torch.__version__} is older than 2.6, whose "
+                "torch.load(weights_only=True) can run code from a crafted file (CVE-2025-32434)",
+                "upgrade torch (pip install 'torch>=2.6'), or convert the checkpoint to .safetensors "
+                "on a machine with a current torch")
+        notes.append(f"torch {torch.__version__} < 2.6: read with --trust-checkpoint, fully unpickled")
+        return _trusted_load(path)
     try:
         with _quiet():
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -504,6 +482,18 @@ def _torch_load(path: Path, trust: bool, notes: list[str]) -> Any:
         raise _unreadable(path, _corruption_reason(path, exc)) from None
 
     notes.append(f"loaded with --trust-checkpoint: fully unpickled (needs {_listing(unsafe, 3)})")
+    return _trusted_load(path)
+
+
+def torch_is_safe(version: str | None = None) -> bool:
+    """Whether the installed torch (or ``version``) is 2.6 or newer (CVE-2025-32434 fixed)."""
+    text = (version or torch.__version__).split("+")[0]
+    parts = re.findall(r"\d+", text)[:2]
+    major, minor = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
+    return (major, minor) >= (2, 6)
+
+
+def _trusted_load(path: Path) -> Any:
     try:
         with _cwd_on_sys_path(), _quiet():
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -516,11 +506,11 @@ def _torch_load(path: Path, trust: bool, notes: list[str]) -> Any:
 
 def _corruption_reason(path: Path, exc: Exception) -> str:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "the checkpoint") as f:
             magic = f.read(4)
     except OSError:
         magic = b""
-    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+    if magic == b"PK\x03\x04" and not _is_zip(path):
         return "a zip archive without its central directory (the file is truncated)"
     if isinstance(exc, RuntimeError) and "zip archive" in str(exc):
         return f"a damaged zip archive ({_short(exc)})"
@@ -532,7 +522,7 @@ def _corruption_reason(path: Path, exc: Exception) -> str:
 def _unsafe_globals(path: Path, message: str) -> list[str]:
     """The globals a pickle imports beyond what ``weights_only`` allows, found without executing it."""
     names: list[str] = re.findall(r"GLOBAL ([\w.]+)", message)
-    if zipfile.is_zipfile(path):
+    if _is_zip(path):
         with contextlib.suppress(Exception):
             names += torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     else:  # legacy torch.save files and raw pickles: get_unsafe_globals_in_checkpoint needs a zip
@@ -684,6 +674,13 @@ def _from_module(
 def _from_torchscript(
     path: Path, digest: str, opts: ModelOptions, device: torch.device, notes: list[str]
 ) -> LoadedModel:
+    if not opts.trust_checkpoint:
+        raise FtdoctorError(
+            f"{path} is a TorchScript archive: a program, and loading it runs code from the file (its "
+            "modules' __setstate__, which can read and write files), so it was not loaded",
+            "pass --trust-checkpoint only if you trust where this file comes from, "
+            "or use the eager checkpoint (a state dict with --arch NAME, or .safetensors)")
+    notes.append("loaded with --trust-checkpoint: a TorchScript program")
     try:
         with _quiet():
             module = torch.jit.load(str(path), map_location="cpu")

@@ -110,6 +110,19 @@ def data_options(data: str, data_root: Path | None, download: bool, split: Split
                        normalize=normalize.value, workers=workers, seed=seed)
 
 
+def writes(*outputs: tuple[Path | None, str, bool], inputs: tuple = (), force: bool = False):
+    """The command's outputs ``(path, flag, may replace an existing file)``, checked against its inputs before
+    any work, then kept all together or not at all (:func:`ftdoctor.outputs.journal`)."""
+    from ftdoctor.outputs import Output, journal
+    return journal([Output(Path(p), flag, replace) for p, flag, replace in outputs if p is not None],
+                   inputs, force=force)
+
+
+def data_inputs(data: str | None, data_root: Path | None) -> list[Path]:
+    from ftdoctor.data import input_paths
+    return input_paths(data, str(data_root) if data_root else None) if data else []
+
+
 def console(stderr: bool = False):
     """A rich console; when the stream is not a terminal, wide enough that tables are not squeezed."""
     from rich.console import Console
@@ -163,10 +176,11 @@ def inspect(
     """Layers (forward order), head, classes, parameter counts and finiteness of a checkpoint. No data."""
     from ftdoctor.inspection import inspect as run_inspect
     progress.set_quiet(quiet)
-    res = run_inspect(model, model_options(arch, num_classes, trust_checkpoint, non_strict, device),
-                      head=head, image_size=image_size)
-    doc = res.to_json()
-    emit_json(doc, output, format == InspectFormat.json)
+    with writes((output, "--output", True), inputs=(model,)):
+        res = run_inspect(model, model_options(arch, num_classes, trust_checkpoint, non_strict, device),
+                          head=head, image_size=image_size)
+        doc = res.to_json()
+        emit_json(doc, output, format == InspectFormat.json)
     if format == InspectFormat.table:
         from ftdoctor.report.inspect_table import render
         render(res, console())
@@ -249,27 +263,26 @@ def probe(
     opts = ProbeOptions(probes=_csv(probes), head=head, new_head=new_head, head_init=head_init.value, seeds=seeds,
                         change_rate_mode=change_rate_mode.value, change_rate_loss=change_rate_loss.value,
                         r2_layers=_csv(r2_layers), seed=seed)
-    for out in (output, hdf5):
-        if out is not None and out.resolve() == model.resolve():
-            raise FtdoctorError(f"refusing to write the report over the model {model}", "choose another file name")
-    from ftdoctor import distributed
-    world = distributed.setup(device)          # under torchrun: join the process group
-    if not world.is_main:
-        progress.set_quiet(True)
-    try:
-        report = run_probe(model, model=model_options(arch, num_classes, trust_checkpoint, non_strict, device),
-                           data=data_options(data, data_root, download, split, max_samples, batch_size,
-                                             image_size, normalize, workers, seed),
-                           options=opts, reference=reference)
-    finally:
-        distributed.teardown()
-    if not world.is_main:                      # rank 0 alone prints and writes
-        return
-    doc = report.to_json()
-    if hdf5 is not None:
-        from ftdoctor.report import hdf5 as hdf5_report
-        hdf5_report.write(hdf5, doc["schema"], doc, report.arrays())
-    emit_json(doc, output, format == ProbeFormat.json)
+    with writes((output, "--output", True), (hdf5, "--hdf5", True),
+                inputs=(model, reference, *data_inputs(data, data_root))):
+        from ftdoctor import distributed
+        world = distributed.setup(device)          # under torchrun: join the process group
+        if not world.is_main:
+            progress.set_quiet(True)
+        try:
+            report = run_probe(model, model=model_options(arch, num_classes, trust_checkpoint, non_strict, device),
+                               data=data_options(data, data_root, download, split, max_samples, batch_size,
+                                                 image_size, normalize, workers, seed),
+                               options=opts, reference=reference)
+        finally:
+            distributed.teardown()
+        if not world.is_main:                      # rank 0 alone prints and writes
+            return
+        doc = report.to_json()
+        if hdf5 is not None:
+            from ftdoctor.report import hdf5 as hdf5_report
+            hdf5_report.write(hdf5, doc["schema"], doc, report.arrays())
+        emit_json(doc, output, format == ProbeFormat.json)
     if format == ProbeFormat.markdown:
         from ftdoctor.report.markdown import render as render_md
         sys.stdout.write(render_md(doc))
@@ -367,15 +380,17 @@ def check(
     resolved = resolve_thresholds(config, overrides={k: v for k, v in flags.items() if v is not None})
     github = os.environ.get("GITHUB_ACTIONS") == "true"
     fmt = format.value if format is not None else ("github" if github else "text")
-    if output is not None and any(Path(m).exists() and output.resolve() == Path(m).resolve() for m in models):
-        raise FtdoctorError(f"refusing to write the report over the checkpoint {output}", "choose another file name")
+    from ftdoctor.check import collect_checkpoints
+    checkpoints = collect_checkpoints(models) if output is not None else []
     data_opts = (data_options(data, data_root, download, split, max_samples, batch_size, image_size, normalize,
                               workers, seed) if data is not None else None)
-    report = run_check(models, model=model_options(arch, num_classes, trust_checkpoint, non_strict, device),
-                       data=data_opts, reference=reference, thresholds=resolved.thresholds, head=head,
-                       new_head=new_head, head_init=head_init.value, seed=seed, image_size=image_size,
-                       config=resolved.source)
-    _emit_check(report, fmt, output, github, quiet)
+    with writes((output, "--output", True),
+                inputs=(*checkpoints, reference, resolved.source, *data_inputs(data, data_root))):
+        report = run_check(models, model=model_options(arch, num_classes, trust_checkpoint, non_strict, device),
+                           data=data_opts, reference=reference, thresholds=resolved.thresholds, head=head,
+                           new_head=new_head, head_init=head_init.value, seed=seed, image_size=image_size,
+                           config=resolved.source)
+        _emit_check(report, fmt, output, github, quiet)
     sys.exit(report.exit_code)  # typer.Exit(1) would come back as a return value of app(standalone_mode=False)
 
 
@@ -478,18 +493,6 @@ def _trace_options(**kw):
     return TraceOptions(**kw)
 
 
-def _refuse_over_model(model: Path, *outs: Path | None) -> None:
-    """Before a long run: no output onto the model, none into a missing directory."""
-    for out in outs:
-        if out is None:
-            continue
-        if out.resolve() == model.resolve():
-            raise FtdoctorError(f"refusing to write over the model {model}", "choose another file name")
-        if not out.parent.is_dir():
-            raise FtdoctorError(f"the output directory {out.parent} does not exist",
-                                "create it first, or choose another output path")
-
-
 @app.command()
 def trace(
     model: ModelArg,
@@ -521,7 +524,6 @@ def trace(
     """
     from ftdoctor.dynamics import render_trace, trace as run_trace, write_hdf5
     progress.set_quiet(quiet)
-    _refuse_over_model(model, hdf5, output)
     opts = _trace_options(method=method.value, steps=steps, optimizer=optimizer.value, lr=lr,
                           momentum=momentum, batch_size=batch_size, seed=seed, eval_every=eval_every,
                           window=window, warmup_steps=warmup_steps, rifle_period=rifle_period,
@@ -529,11 +531,15 @@ def trace(
     mopts = model_options(arch, num_classes, trust_checkpoint, non_strict, device)
     dopts = data_options(data, data_root, download, split, max_samples, batch_size, image_size, normalize,
                          workers, seed)
-    result = run_trace(model, model=mopts, data=dopts, options=opts, eval_split=eval_split.value,
-                       eval_samples=eval_samples, save=save, force=force)
-    if hdf5 is not None:
-        write_hdf5(hdf5, result)
-    emit_json(result.to_json(), output, format == DynFormat.json)
+    from ftdoctor.outputs import sidecar_path
+    with writes((hdf5, "--hdf5", True), (output, "--output", True), (save, "--save", False),
+                (sidecar_path(save) if save else None, "--save's sidecar", False),
+                inputs=(model, *data_inputs(data, data_root)), force=force):
+        result = run_trace(model, model=mopts, data=dopts, options=opts, eval_split=eval_split.value,
+                           eval_samples=eval_samples, save=save, force=force)
+        if hdf5 is not None:
+            write_hdf5(hdf5, result)
+        emit_json(result.to_json(), output, format == DynFormat.json)
     if format == DynFormat.table:
         render_trace(result, console())
         if hdf5 is not None:
@@ -572,7 +578,6 @@ def compare(
     """
     from ftdoctor.dynamics import compare as run_compare, render_compare, write_hdf5
     progress.set_quiet(quiet)
-    _refuse_over_model(model, hdf5, output)
     opts = _trace_options(method="base", steps=steps, optimizer=optimizer.value, lr=lr, momentum=momentum,
                           batch_size=batch_size, seed=seed, eval_every=eval_every, window=window,
                           warmup_steps=warmup_steps, rifle_period=rifle_period, rifle_init=rifle_init.value,
@@ -580,11 +585,12 @@ def compare(
     mopts = model_options(arch, num_classes, trust_checkpoint, non_strict, device)
     dopts = data_options(data, data_root, download, split, max_samples, batch_size, image_size, normalize,
                          workers, seed)
-    result = run_compare(model, model=mopts, data=dopts, options=opts, methods=_csv(methods) or (), seeds=seeds,
-                         eval_split=eval_split.value, eval_samples=eval_samples)
-    if hdf5 is not None:
-        write_hdf5(hdf5, result)
-    emit_json(result.to_json(), output, format == DynFormat.json)
+    with writes((hdf5, "--hdf5", True), (output, "--output", True), inputs=(model, *data_inputs(data, data_root))):
+        result = run_compare(model, model=mopts, data=dopts, options=opts, methods=_csv(methods) or (),
+                             seeds=seeds, eval_split=eval_split.value, eval_samples=eval_samples)
+        if hdf5 is not None:
+            write_hdf5(hdf5, result)
+        emit_json(result.to_json(), output, format == DynFormat.json)
     if format == DynFormat.table:
         render_compare(result, console())
         if hdf5 is not None:
@@ -605,7 +611,8 @@ def plot(
     plots per layer — the L2-SP Fig. 4 view). Needs the plot extra: pip install 'ftdoctor[plot]'.
     """
     from ftdoctor.report.plot import plot as draw
-    written = draw(file, out)
+    with writes((out, "-o", True), inputs=(file,)):
+        written = draw(file, out)
     if not quiet:
         console().print(f"picture written to {written}")
 
@@ -726,11 +733,15 @@ def fix(
                                           max_iterations=max_iterations, samples=samples),
         "datadep": lambda: DatadepOptions(layers=_csv(layers), beta=0.0 if beta is None else beta),
     }.get(method, lambda: None)()
+    from ftdoctor.outputs import sidecar_path
     try:
-        result = run_fix(model, method, out=out, options=options, head=head, new_head=new_head, seed=seed,
-                         force=force, model=model_options(arch, num_classes, trust_checkpoint, non_strict, device),
-                         data=data_options(data, data_root, download, split, max_samples, batch_size, image_size,
-                                           normalize, workers, seed))
+        with writes((out, "-o", False), (sidecar_path(out), "-o's sidecar", False),
+                    inputs=(model, *data_inputs(data, data_root)), force=force):
+            result = run_fix(model, method, out=out, options=options, head=head, new_head=new_head, seed=seed,
+                             force=force, model=model_options(arch, num_classes, trust_checkpoint, non_strict,
+                                                              device),
+                             data=data_options(data, data_root, download, split, max_samples, batch_size,
+                                               image_size, normalize, workers, seed))
     except FixFailed as exc:
         if format == FixFormat.json:
             emit_json(exc.result.record(), None, True)
@@ -768,6 +779,17 @@ def _fail(cause: str, remedy: str, code: int) -> None:
     sys.exit(code)
 
 
+def _interrupted(exc: BaseException) -> None:
+    """Ctrl-C or SIGTERM: say truthfully what was kept (outputs are rolled back unless already complete)."""
+    from ftdoctor.outputs import Terminated, committed
+    kept = committed()
+    signame, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("Ctrl-C", 130)
+    if kept:
+        _fail(f"interrupted ({signame}) after the outputs were complete: {', '.join(map(str, kept))}",
+              "they are whole; nothing else was written", code)
+    _fail(f"interrupted ({signame})", "nothing was written; run the command again", code)
+
+
 def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -775,10 +797,12 @@ def _is_rank0() -> bool:
 def main() -> None:
     """Console entry point: run the app, map errors to SPEC exit codes."""
     keep_freed_memory()   # large per-batch tensors reused without page faults (glibc; see allocator.py)
+    from ftdoctor.outputs import start_command
+    start_command()   # SIGTERM unwinds like Ctrl-C: partial outputs are rolled back
     try:
         code = app(standalone_mode=False)
         if code == 130:  # without standalone mode typer returns Ctrl-C as the value 130 instead of raising
-            _fail("interrupted", "nothing was written; run the command again", 130)
+            _interrupted(KeyboardInterrupt())
         if isinstance(code, int) and code:
             sys.exit(code)
     except FtdoctorError as exc:
@@ -788,9 +812,9 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        _fail("interrupted", "nothing was written; run the command again", 130)
-    except KeyboardInterrupt:
-        _fail("interrupted", "nothing was written; run the command again", 130)
+        _interrupted(KeyboardInterrupt())
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     except Exception as exc:  # click usage errors and anything unforeseen
         try:
             from click import exceptions as click_exceptions

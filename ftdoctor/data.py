@@ -218,7 +218,7 @@ class _HDF5Source:
         import h5py
 
         if self._file is None:
-            self._file = h5py.File(self.path, "r")
+            self._file = h5py.File(self.path, "r", locking=False)   # checked by _hdf5_source
         images = self._file[self.key]
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
@@ -226,13 +226,17 @@ class _HDF5Source:
         else:  # h5py wants increasing, unique indices
             unique, inverse = np.unique(idx, return_inverse=True)
             block = images[unique][inverse]
-        return _to_chw_float(np.asarray(block), self.layout)
+        block = np.asarray(block)
+        if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
+            raise FtdoctorError(f"{self.path}:{self.key} holds NaN or infinite values",
+                                "clean the images before probing")
+        return _to_chw_float(block, self.layout)
 
 
 class _FolderSource:
-    """An ImageFolder, read image by image through PIL."""
+    """An ImageFolder, read image by image through PIL (:func:`_read_image`)."""
 
-    def __init__(self, folder: Any, count: int) -> None:
+    def __init__(self, folder: "_Folder", count: int) -> None:
         self.folder = folder
         self.labels = torch.as_tensor(folder.targets[:count], dtype=torch.int64)
         self.num_classes = len(folder.classes)
@@ -240,16 +244,83 @@ class _FolderSource:
     def read(self, indices: Sequence[int]) -> list[Tensor]:
         from torchvision.transforms.functional import pil_to_tensor
 
-        out = []
-        for i in indices:
-            path = self.folder.samples[int(i)][0]
-            try:
-                image = self.folder.loader(path)
-            except Exception as exc:  # PIL raises many types for a bad file
-                raise FtdoctorError(f"cannot read image {path}: {exc}",
-                                    "remove or replace the file") from exc
-            out.append(pil_to_tensor(image).float().div_(255.0))
-        return out
+        return [pil_to_tensor(_read_image(self.folder.samples[int(i)][0])).float().div_(255.0) for i in indices]
+
+
+# What PIL may decode in an image folder: the formats of torchvision's IMG_EXTENSIONS, nothing else.
+_PIL_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
+
+
+def _read_image(path: str) -> Any:
+    """One image as RGB: a regular file, one of :data:`_PIL_FORMATS`, its size checked before decoding."""
+    from PIL import Image
+
+    from ftdoctor.safety import check_image_pixels, open_regular
+
+    with open_regular(path, "the image") as f:
+        try:
+            with Image.open(f, formats=_PIL_FORMATS) as image:
+                width, height = image.size
+                check_image_pixels(height, width, f"the image {path}")
+                return image.convert("RGB")
+        except FtdoctorError:
+            raise
+        except Exception as exc:  # PIL raises many types for a bad file  # noqa: BLE001
+            raise FtdoctorError(f"cannot read image {path}: {exc}", "remove or replace the file") from None
+
+
+@dataclass
+class _Folder:
+    """An ImageFolder's listing: ``samples`` (path, class index) in torchvision's order, ``classes`` sorted."""
+
+    classes: list[str]
+    samples: list[tuple[str, int]]
+
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.samples]
+
+
+_IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _folder_samples(directory: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """torchvision's ``make_dataset`` order (classes sorted; per class ``sorted(os.walk(followlinks=True))``,
+    file names sorted), but never entering a directory twice (a symlink loop) and refusing an image
+    entry that is not a regular file (a FIFO or device would hang the reader)."""
+    from ftdoctor.safety import not_regular
+
+    samples: list[tuple[str, int]] = []
+    for index, name in enumerate(classes):
+        top = directory / name
+        if not top.is_dir():
+            continue
+        seen: set[tuple[int, int]] = set()
+        listing: list[tuple[str, list[os.DirEntry]]] = []
+        stack = [str(top)]
+        while stack:
+            here = stack.pop()
+            info = os.stat(here)
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(here) as it:
+                entries = list(it)
+            listing.append((here, [e for e in entries if not e.is_dir()]))
+            stack.extend(os.path.join(here, e.name) for e in entries if e.is_dir())
+        for here, files in sorted(listing, key=lambda item: item[0]):
+            for entry in sorted(files, key=lambda e: e.name):
+                if not entry.name.lower().endswith(_IMG_EXTENSIONS):
+                    continue
+                if not entry.is_file():
+                    try:
+                        mode = os.stat(entry.path).st_mode
+                    except OSError:
+                        raise FtdoctorError(f"the image {entry.path} is a broken link",
+                                            "remove it or point it at an image") from None
+                    raise not_regular(entry.path, mode, "the image")
+                samples.append((entry.path, index))
+    return samples
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -312,13 +383,24 @@ class PreparedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         (i,) = self._indices([index])
-        return self.prepare([i])[0], int(self.labels[i]), i
+        return self._prepared([i])[0], int(self.labels[i]), i
 
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, int, int]]:
         idx = self._indices(indices)
-        x = self.prepare(idx)
+        x = self._prepared(idx)
         labels = self.labels
         return [(x[row], int(labels[i]), i) for row, i in enumerate(idx)]
+
+    def _prepared(self, indices: Sequence[int]) -> Tensor:
+        try:
+            return self.prepare(indices)
+        except FtdoctorError as exc:
+            from torch.utils.data import get_worker_info
+
+            if get_worker_info() is not None:   # in a --workers process: carry the cause to the main one
+                from ftdoctor.errors import CarriedError
+                raise CarriedError.carry(exc) from None
+            raise
 
 
 # --------------------------------------------------------------------------- load_data
@@ -332,6 +414,9 @@ def load_data(opts: DataOptions) -> DataBundle:
     if count == 0:
         raise FtdoctorError(f"{name} has no samples in its {opts.split} split",
                             "point --data at a dataset with at least one image")
+    if source.num_classes < 2:
+        raise FtdoctorError(f"{name} has a single class: a classifier's diagnoses need at least two",
+                            "point --data at a dataset with two or more classes (labels 0 … C−1)")
     _check_labels(source.labels, source.num_classes, name)
 
     first = source.read([0])
@@ -343,6 +428,10 @@ def load_data(opts: DataOptions) -> DataBundle:
         notes.append(f"images resized to {height}×{width} (the first image's size) where they "
                      "differ; --image-size chooses the size")
     channels_to = _adapt_channels(channels, opts.in_channels, notes)
+    from ftdoctor.safety import check_batch_bytes
+
+    out_size = resize_to if resize_to is not None else (height, width)
+    check_batch_bytes(opts.batch_size, (channels_to or channels, *out_size), f"images from {name}")
 
     dataset = PreparedDataset(source, resize_to, channels, channels_to)
     out_channels = channels_to if channels_to is not None else channels
@@ -357,6 +446,20 @@ def load_data(opts: DataOptions) -> DataBundle:
                       batch_size=opts.batch_size, workers=opts.workers,
                       mean=tuple(mean) if mean is not None else (),
                       std=tuple(std) if std is not None else ())
+
+
+def input_paths(data: str | None, data_root: str | None = None) -> list[Path]:
+    """The files or directories ``--data`` reads (none for the built-in sets): no output may land on them."""
+    if not data:
+        return []
+    key = data.strip().lower().replace("_", "-")
+    if key == "shapes" or key.startswith("shapes:") or key == "fake":
+        return []
+    if key in TORCHVISION_NAMES:
+        root = os.path.abspath(os.path.expanduser(data_root or default_data_root()))
+        where = _TORCHVISION[key][1]
+        return [Path(root) / where.format(split=s) for s in SPLITS] if "{" in where else [Path(root) / where]
+    return [Path(data).expanduser()]
 
 
 def _check_positive(value: Any, what: str, flag: str) -> None:
@@ -408,10 +511,12 @@ def _open_source(opts: DataOptions) -> tuple[Any, str, tuple[int, int] | None]:
     if path.is_dir():
         return _folder_source(path, opts), data, None
     suffix = path.suffix.lower()
-    if suffix in FILE_SUFFIXES:
-        if not path.is_file():
+    if suffix in FILE_SUFFIXES or (os.path.exists(path) and not path.is_file()):
+        if not os.path.exists(path):
             raise FtdoctorError(f"data file not found: {path}",
                                 "check the path (relative paths start at the working directory)")
+        from ftdoctor.safety import regular_file
+        regular_file(path, "the data file")   # a FIFO or device: refused before it is opened
         if suffix == ".npz":
             return _npz_source(path, opts), data, None
         return _hdf5_source(path, opts), data, None
@@ -453,46 +558,71 @@ def _str_keys(entry: object) -> object:
     return entry
 
 
+def _cifar_entry(path: str, keys: tuple[str, ...]) -> dict:
+    """One CIFAR batch or meta pickle, read by :class:`~ftdoctor.safety.DataUnpickler` (no code runs)."""
+    from ftdoctor.safety import load_data_pickle
+
+    entry = _str_keys(load_data_pickle(path, remedy="re-fetch the dataset with --download, or point --data-root "
+                                                    "at a good copy"))
+    if not isinstance(entry, dict) or not any(k in entry for k in keys):
+        raise FtdoctorError(f"{path} is not a CIFAR file: it lacks {' or '.join(map(repr, keys))}",
+                            "re-fetch the dataset with --download, or point --data-root at a good copy")
+    return entry
+
+
 def _cifar_class(base: type) -> type:
-    """torchvision's CIFAR class, reading files that are present without their md5 check.
+    """torchvision's CIFAR class, reading its files without pickle's code execution or the md5 check.
 
-    torchvision checks every file's md5 even when it will not download — a guard for downloads
-    that also rejects re-exported or trimmed copies. Without ``--download`` this subclass checks
-    that the files exist and reads them with torchvision's own layout; with ``--download`` the
-    parent's checks run unchanged.
+    torchvision reads CIFAR's batch and meta files with ``pickle.load``, which
+    runs any code a file asks for, and checks every file's md5 even when it
+    will not download — a guard for downloads that also rejects re-exported or
+    trimmed copies. This subclass lets torchvision download (``--download``,
+    md5-checked as before) but reads the files itself, with torchvision's
+    layout and a restricted unpickler (:func:`ftdoctor.safety.load_data_pickle`).
     """
-    import pickle
-
     from torchvision.datasets.vision import VisionDataset
 
     class Cifar(base):  # type: ignore[misc, valid-type]
         def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
-            if download:
-                super().__init__(root, train=train, download=True)
-                return
             VisionDataset.__init__(self, root)
             self.train = train
+            if download:
+                self.download()
             if not self._present():
                 raise RuntimeError("Dataset not found or corrupted.")
             data, targets = [], []
             for file_name, _ in (self.train_list if train else self.test_list):
-                with open(os.path.join(self.root, self.base_folder, file_name), "rb") as f:
-                    entry = _str_keys(pickle.load(f, encoding="latin1"))
-                data.append(np.asarray(entry["data"], dtype=np.uint8))
-                targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+                entry = _cifar_entry(os.path.join(self.root, self.base_folder, file_name),
+                                     ("labels", "fine_labels"))
+                data.append(_cifar_images(entry.get("data"), file_name))
+                labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
+                targets.extend(int(v) for v in np.asarray(labels, dtype=np.int64).reshape(-1))
             self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+            if len(targets) != len(self.data):
+                raise FtdoctorError(f"{self.base_folder} has {len(self.data)} images but {len(targets)} labels",
+                                    "re-fetch the dataset with --download")
             self.targets = targets
-            with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-                meta = _str_keys(pickle.load(f, encoding="latin1"))
-            self.classes = [c.decode("latin1") if isinstance(c, bytes) else c for c in meta[self.meta["key"]]]
+            meta = _cifar_entry(os.path.join(self.root, self.base_folder, self.meta["filename"]),
+                                (self.meta["key"],))
+            self.classes = [c.decode("latin1") if isinstance(c, bytes) else str(c) for c in meta[self.meta["key"]]]
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
         def _present(self) -> bool:
+            from ftdoctor.safety import is_regular
+
             names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-            return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in names)
+            return all(is_regular(os.path.join(self.root, self.base_folder, f)) for f in names)
 
     Cifar.__name__ = Cifar.__qualname__ = base.__name__
     return Cifar
+
+
+def _cifar_images(data: object, name: str) -> np.ndarray:
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise FtdoctorError(f"the CIFAR file {name} holds {type(data).__name__} {shape} as 'data', not "
+                            "N×3072 uint8 images", "re-fetch the dataset with --download")
+    return data
 
 
 def _torchvision_source(name: str, opts: DataOptions) -> _ArraySource:
@@ -509,6 +639,8 @@ def _torchvision_source(name: str, opts: DataOptions) -> _ArraySource:
             ds = cls(root, split=opts.split, download=opts.download)
         else:
             ds = cls(root, train=opts.split == "train", download=opts.download)
+    except FtdoctorError:
+        raise
     except ImportError as exc:
         missing = exc.name or "a package"
         raise FtdoctorError(f"reading {name} needs the Python package {missing}",
@@ -539,8 +671,6 @@ def _torchvision_source(name: str, opts: DataOptions) -> _ArraySource:
 
 
 def _folder_source(root: Path, opts: DataOptions) -> _FolderSource:
-    from torchvision.datasets import ImageFolder
-
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     if split_dirs:
         if opts.split not in split_dirs:
@@ -553,26 +683,23 @@ def _folder_source(root: Path, opts: DataOptions) -> _FolderSource:
     folder_of = {s: split_dirs.get(s, root) for s in SPLITS}
     layout_hint = "arrange the images as DIR/CLASS/IMAGE (ImageFolder layout)"
 
-    class _Folder(ImageFolder):  # class indices fixed by the train split, so test agrees
-        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-            return list(classes), {c: i for i, c in enumerate(classes)}
-
     def class_dirs(path: Path) -> list[str]:
-        return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+        with os.scandir(path) as it:
+            return sorted(entry.name for entry in it if entry.is_dir())
 
-    classes = class_dirs(folder_of["train"])
-    if not classes:
-        raise FtdoctorError(f"{folder_of['train']} has no class subfolders", layout_hint)
-    directory = folder_of[opts.split]
-    extra = sorted(set(class_dirs(directory)) - set(classes))
-    if extra:
-        raise FtdoctorError(f"{directory} has classes the train split lacks: {', '.join(extra)}",
-                            "give both splits the same class folders")
     try:
-        folder = _Folder(str(directory), allow_empty=True)
-    except (OSError, ValueError) as exc:
-        raise FtdoctorError(f"cannot read {directory} as an image folder: {exc}", layout_hint) from exc
-    return _FolderSource(folder, _cap(len(folder.samples), opts.max_samples))
+        classes = class_dirs(folder_of["train"])   # class indices fixed by the train split, so test agrees
+        if not classes:
+            raise FtdoctorError(f"{folder_of['train']} has no class subfolders", layout_hint)
+        directory = folder_of[opts.split]
+        extra = sorted(set(class_dirs(directory)) - set(classes))
+        if extra:
+            raise FtdoctorError(f"{directory} has classes the train split lacks: {', '.join(extra)}",
+                                "give both splits the same class folders")
+        samples = _folder_samples(directory, classes)
+    except OSError as exc:
+        raise FtdoctorError(f"cannot read {root} as an image folder: {exc}", layout_hint) from None
+    return _FolderSource(_Folder(classes, samples), _cap(len(samples), opts.max_samples))
 
 
 def _image_layout(shape: tuple[int, ...], dtype: np.dtype, what: str) -> str:
@@ -580,6 +707,9 @@ def _image_layout(shape: tuple[int, ...], dtype: np.dtype, what: str) -> str:
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         raise FtdoctorError(f"{what} has non-numeric dtype {dtype}",
                             "store images as uint8 (N×H×W×C) or float (N×C×H×W)")
+    if np.issubdtype(dtype, np.complexfloating):
+        raise FtdoctorError(f"{what} holds complex numbers ({dtype})",
+                            "store real-valued images: uint8 (N×H×W×C) or float (N×C×H×W)")
     if len(shape) == 3:
         return "NHW"
     if len(shape) == 4:
@@ -625,24 +755,22 @@ def _stated_classes(value: Any, what: str) -> int | None:
     return count
 
 
-def _file_classes(label_arrays: list[np.ndarray], stated: int | None) -> int:
+def _file_classes(label_arrays: list[np.ndarray], stated: int | None, what: str = "the data") -> int:
+    from ftdoctor.safety import check_class_count
+
     if stated is not None:
-        return stated
+        return check_class_count(stated, what)
     highest = max((int(a.max()) for a in label_arrays if a.size), default=-1)
-    return max(highest + 1, 1)
+    return check_class_count(max(highest + 1, 1), f"the largest label of {what} ({highest})")
 
 
 def _npz_source(path: Path, opts: DataOptions) -> _ArraySource:
+    """Headers first (shapes, dtypes), then only the capped rows of the images: :mod:`ftdoctor.npz`."""
+    from ftdoctor.npz import NpzArchive
+    from ftdoctor.safety import MAX_LABEL_BYTES
+
     keys = {"train": ("x", "y"), "test": ("x_test", "y_test")}
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise FtdoctorError(f"cannot read {path} as .npz: {exc}",
-                            "write it with numpy.savez(path, x=..., y=...)") from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise FtdoctorError(f"{path} is a single .npy array, not an .npz archive",
-                            "write it with numpy.savez(path, x=..., y=...)")
-    with archive:
+    with NpzArchive(path) as archive:
         names = list(archive.files)
         x_key, y_key = keys[opts.split]
         if x_key not in names or y_key not in names:
@@ -652,57 +780,65 @@ def _npz_source(path: Path, opts: DataOptions) -> _ArraySource:
             raise FtdoctorError(f"{path} lacks the arrays {x_key!r} and/or {y_key!r}; it has: "
                                 f"{', '.join(names) or 'nothing'}",
                                 "write it with numpy.savez(path, x=images, y=labels)")
-        try:
-            images = archive[x_key]
-            labels = _as_labels(archive[y_key], f"{path}:{y_key}")
-            other = [k for k in ("y", "y_test") if k in names and k != y_key]
-            all_labels = [labels] + [_as_labels(archive[k], f"{path}:{k}") for k in other]
-            stated = _stated_classes(archive["num_classes"] if "num_classes" in names else None,
-                                     f"{path}:num_classes")
-        except FtdoctorError:
-            raise
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise FtdoctorError(f"cannot read the arrays of {path}: {exc}",
-                                "write it again with numpy.savez (no object arrays)") from exc
-    layout = _image_layout(images.shape, images.dtype, f"{path}:{x_key}")
-    if len(images) != len(labels):
-        raise FtdoctorError(f"{path}: {x_key} has {len(images)} images but {y_key} has {len(labels)} labels",
-                            "store one label per image")
-    cap = _cap(len(labels), opts.max_samples)
-    images = np.ascontiguousarray(images[:cap])
+        head = archive.header(x_key)
+        layout = _image_layout(head.shape, head.dtype, f"{path}:{x_key}")
+        _check_image_shape(head.shape, layout, f"{path}:{x_key}")
+        labels = _as_labels(archive.read(y_key, limit=MAX_LABEL_BYTES), f"{path}:{y_key}")
+        if head.shape[0] != len(labels):
+            raise FtdoctorError(f"{path}: {x_key} has {head.shape[0]} images but {y_key} has {len(labels)} labels",
+                                "store one label per image")
+        other = [k for k in ("y", "y_test") if k in names and k != y_key]
+        all_labels = [labels] + [_as_labels(archive.read(k, limit=MAX_LABEL_BYTES), f"{path}:{k}") for k in other]
+        stated = _stated_classes(archive.read("num_classes", limit=64) if "num_classes" in names else None,
+                                 f"{path}:num_classes")
+        cap = _cap(len(labels), opts.max_samples)
+        images = archive.read(x_key, cap)
     if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
         raise FtdoctorError(f"{path}:{x_key} holds NaN or infinite values",
                             "clean the images before probing")
-    return _ArraySource(images, layout, labels[:cap], _file_classes(all_labels, stated))
+    return _ArraySource(images, layout, labels[:cap], _file_classes(all_labels, stated, str(path)))
+
+
+def _check_image_shape(shape: tuple[int, ...], layout: str, what: str) -> None:
+    """One stored image may not exceed :data:`~ftdoctor.safety.MAX_IMAGE_PIXELS`."""
+    from ftdoctor.safety import check_image_pixels
+
+    height, width = {"NHW": (1, 2), "NHWC": (1, 2), "NCHW": (2, 3)}[layout]
+    check_image_pixels(int(shape[height]), int(shape[width]), f"each image of {what}")
 
 
 def _hdf5_source(path: Path, opts: DataOptions) -> _HDF5Source:
+    """Datasets checked by :mod:`ftdoctor.h5safe` (no external storage, links or plugins) before reading."""
     import h5py
 
+    from ftdoctor import h5safe
+    from ftdoctor.safety import MAX_LABEL_BYTES
+
     keys = {"train": ("images", "labels"), "test": ("test_images", "test_labels")}
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise FtdoctorError(f"cannot read {path} as HDF5: {exc}",
-                            "check that the file is complete and was written by HDF5 (h5py)") from exc
+    handle = h5safe.open_file(path, "the data file", "check that the file is complete and was written by HDF5 (h5py)")
     with handle:
         found: list[str] = []
         handle.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
+        links = set(handle.keys())
         have = ", ".join(found) or "no datasets"
         x_key, y_key = keys[opts.split]
-        if "images" not in found or "labels" not in found:
+        if not {"images", "labels"} <= (set(found) | links):
             raise FtdoctorError(f"{path} needs the datasets 'images' and 'labels'; it has: {have}",
                                 "write the images as 'images' (N×H×W×C uint8 or N×C×H×W float) "
                                 "and the class indices as 'labels'")
-        if x_key not in found or y_key not in found:
+        if not {x_key, y_key} <= (set(found) | links):
             raise FtdoctorError(f"{path} has no {opts.split} split (datasets {x_key}, {y_key}): "
                                 f"it has train only ({have})",
                                 "use --split train, or add test_images and test_labels to the file")
         try:
-            images = handle[x_key]
+            images = h5safe.checked_dataset(handle, x_key, f"{path}:{x_key}")
             shape, dtype = tuple(images.shape), images.dtype
-            label_sets = {k: _as_labels(handle[k][()], f"{path}:{k}")
-                          for k in ("labels", "test_labels") if k in found}
+            label_sets = {}
+            for k in ("labels", "test_labels"):
+                if k in found or k in links:
+                    ds = h5safe.checked_dataset(handle, k, f"{path}:{k}")
+                    label_sets[k] = _as_labels(h5safe.read_whole(ds, f"{path}:{k}", MAX_LABEL_BYTES),
+                                               f"{path}:{k}")
             stated = handle.attrs.get("num_classes", handle[y_key].attrs.get("num_classes"))
         except FtdoctorError:
             raise
@@ -710,12 +846,14 @@ def _hdf5_source(path: Path, opts: DataOptions) -> _HDF5Source:
             raise FtdoctorError(f"cannot read the datasets of {path}: {exc}",
                                 "check that the file is complete") from exc
     layout = _image_layout(shape, dtype, f"{path}:{x_key}")
+    _check_image_shape(shape, layout, f"{path}:{x_key}")
     labels = label_sets[y_key]
     if shape[0] != len(labels):
         raise FtdoctorError(f"{path}: {x_key} has {shape[0]} images but {y_key} has {len(labels)} labels",
                             "store one label per image")
     cap = _cap(len(labels), opts.max_samples)
-    num_classes = _file_classes(list(label_sets.values()), _stated_classes(stated, f"{path}: num_classes"))
+    num_classes = _file_classes(list(label_sets.values()), _stated_classes(stated, f"{path}: num_classes"),
+                                str(path))
     return _HDF5Source(str(path), x_key, layout, labels[:cap], num_classes)
 
 

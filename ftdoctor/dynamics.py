@@ -625,9 +625,17 @@ def trace(model_path: str | Path, *, model: Any = None, data: Any, options: Trac
     (atomically, with a sidecar ``OUT.ftdoctor.json``).
     """
     options.validate()
+    from ftdoctor.data import input_paths
+    from ftdoctor.outputs import Output, journal, sidecar_path
+    outputs = ([Output(Path(save), "--save", replace=False),
+                Output(sidecar_path(save), "--save's sidecar", replace=False)] if save is not None else [])
+    with journal(outputs, (model_path, *input_paths(data.data, data.data_root)), force=force):
+        return _trace(model_path, model, data, options, eval_split, eval_samples, save, force)
+
+
+def _trace(model_path: str | Path, model: Any, data: Any, options: TraceOptions, eval_split: str,
+           eval_samples: int, save: str | Path | None, force: bool) -> TraceResult:
     from ftdoctor import checkpoint as ckpt
-    if save is not None:
-        ckpt.check_output_path(Path(model_path), Path(save), force)
     loaded, train_bundle, eval_bundle, notes = _load(model_path, model, data, eval_split, eval_samples)
     run, tuned = trace_model(loaded.model, train_bundle, eval_bundle, options)
     minfo, dinfo = _info(loaded, train_bundle, eval_bundle, None)

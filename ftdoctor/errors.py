@@ -26,3 +26,40 @@ class VerificationFailed(FtdoctorError):
 
     def __init__(self, cause: str, remedy: str) -> None:
         super().__init__(cause, remedy, exit_code=1)
+
+
+_CARRIED = "ftdoctor-error:"
+
+
+class CarriedError(FtdoctorError):
+    """An :class:`FtdoctorError` carried out of a DataLoader worker process.
+
+    torch re-raises a worker's exception in the main process by calling its
+    type with the worker's formatted traceback as the only argument, so the
+    cause and remedy travel inside that text (after a marker, as JSON) and are
+    read back here: the user sees the real cause, not a wrapped internal error.
+    """
+
+    def __init__(self, message: str) -> None:
+        import json
+        import re
+
+        found = re.findall(re.escape(_CARRIED) + r"(\{.*?\})\s*$", message, re.M)
+        try:
+            data = json.loads(found[-1]) if found else {}
+        except ValueError:
+            data = {}
+        cause = data.get("cause") or (message.strip().splitlines() or ["a data loader worker failed"])[-1]
+        super().__init__(cause, data.get("remedy") or "rerun with --workers 0 to see the error directly",
+                         int(data.get("exit_code", 2)))
+
+    @classmethod
+    def carry(cls, exc: FtdoctorError) -> "CarriedError":
+        import json
+
+        return cls(_CARRIED + json.dumps({"cause": exc.cause, "remedy": exc.remedy, "exit_code": exc.exit_code}))
+
+    def __str__(self) -> str:
+        import json
+
+        return _CARRIED + json.dumps({"cause": self.cause, "remedy": self.remedy, "exit_code": self.exit_code})

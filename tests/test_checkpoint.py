@@ -235,11 +235,14 @@ def test_full_module_needs_trust_and_stays_a_module(usermodels, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_torchscript_loads_for_probes_but_is_not_written_back(usermodels, tmp_path):
+def test_torchscript_needs_trust_loads_for_probes_but_is_not_written_back(usermodels, tmp_path):
     model = small_cnn(usermodels, num_classes=5).eval()
     src = tmp_path / "ts.pt"
     torch.jit.script(model).save(str(src))
-    loaded = load_model(src, ModelOptions())
+    with pytest.raises(FtdoctorError) as refused:      # a program: its __setstate__ runs on load
+        load_model(src, ModelOptions())
+    assert "TorchScript" in refused.value.cause and "--trust-checkpoint" in refused.value.remedy
+    loaded = load_model(src, ModelOptions(trust_checkpoint=True))
     assert (loaded.format, loaded.arch, loaded.num_classes, loaded.head_key) == ("torchscript", "SmallCNN", 5, "fc")
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -410,16 +413,27 @@ def test_resnet18_recognised_without_arch(r18_file):
 def test_vgg11_bn_recognised_without_arch(tmp_path):
     from torchvision.models import vgg11_bn
 
+    from ftdoctor.checkpoint import _match_torchvision
+
     with torch.device("meta"):
         shapes = vgg11_bn(num_classes=10).state_dict()
-    # Right shapes without 500 MB on disk: each tensor is a broadcast scalar, saved as one element.
+    # Keys and shapes are all the matcher reads: meta tensors stand in for 500 MB of weights.
+    assert _match_torchvision(tmp_path / "vgg.pt", shapes).name == "vgg11_bn"
+
+
+def test_stride_zero_views_are_refused_as_allocation_bombs(tmp_path):
+    from torchvision.models import vgg11_bn
+
+    with torch.device("meta"):
+        shapes = vgg11_bn(num_classes=10).state_dict()
+    # Each tensor a broadcast scalar, saved as one element: 18 KB on disk that would become 500 MB.
     sd = OrderedDict((k, torch.full((), 0.5 if v.is_floating_point() else 1, dtype=v.dtype).expand(v.shape))
                      for k, v in shapes.items())
     src = tmp_path / "vgg.pt"
     torch.save(sd, src)
-    loaded = load_model(src, ModelOptions())
-    assert (loaded.arch, loaded.num_classes, loaded.head_key) == ("vgg11_bn", 10, "classifier.6")
-    assert bool((loaded.model.features[0].weight == 0.5).all())
+    with pytest.raises(FtdoctorError) as err:
+        load_model(src, ModelOptions())
+    assert "repeats its storage" in err.value.cause and "stride" in err.value.cause
 
 
 def test_vit_image_size_read_from_the_position_embedding(tmp_path):

@@ -265,9 +265,9 @@ def test_npz_round_trip_nhwc_uint8_and_test_split(tmp_path: Path) -> None:
 def test_npz_round_trip_nchw_float(tmp_path: Path) -> None:
     x = np.random.default_rng(3).normal(size=(7, 3, 4, 4)).astype(np.float32)
     path = tmp_path / "f.npz"
-    np.savez(path, x=x, y=np.zeros(7, dtype=np.int64))
+    np.savez(path, x=x, y=np.arange(7, dtype=np.int64) % 2)
     bundle = load_data(DataOptions(str(path), normalize="none", max_samples=5))
-    assert bundle.num_samples == 5 and bundle.num_classes == 1
+    assert bundle.num_samples == 5 and bundle.num_classes == 2
     assert torch.equal(_all_batches(bundle)[0], torch.from_numpy(x[:5]))
 
 
@@ -438,8 +438,9 @@ def test_image_folder_missing_split_names_the_existing_one(tmp_path: Path) -> No
 def test_image_folder_resizes_to_the_first_image_with_a_note(tmp_path: Path) -> None:
     _write_png(tmp_path / "a" / "0.png", np.zeros((4, 4, 3), np.uint8))
     _write_png(tmp_path / "a" / "1.png", np.zeros((8, 6, 3), np.uint8))
+    _write_png(tmp_path / "b" / "0.png", np.zeros((5, 5, 3), np.uint8))
     bundle = load_data(DataOptions(str(tmp_path)))
-    assert bundle.image_shape == (3, 4, 4) and _all_batches(bundle)[0].shape == (2, 3, 4, 4)
+    assert bundle.image_shape == (3, 4, 4) and _all_batches(bundle)[0].shape == (3, 3, 4, 4)
     assert any("first image" in note for note in bundle.notes)
 
 

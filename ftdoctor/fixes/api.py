@@ -120,18 +120,27 @@ def fix(model_path: str | Path, method: str, *, out: str | Path, data: "DataOpti
     :class:`FixFailed` when the verification fails (exit 1); in both cases
     nothing is written. ``write=False`` verifies without writing (a dry run).
     """
+    from ftdoctor.data import input_paths
+    from ftdoctor.outputs import Output, journal, sidecar_path
+
+    if method not in FIXES:
+        raise FtdoctorError(f"unknown fix method {method!r}", f"use one of {', '.join(FIXES)}")
+    model_path, out = Path(model_path), Path(out)
+    outputs = [Output(out, "-o", replace=False), Output(sidecar_path(out), "-o's sidecar", replace=False)]
+    # every output checked against every input before any work; all kept, or none (outputs.journal)
+    with journal(outputs if write else (), (model_path, *input_paths(data.data, data.data_root)), force=force):
+        return _fix(model_path, method, out, data, model, options, head, new_head, seed, force, write)
+
+
+def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "ckpt.ModelOptions | None",
+         options: Any, head: str | None, new_head: bool, seed: int, force: bool, write: bool) -> FixResult:
     from ftdoctor.data import load_data
     from ftdoctor.diagnose import _with_channels, first_in_channels, install_new_head
     from ftdoctor.model import find_head, layer_order
 
-    if method not in FIXES:
-        raise FtdoctorError(f"unknown fix method {method!r}", f"use one of {', '.join(FIXES)}")
     opts = _options_for(method, options)
     fixer = FIXES[method](opts)
     model_opts = model or ckpt.ModelOptions()
-    model_path, out = Path(model_path), Path(out)
-    if write:
-        ckpt.check_output_path(model_path, out, force)
     loaded = ckpt.load_model(model_path, model_opts)
     if loaded.format == "torchscript":
         raise FtdoctorError(
@@ -197,19 +206,12 @@ def fix(model_path: str | Path, method: str, *, out: str | Path, data: "DataOpti
         return result
     try:
         result.output_sha256 = ckpt.save_model(loaded, net, out, force=force)
+        result.sidecar = ckpt.write_sidecar(out, result.record())
     except FtdoctorError:
         raise
-    except Exception as exc:  # noqa: BLE001 - disk full, permissions, ...: atomic_write left nothing
+    except Exception as exc:  # noqa: BLE001 - disk full, permissions, ...: the journal undoes every write
         raise FtdoctorError(f"writing {out} failed ({type(exc).__name__}: {str(exc)[:200]}); nothing was written",
                             "check the disk space and permissions of the output directory, then run again") from None
-    try:
-        result.sidecar = ckpt.write_sidecar(out, result.record())
-    except BaseException as exc:
-        out.unlink(missing_ok=True)
-        if isinstance(exc, Exception) and not isinstance(exc, FtdoctorError):
-            raise FtdoctorError(f"writing the sidecar of {out} failed ({type(exc).__name__}); nothing was kept",
-                                "check the disk space and permissions of the output directory") from None
-        raise
     return result
 
 

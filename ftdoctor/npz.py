@@ -1,0 +1,151 @@
+"""Bounded reading of ``.npz`` archives: each array's header first, then only the rows needed (SPEC §8).
+
+``numpy.load`` decompresses a whole member to read any of it, so a 3 MB
+archive of compressed zeros can demand gigabytes even when ``--max-samples 8``
+needs eight rows. :class:`NpzArchive` reads a member's ``.npy`` header (shape,
+dtype, order) without its data, refuses object and complex arrays, and reads
+the first ``n`` rows of a C-ordered array by decompressing only their bytes.
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from ftdoctor.errors import FtdoctorError
+from ftdoctor.safety import human_bytes, open_regular
+
+_REMEDY = "write it with numpy.savez(path, x=images, y=labels) (numeric arrays, no objects)"
+# A Fortran-ordered array is read whole (its first rows are not contiguous): only up to this size.
+MAX_WHOLE_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a member's ``.npy`` header declares."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+
+    @property
+    def row_bytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape[1:]:
+            n *= int(s)
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.row_bytes * (int(self.shape[0]) if self.shape else 1)
+
+
+class NpzArchive:
+    """An ``.npz`` file opened for bounded reads; use as a context manager."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: BinaryIO = open_regular(path, "the data file")
+        try:
+            self._zip = zipfile.ZipFile(self._file)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            self._file.seek(0)
+            magic = self._file.read(6)
+            self._file.close()
+            if magic == b"\x93NUMPY":
+                raise FtdoctorError(f"{path} is a single .npy array, not an .npz archive", _REMEDY) from None
+            raise FtdoctorError(f"cannot read {path} as .npz: {exc}", _REMEDY) from None
+        self.files = [n[:-4] for n in self._zip.namelist() if n.endswith(".npy")]
+
+    def __enter__(self) -> "NpzArchive":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._zip.close()
+        self._file.close()
+
+    def _open(self, name: str) -> BinaryIO:
+        return self._zip.open(name + ".npy")  # type: ignore[return-value]
+
+    def header(self, name: str) -> Header:
+        """The declared shape, dtype and order of member ``name`` (no data read)."""
+        try:
+            with self._open(name) as f:
+                return _read_header(f, f"{self.path}:{name}")
+        except FtdoctorError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged member
+            raise FtdoctorError(f"cannot read the array {name!r} of {self.path}: {exc}", _REMEDY) from None
+
+    def read(self, name: str, rows: int | None = None, *, limit: int | None = None) -> np.ndarray:
+        """Member ``name``, or only its first ``rows`` rows; more than ``limit`` bytes is refused."""
+        what = f"{self.path}:{name}"
+        try:
+            with self._open(name) as f:
+                head = _read_header(f, what)
+                count = int(head.shape[0]) if head.shape else 1
+                take = count if rows is None or not head.shape else min(rows, count)
+                wanted = head.row_bytes * take
+                if limit is not None and wanted > limit:
+                    raise FtdoctorError(f"{what} declares {human_bytes(wanted)} to read, more than ftdoctor "
+                                        f"reads for it ({human_bytes(limit)})",
+                                        "pass a smaller --max-samples, or store a smaller array")
+                if head.fortran and take < count:
+                    if head.nbytes > MAX_WHOLE_BYTES:
+                        raise FtdoctorError(f"{what} is stored in Fortran order and declares "
+                                            f"{human_bytes(head.nbytes)}: its first rows cannot be read alone",
+                                            "save it in C order (numpy's default) with numpy.savez")
+                    return np.ascontiguousarray(_from_bytes(_read_exact(f, head.nbytes, what), head, count)[:take])
+                return _from_bytes(_read_exact(f, wanted, what), head, take)
+        except FtdoctorError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged member (bad CRC, truncated deflate stream)
+            raise FtdoctorError(f"cannot read the array {name!r} of {self.path}: {exc}", _REMEDY) from None
+
+
+def _read_header(f: BinaryIO, what: str) -> Header:
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = npy.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = npy.read_array_header_2_0(f)
+    else:
+        shape, fortran, dtype = npy._read_array_header(f, version)   # 3.0: utf-8 field names
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise FtdoctorError(f"{what} is an array of Python objects", _REMEDY)
+    if np.issubdtype(dtype, np.complexfloating):
+        raise FtdoctorError(f"{what} holds complex numbers ({dtype})", "store real-valued images and labels")
+    if any(int(s) < 0 for s in shape):
+        raise FtdoctorError(f"{what} declares a negative dimension {tuple(shape)}", _REMEDY)
+    return Header(tuple(int(s) for s in shape), dtype, bool(fortran))
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not k:
+            raise FtdoctorError(f"{what} ends early: {got} of {n} bytes", "the file is truncated; write it again")
+        got += k
+    return buf
+
+
+def _from_bytes(data: bytearray, head: Header, rows: int) -> np.ndarray:
+    flat = np.frombuffer(data, dtype=head.dtype)   # writable: it views the bytearray
+    if not head.shape:
+        return flat.reshape(())
+    shape = (rows, *head.shape[1:])
+    if head.fortran:
+        return flat.reshape(shape[::-1]).transpose()
+    return flat.reshape(shape)
