@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 import ftdoctor
-from ftdoctor.errors import FtdoctorError
+from ftdoctor.errors import DataError, FtdoctorError
 from ftdoctor.thresholds import Thresholds
 
 if sys.version_info >= (3, 11):
@@ -106,9 +106,9 @@ def find_pyproject(start: str | Path | None = None) -> Path | None:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    from ftdoctor.safety import MAX_CONFIG_BYTES, read_bounded
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(read_bounded(path, MAX_CONFIG_BYTES, "the config file").decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise FtdoctorError(f"{path} is not valid TOML: {exc}", "fix the file's syntax") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -123,7 +123,7 @@ def config_table(path: str | Path, *, explicit: bool) -> dict[str, Any]:
     its top level (a dedicated ``ftdoctor.toml``); it must hold one or the other.
     """
     path = Path(path)
-    if explicit and not path.is_file():
+    if explicit and not os.path.exists(path):
         raise FtdoctorError(f"config file {path} not found", "pass an existing TOML file to --config")
     doc = _read_toml(path)
     tool = doc.get("tool")
@@ -654,6 +654,8 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
         try:
             run = probe_model(net, bundle, opts, reference=ref, device=device, layers=layers,
                               description=f"checking {path.name}")
+        except DataError:
+            raise              # the data is unusable: exit 2, not a failure of this checkpoint
         except FtdoctorError as exc:
             results["runs_on_data"] = CheckResult("runs_on_data", False, None, None, _error_text(exc))
             return done(**info)

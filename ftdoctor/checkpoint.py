@@ -381,6 +381,9 @@ def _parse_device(name: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
         raise FtdoctorError(f"unknown device {name!r}", "use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise FtdoctorError(f"ftdoctor cannot run on the {device.type} device (--device {name})",
+                            "use --device cpu, cuda or cuda:N")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (device.index or 0) >= count:

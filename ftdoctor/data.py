@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ftdoctor import shapes
-from ftdoctor.errors import FtdoctorError
+from ftdoctor.errors import DataError, FtdoctorError
 
 SPLITS = ("train", "test")
 NORMALIZATIONS = ("imagenet", "dataset", "none")
@@ -228,8 +228,8 @@ class _HDF5Source:
             block = images[unique][inverse]
         block = np.asarray(block)
         if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
-            raise FtdoctorError(f"{self.path}:{self.key} holds NaN or infinite values",
-                                "clean the images before probing")
+            raise DataError(f"{self.path}:{self.key} holds NaN or infinite values",
+                            "clean the images before probing")
         return _to_chw_float(block, self.layout)
 
 
@@ -263,10 +263,10 @@ def _read_image(path: str) -> Any:
                 width, height = image.size
                 check_image_pixels(height, width, f"the image {path}")
                 return image.convert("RGB")
-        except FtdoctorError:
-            raise
+        except FtdoctorError as exc:
+            raise DataError(exc.cause, exc.remedy) from None
         except Exception as exc:  # PIL raises many types for a bad file  # noqa: BLE001
-            raise FtdoctorError(f"cannot read image {path}: {exc}", "remove or replace the file") from None
+            raise DataError(f"cannot read image {path}: {exc}", "remove or replace the file") from None
 
 
 @dataclass

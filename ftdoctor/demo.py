@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -74,7 +75,9 @@ def pretrain_source(workdir: Path, *, seed: int = 0, epochs: int = 6, console: C
     train_classifier(model, train, epochs=epochs, lr=5e-3, seed=seed, description="pretraining on shapes")
     acc = accuracy(model, test)
     path = workdir / "source.pt"
-    torch.save(model.state_dict(), path)
+    from ftdoctor.outputs import atomic_write
+    state = model.state_dict()
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     if console is not None:
         console.print(f"pretrained ShapesNet on [bold]{SOURCE_TASK}[/] ({train.num_classes} classes) in "
                       f"{time.perf_counter() - t0:.0f} s: test accuracy [bold]{acc:.1%}[/] → {path}")
@@ -83,14 +86,31 @@ def pretrain_source(workdir: Path, *, seed: int = 0, epochs: int = 6, console: C
 
 def run_demo(workdir: Path | None, *, seed: int = 0, console: Console | None = None) -> Path:
     """Run the demo; returns the work directory."""
+    from ftdoctor.outputs import journal
+
+    console = console or Console()
+    made = workdir is None or not Path(workdir).exists()
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ftdoctor-demo-"))
+    if workdir.exists() and not workdir.is_dir():
+        from ftdoctor.errors import FtdoctorError
+        raise FtdoctorError(f"--workdir {workdir} is a file, not a directory", "pass a directory (it is created)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with journal():       # an interrupted or failed demo leaves none of its files behind
+            return _run_demo(workdir, seed, console)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                workdir.rmdir()    # ours and (rolled back) empty
+        raise
+
+
+def _run_demo(workdir: Path, seed: int, console: Console) -> Path:
     from ftdoctor.checkpoint import ModelOptions
     from ftdoctor.diagnose import ProbeOptions, probe
     from ftdoctor.inspection import inspect
     from ftdoctor.report import inspect_table, table
 
-    console = console or Console()
-    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ftdoctor-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     console.rule("[bold]ftdoctor demo")
     console.print(f"work directory: [bold]{workdir}[/]")
     arch = "ftdoctor.zoo:ShapesNet"

@@ -93,6 +93,7 @@ class ProbeRun:
     layers: list[AffineLayer]
     head: AffineLayer
     num_samples: int
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -186,8 +187,16 @@ def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = Prob
     ctx = ProbeContext(model=model, layers=tuple(layers), head=head, num_classes=data.num_classes,
                        seed=options.seed, reference=reference,
                        reference_layers=tuple(reference_pairs(layers, reference, options.r2_layers))
-                       if reference is not None else (), options=options)
-    probes: list[Probe] = [PROBES[n](ctx) for n in names]
+                       if reference is not None else (), options=options, scripted=is_scripted(model))
+    probes: list[Probe] = []
+    skipped: list[Skipped] = unreached_parameters(model, layers)
+    for n in names:
+        p = PROBES[n](ctx)
+        why = p.unavailable()
+        if why:
+            skipped.append(Skipped("(all layers)", n, why))
+        else:
+            probes.append(p)
     data_probes = [p for p in probes if p.needs_data]
     n = 0
     if data_probes:
@@ -204,15 +213,16 @@ def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = Prob
             p.reduce_(distributed.all_reduce_sum)
         n = data.num_samples
     results: dict[str, ProbeResult] = {}
-    skipped: list[Skipped] = unreached_parameters(model, layers)
     findings: list[Finding] = weight_findings(model)
+    notes: list[str] = []
     for p in probes:
         res = p.compute()
         results[p.name] = res
         skipped.extend(p.skipped)
+        notes.extend(p.notes)
         findings.extend(p.findings(res, options.thresholds))
     return ProbeRun(results=results, skipped=skipped, findings=findings, layers=list(layers), head=head,
-                    num_samples=n)
+                    num_samples=n, notes=notes)
 
 
 def unreached_parameters(model: nn.Module, layers: Sequence[AffineLayer]) -> list[Skipped]:
@@ -295,6 +305,7 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
                       batch_size=data.batch_size, workers=data.workers)
     run.findings = [concrete_suggestion(f, model_path, model_opts.arch, data, options.new_head)
                     for f in run.findings]
+    notes.extend(run.notes)
     settings = {"probes": list(run.results), "seed": options.seed, "split": bundle.split,
                 "max_samples": data.max_samples, "batch_size": data.batch_size, "image_size": data.image_size,
                 "normalize": data.normalize, "change_rate_mode": options.change_rate_mode,

@@ -107,6 +107,8 @@ class _Capture:
                     self.unsupported[layer.name] = reason
 
     def __enter__(self) -> "_Capture":
+        if not (self.want_grad_sq or self.want_outputs or self.want_head_input):
+            return self      # nothing to collect (and a TorchScript model takes no hooks)
         for layer in self.layers:
             self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
         return self

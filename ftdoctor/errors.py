@@ -21,6 +21,11 @@ class FtdoctorError(Exception):
         return f"{self.cause} ({self.remedy})"
 
 
+class DataError(FtdoctorError):
+    """Unusable data found while reading it (NaN images, an unreadable file): exit 2 for every command,
+    even ``check``, which turns a checkpoint's own problems into failed checks."""
+
+
 class VerificationFailed(FtdoctorError):
     """A fix whose result did not pass its verification (exit 1, nothing written)."""
 
@@ -31,7 +36,7 @@ class VerificationFailed(FtdoctorError):
 _CARRIED = "ftdoctor-error:"
 
 
-class CarriedError(FtdoctorError):
+class CarriedError(DataError):
     """An :class:`FtdoctorError` carried out of a DataLoader worker process.
 
     torch re-raises a worker's exception in the main process by calling its

@@ -31,7 +31,8 @@ def open_file(path: Path, what: str, remedy: str) -> Any:
     try:
         return h5py.File(path, "r", locking=False)
     except (OSError, ValueError) as exc:
-        raise FtdoctorError(f"cannot read {path} as HDF5: {exc}", remedy) from None
+        raise FtdoctorError(f"cannot read {path} as HDF5: not an HDF5 file, or a damaged one ({exc})",
+                            remedy) from None
 
 
 def checked_dataset(handle: Any, key: str, what: str, *, numeric: bool = True) -> Any:

@@ -130,7 +130,7 @@ def layer_order(model: nn.Module, example: Tensor | None = None,
     inputs are tried; if none runs, registration order is used (and said so).
     """
     if example is not None:
-        return forward_order(model, example), "forward"
+        return forward_order(model, example), "registration" if is_scripted(model) else "forward"
     if is_scripted(model):
         return registered_affine_layers(model), "registration"
     for x in dummy_inputs(model, image_size):

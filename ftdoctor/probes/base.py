@@ -74,6 +74,7 @@ class ProbeContext:
     reference: nn.Module | None = None
     reference_layers: tuple[tuple[AffineLayer, AffineLayer], ...] = ()  # (model, reference) pairs
     options: Any = None               # ProbeOptions
+    scripted: bool = False            # a TorchScript model: no Python hooks run inside it
 
 
 @dataclass
@@ -215,6 +216,11 @@ class Probe:
         self.ctx = ctx
         self._states: dict[str, str] = {}
         self.skipped: list[Skipped] = []
+        self.notes: list[str] = []
+
+    def unavailable(self) -> str | None:
+        """Why this probe cannot measure this model at all (then it is reported as skipped), or None."""
+        return None
 
     # -- state management (mergeable sufficient statistics) -----------------
     def add_state(self, name: str, default: Tensor | list | Float64Sum, reduce: str = "sum") -> None:

@@ -65,6 +65,11 @@ class ChangeRateProbe(Probe):
         opts = ctx.options
         self.mode = getattr(opts, "change_rate_mode", "exact")
         self.loss = getattr(opts, "change_rate_loss", "random")
+        if ctx.scripted and self.mode == "exact" and self.loss == "random":
+            # per-example squares need hooks; the batch estimate of the same G² needs only autograd
+            self.mode = "batch"
+            self.notes.append("change_rate: a TorchScript model runs no Python hooks, so its per-example "
+                              "squares cannot be formed; measured with the batch estimate (mode batch) instead")
         self.needs = frozenset({"grad_sq"}) if self.mode == "exact" else frozenset({"rand_grads"})
         self.layers = list(ctx.layers)
         # exact: per-example squares of this process's examples (summed across processes);
@@ -75,6 +80,13 @@ class ChangeRateProbe(Probe):
             self.add_state(self._key(layer.name), Float64Sum(layer.weight.shape, layer.weight.device), reduce)
         self.add_state("missing", torch.zeros(len(self.layers), dtype=torch.float64))
         self._result: ProbeResult | None = None
+
+    def unavailable(self) -> str | None:
+        if self.ctx.scripted and self.loss == "ce":
+            return ("--change-rate-loss ce needs per-example gradients, which a TorchScript model cannot give "
+                    "(it runs no Python hooks); use the random loss (its batch estimate works) or the eager "
+                    "checkpoint")
+        return None
 
     @staticmethod
     def _key(name: str) -> str:

@@ -79,6 +79,10 @@ class NoiseProbe(Probe):
                 w, b = seed_head_params(head.weight.shape, getattr(head, "bias", None) is not None,
                                         opts.head_init, ctx.seed, k)
                 self.heads.append((w.to(head.weight), None if b is None else b.to(head.weight)))
+        if ctx.scripted:   # no hook inside a TorchScript model: the head's input is not seen
+            self.needs = frozenset()
+            self.skip(ctx.head.name, "feature_energy needs the head's input, which a TorchScript model does not "
+                                     "expose to Python hooks")
         k = self.seeds
         dev = head.weight.device          # the sums live where the logits are (--device cuda)
         self.add_state("count", torch.zeros((), dtype=torch.float64, device=dev))
@@ -133,7 +137,7 @@ class NoiseProbe(Probe):
             fig = noise_figures(float(self.zeta[k]) / n, float(self.label[k]) / n, float(self.kappa[k]) / n,
                                 float(self.ce[k]) / n, float(self.entropy[k]) / n,
                                 float(self.backbone[k]) / n if w.dim() == 2 else None,
-                                float(self.feature) / n if self.ctx.head else None, c)
+                                float(self.feature) / n if "head_input" in self.needs else None, c)
             per_seed.append(fig)
         if self.seeds == 1:
             figures = per_seed[0]

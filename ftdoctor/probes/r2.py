@@ -180,6 +180,12 @@ class R2Probe(Probe):
         return True
 
     @torch.no_grad()
+    def unavailable(self) -> str | None:
+        if self.ctx.scripted:
+            return ("a TorchScript model runs no Python forward hooks, so its layers' activations cannot be "
+                    "compared with the reference's; probe the eager checkpoint (state dict with --arch)")
+        return None
+
     def update(self, batch: Batch) -> None:
         groups: dict[tuple, list[tuple[AffineLayer, tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
         for mine, _ in self.pairs:

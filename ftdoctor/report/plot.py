@@ -20,6 +20,8 @@ touches a user's interactive backend.
 """
 from __future__ import annotations
 
+import os
+
 import json
 import math
 from dataclasses import dataclass
@@ -83,6 +85,10 @@ class ProbeFile:
     arrays: dict[str, np.ndarray]
 
 
+# One array of an ftdoctor HDF5 file (a G² or a heat map) may take at most this much memory.
+_MAX_ARRAY_BYTES = 1 << 30
+
+
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -90,14 +96,17 @@ def _text(v: Any) -> str:
 def read(path: str | Path) -> TraceFile | ProbeFile:
     """Read a trace/compare or probe HDF5 file written by ftdoctor."""
     import h5py
+
+    from ftdoctor import h5safe
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FtdoctorError(f"{path} does not exist", "pass an .h5 file written by ftdoctor trace, compare or probe")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise FtdoctorError(f"{path} is not an HDF5 file", "pass an .h5 file written by ftdoctor trace, "
-                            "compare or probe --hdf5") from None
+    f = h5safe.open_file(path, "the HDF5 file", "pass an .h5 file written by ftdoctor trace, compare or probe --hdf5")
+
+    def array(group: Any, key: str, where: str) -> np.ndarray:
+        # every dataset as untrusted as the file: no external storage or links, bounded size
+        return h5safe.read_whole(h5safe.checked_dataset(group, key, f"{path}:{where}"), f"{path}:{where}",
+                                 _MAX_ARRAY_BYTES)
     with f:
         schema = _text(f.attrs.get("schema", ""))
         try:
@@ -110,7 +119,7 @@ def read(path: str | Path) -> TraceFile | ProbeFile:
                 for name, g in group.items():
                     if not name.startswith("seed_"):
                         continue
-                    series = {k: np.asarray(v[()]) for k, v in g.items()}
+                    series = {k: array(g, k, f"{method}/{name}/{k}") for k in g.keys()}
                     if "step" in g and "reinitialised" in g["step"].attrs:
                         series["reinitialised"] = np.asarray(g["step"].attrs["reinitialised"])
                     layers = tuple(_text(x) for x in g["grad_norm"].attrs.get("layers", [])) \
@@ -122,10 +131,10 @@ def read(path: str | Path) -> TraceFile | ProbeFile:
         if schema == REPORT_SCHEMA:
             arrays: dict[str, np.ndarray] = {}
 
-            def visit(name: str, obj: Any) -> None:
-                if isinstance(obj, h5py.Dataset):
-                    arrays[name] = np.asarray(obj[()])
-            f.visititems(visit)
+            names: list[str] = []
+            f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            for name in names:
+                arrays[name] = array(f, name, name)
             return ProbeFile(report, arrays)
     raise FtdoctorError(f"{path} is not an ftdoctor file (schema {schema or 'missing'!r})",
                         "pass an .h5 file written by ftdoctor trace, compare or probe --hdf5")
