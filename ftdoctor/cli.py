@@ -781,9 +781,13 @@ def _fail(cause: str, remedy: str, code: int) -> None:
 
 def _interrupted(exc: BaseException) -> None:
     """Ctrl-C or SIGTERM: say truthfully what was kept (outputs are rolled back unless already complete)."""
-    from ftdoctor.outputs import Terminated, committed
+    import signal
+
+    from ftdoctor.outputs import Terminated, committed, received_signal
     kept = committed()
-    signame, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("Ctrl-C", 130)
+    # typer hands Ctrl-C back as the value 130: the signal handler remembers which signal it was
+    term = isinstance(exc, Terminated) or received_signal() == signal.SIGTERM
+    signame, code = ("SIGTERM", 143) if term else ("Ctrl-C", 130)
     if kept:
         _fail(f"interrupted ({signame}) after the outputs were complete: {', '.join(map(str, kept))}",
               "they are whole; nothing else was written", code)

@@ -246,27 +246,32 @@ class _FolderSource:
 
         return [pil_to_tensor(_read_image(self.folder.samples[int(i)][0])).float().div_(255.0) for i in indices]
 
+    def first_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of the first image, from its header (images are read as RGB)."""
+        width, height = _read_image(self.folder.samples[0][0], header_only=True)
+        return 3, height, width
+
 
 # What PIL may decode in an image folder: the formats of torchvision's IMG_EXTENSIONS, nothing else.
 _PIL_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
 
 
-def _read_image(path: str) -> Any:
-    """One image as RGB: a regular file, one of :data:`_PIL_FORMATS`, its size checked before decoding."""
+def _read_image(path: str, header_only: bool = False) -> Any:
+    """One image as RGB: a regular file, one of :data:`_PIL_FORMATS`, its size checked before decoding
+    (``header_only``: just its (width, height))."""
     from PIL import Image
 
     from ftdoctor.safety import check_image_pixels, open_regular
 
-    with open_regular(path, "the image") as f:
-        try:
-            with Image.open(f, formats=_PIL_FORMATS) as image:
-                width, height = image.size
-                check_image_pixels(height, width, f"the image {path}")
-                return image.convert("RGB")
-        except FtdoctorError as exc:
-            raise DataError(exc.cause, exc.remedy) from None
-        except Exception as exc:  # PIL raises many types for a bad file  # noqa: BLE001
-            raise DataError(f"cannot read image {path}: {exc}", "remove or replace the file") from None
+    try:
+        with open_regular(path, "the image") as f, Image.open(f, formats=_PIL_FORMATS) as image:
+            width, height = image.size
+            check_image_pixels(height, width, f"the image {path}")
+            return (width, height) if header_only else image.convert("RGB")
+    except FtdoctorError as exc:
+        raise DataError(exc.cause, exc.remedy) from None
+    except Exception as exc:  # PIL raises many types for a bad file  # noqa: BLE001
+        raise DataError(f"cannot read image {path}: {exc}", "remove or replace the file") from None
 
 
 @dataclass
@@ -419,9 +424,12 @@ def load_data(opts: DataOptions) -> DataBundle:
                             "point --data at a dataset with two or more classes (labels 0 … C−1)")
     _check_labels(source.labels, source.num_classes, name)
 
-    first = source.read([0])
-    first = first[0] if isinstance(first, list) else first[0]
-    channels, height, width = (int(s) for s in first.shape)
+    if hasattr(source, "first_shape"):
+        channels, height, width = source.first_shape()     # from the file's header: nothing decoded yet
+    else:
+        first = source.read([0])
+        first = first[0] if isinstance(first, list) else first[0]
+        channels, height, width = (int(s) for s in first.shape)
     resize_to = (opts.image_size, opts.image_size) if opts.image_size else resize_default
     if resize_to is None and isinstance(source, _FolderSource):
         resize_to = (height, width)

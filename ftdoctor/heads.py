@@ -73,5 +73,10 @@ def init_head_(head: nn.Module, method: str, generator: torch.Generator,
     return head
 
 
-def generator_for(seed: int) -> torch.Generator:
+def generator_for(seed: int, stream: str = "") -> torch.Generator:
+    """A generator seeded by ``seed``; a named ``stream`` gets draws of its own for the same seed (so a
+    re-drawn head never repeats the fresh head ``--new-head`` installed with that seed)."""
+    if stream:
+        import zlib
+        seed = (int(seed) * 0x9E3779B1 + zlib.crc32(stream.encode())) % (2**63)
     return torch.Generator().manual_seed(int(seed))

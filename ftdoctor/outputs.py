@@ -152,7 +152,16 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every clean-up path runs."""
 
 
+_received: list[int] = []
+
+
+def received_signal() -> int | None:
+    """The signal that interrupted this command (SIGINT or SIGTERM), if one did."""
+    return _received[-1] if _received else None
+
+
 def _raise_for(signum: int) -> None:
+    _received.append(signum)
     if signum == signal.SIGTERM:
         raise Terminated()
     raise KeyboardInterrupt()
@@ -169,6 +178,7 @@ def start_command() -> None:
     """At the start of a command: SIGINT and SIGTERM raise (``KeyboardInterrupt`` / :class:`Terminated`)
     outside critical sections, and no output counts as kept yet."""
     _committed.clear()
+    _received.clear()
     with contextlib.suppress(ValueError):   # not the main thread: leave the handlers alone
         signal.signal(signal.SIGINT, _handler)
         signal.signal(signal.SIGTERM, _handler)
@@ -312,9 +322,13 @@ def atomic_write(out: str | Path, write: Callable[[Path], None]) -> Path:
         else:
             with critical():
                 os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         with critical(), contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):   # disk full, quota, permissions changed during the run
+            raise FtdoctorError(f"writing {out} failed: {exc.strerror or exc}; nothing was written",
+                                "check the disk space and permissions of the output directory, then run "
+                                "again") from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (POSIX only)
         dir_fd = os.open(out.parent, os.O_RDONLY)

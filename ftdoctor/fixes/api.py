@@ -176,6 +176,13 @@ def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "
             f"the head {head_layer.name} has {outputs} outputs but the data has {bundle.num_classes} classes",
             "pass --new-head to attach a fresh head for the data's classes")
 
+    from ftdoctor.diagnose import weight_findings
+    broken = weight_findings(net)
+    if broken:
+        raise FtdoctorError(f"the model in {model_path} has {broken[0].message.removeprefix('NaN or Inf in ')} "
+                            "with NaN or Inf: a fix cannot repair a diverged or corrupt checkpoint",
+                            "re-export the checkpoint from a good training step (ftdoctor inspect lists the "
+                            "layers that are not finite)")
     ctx = FixContext(model=net, data=bundle, layers=tuple(layers), head=head_layer,
                      num_classes=bundle.num_classes, seed=seed, device=device)
     fixer.validate(ctx)

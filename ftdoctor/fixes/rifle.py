@@ -48,7 +48,7 @@ class Rifle(Fix[RifleOptions]):
         return snapshot(ctx.model)
 
     def apply(self, ctx: FixContext, before: Any) -> None:
-        init_head_(ctx.head.module, self.options.init, generator_for(ctx.seed))
+        init_head_(ctx.head.module, self.options.init, generator_for(ctx.seed, "rifle"))
 
     def verify(self, ctx: FixContext, before: dict[str, torch.Tensor], applied: Any) -> FixOutcome:
         after = snapshot(ctx.model)
