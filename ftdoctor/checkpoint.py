@@ -34,7 +34,6 @@ import os
 import pickle
 import pickletools
 import re
-import secrets
 import sys
 import warnings
 import zipfile
@@ -49,7 +48,7 @@ from torch.overrides import TorchFunctionMode
 
 from ftdoctor import bounds
 from ftdoctor.errors import FtdoctorError
-from ftdoctor.outputs import Output, atomic_write, check_outputs, journal, sidecar_path
+from ftdoctor.outputs import Output, atomic_write, check_outputs, sidecar_path
 from ftdoctor.safety import open_regular, regular_file
 
 __all__ = [

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -221,12 +220,16 @@ class _HDF5Source:
             self._file = h5py.File(self.path, "r", locking=False)   # checked by _hdf5_source
         images = self._file[self.key]
         idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
-            block = images[int(idx[0]):int(idx[0]) + idx.size]
-        else:  # h5py wants increasing, unique indices
-            unique, inverse = np.unique(idx, return_inverse=True)
-            block = images[unique][inverse]
-        block = np.asarray(block)
+        try:
+            if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+                block = images[int(idx[0]):int(idx[0]) + idx.size]
+            else:  # h5py wants increasing, unique indices
+                unique, inverse = np.unique(idx, return_inverse=True)
+                block = images[unique][inverse]
+            block = np.asarray(block)
+        except Exception as exc:  # noqa: BLE001 - a damaged chunk (filter failure, bad checksum)
+            raise DataError(f"cannot read the images of {self.path}: {exc}",
+                            "the file is damaged; write it again") from None
         if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
             raise DataError(f"{self.path}:{self.key} holds NaN or infinite values",
                             "clean the images before probing")
@@ -755,9 +758,13 @@ def _stated_classes(value: Any, what: str) -> int | None:
     if value is None:
         return None
     try:
-        count = int(np.asarray(value).reshape(()))
-    except (TypeError, ValueError):
+        number = np.asarray(value).reshape(())
+        count = int(number)
+        whole = bool(number == count)
+    except (TypeError, ValueError, OverflowError):
         raise FtdoctorError(f"{what} is not a single integer", "store num_classes as one integer") from None
+    if not whole:
+        raise FtdoctorError(f"{what} is {number}, not a whole number", "store num_classes as one integer")
     if count <= 0:
         raise FtdoctorError(f"{what} is {count}", "store a positive num_classes, or none at all")
     return count
@@ -775,7 +782,7 @@ def _file_classes(label_arrays: list[np.ndarray], stated: int | None, what: str 
 def _npz_source(path: Path, opts: DataOptions) -> _ArraySource:
     """Headers first (shapes, dtypes), then only the capped rows of the images: :mod:`ftdoctor.npz`."""
     from ftdoctor.npz import NpzArchive
-    from ftdoctor.safety import MAX_LABEL_BYTES
+    from ftdoctor.safety import MAX_IN_MEMORY_BYTES, MAX_LABEL_BYTES
 
     keys = {"train": ("x", "y"), "test": ("x_test", "y_test")}
     with NpzArchive(path) as archive:
@@ -800,7 +807,7 @@ def _npz_source(path: Path, opts: DataOptions) -> _ArraySource:
         stated = _stated_classes(archive.read("num_classes", limit=64) if "num_classes" in names else None,
                                  f"{path}:num_classes")
         cap = _cap(len(labels), opts.max_samples)
-        images = archive.read(x_key, cap)
+        images = archive.read(x_key, cap, limit=MAX_IN_MEMORY_BYTES)
     if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
         raise FtdoctorError(f"{path}:{x_key} holds NaN or infinite values",
                             "clean the images before probing")
@@ -817,17 +824,15 @@ def _check_image_shape(shape: tuple[int, ...], layout: str, what: str) -> None:
 
 def _hdf5_source(path: Path, opts: DataOptions) -> _HDF5Source:
     """Datasets checked by :mod:`ftdoctor.h5safe` (no external storage, links or plugins) before reading."""
-    import h5py
 
     from ftdoctor import h5safe
     from ftdoctor.safety import MAX_LABEL_BYTES
 
     keys = {"train": ("images", "labels"), "test": ("test_images", "test_labels")}
-    handle = h5safe.open_file(path, "the data file", "check that the file is complete and was written by HDF5 (h5py)")
+    remedy = "check that the file is complete and was written by HDF5 (h5py)"
+    handle = h5safe.open_file(path, "the data file", remedy)
     with handle:
-        found: list[str] = []
-        handle.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) else None)
-        links = set(handle.keys())
+        found, links = h5safe.listing(handle, path, remedy)
         have = ", ".join(found) or "no datasets"
         x_key, y_key = keys[opts.split]
         if not {"images", "labels"} <= (set(found) | links):
@@ -850,11 +855,14 @@ def _hdf5_source(path: Path, opts: DataOptions) -> _HDF5Source:
             stated = handle.attrs.get("num_classes", handle[y_key].attrs.get("num_classes"))
         except FtdoctorError:
             raise
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a damaged file: h5py raises many types
             raise FtdoctorError(f"cannot read the datasets of {path}: {exc}",
-                                "check that the file is complete") from exc
+                                "check that the file is complete") from None
     layout = _image_layout(shape, dtype, f"{path}:{x_key}")
     _check_image_shape(shape, layout, f"{path}:{x_key}")
+    from ftdoctor.safety import check_batch_bytes
+    # the stored rows of one batch, before their float32 copy (float64 images take twice that)
+    check_batch_bytes(opts.batch_size, shape[1:], f"stored images of {path}", itemsize=dtype.itemsize)
     labels = label_sets[y_key]
     if shape[0] != len(labels):
         raise FtdoctorError(f"{path}: {x_key} has {shape[0]} images but {y_key} has {len(labels)} labels",

@@ -35,6 +35,21 @@ def open_file(path: Path, what: str, remedy: str) -> Any:
                             remedy) from None
 
 
+def listing(handle: Any, path: Path, remedy: str) -> tuple[list[str], set[str]]:
+    """The names of the file's datasets (anywhere) and of its top-level links; a damaged tree is an error."""
+    import h5py
+
+    def text(name: Any) -> str:
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    found: list[str] = []
+    try:
+        handle.visititems(lambda name, obj: found.append(text(name)) if isinstance(obj, h5py.Dataset) else None)
+        links = {text(k) for k in handle.keys()}
+    except Exception as exc:  # noqa: BLE001 - a damaged B-tree or object header
+        raise FtdoctorError(f"cannot read the contents of {path}: {exc}", remedy) from None
+    return found, links
+
+
 def checked_dataset(handle: Any, key: str, what: str, *, numeric: bool = True) -> Any:
     """The dataset ``key`` of an open file, refused unless its data lives in the file and is safe to read."""
     import h5py
@@ -69,12 +84,20 @@ def checked_dataset(handle: Any, key: str, what: str, *, numeric: bool = True) -
             raise FtdoctorError(f"{what} is stored in chunks of {human_bytes(chunk_bytes)}, each decompressed "
                                 f"whole to read any of it (ftdoctor's limit is {human_bytes(MAX_CHUNK_BYTES)})",
                                 "rewrite it with smaller chunks (h5py picks sensible ones with chunks=True)")
+    declared = math.prod(obj.shape or ()) * dtype.itemsize
+    stored = obj.id.get_storage_size()
+    if declared and stored == 0:
+        raise FtdoctorError(f"{what} declares {human_bytes(declared)} but holds no data (never written)",
+                            "write the data into the dataset")
+    if obj.chunks is None and obj.compression is None and stored < declared:
+        raise FtdoctorError(f"{what} declares {human_bytes(declared)} but holds {human_bytes(stored)}",
+                            "the file is damaged or truncated; write it again")
     return obj
 
 
 def read_whole(dataset: Any, what: str, limit: int) -> np.ndarray:
     """All of a (checked) dataset, if it declares at most ``limit`` bytes."""
-    nbytes = math.prod(dataset.shape) * dataset.dtype.itemsize
+    nbytes = math.prod(dataset.shape or ()) * dataset.dtype.itemsize
     if nbytes > limit:
         raise FtdoctorError(f"{what} declares {human_bytes(nbytes)}, more than ftdoctor reads for it "
                             f"({human_bytes(limit)})", "store a smaller array")

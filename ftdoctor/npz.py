@@ -51,7 +51,7 @@ class NpzArchive:
         self._file: BinaryIO = open_regular(path, "the data file")
         try:
             self._zip = zipfile.ZipFile(self._file)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError (zip version), ...
             self._file.seek(0)
             magic = self._file.read(6)
             self._file.close()
@@ -92,6 +92,10 @@ class NpzArchive:
                 count = int(head.shape[0]) if head.shape else 1
                 take = count if rows is None or not head.shape else min(rows, count)
                 wanted = head.row_bytes * take
+                held = self._zip.getinfo(name + ".npy").file_size - f.tell()
+                if head.nbytes > held:
+                    raise FtdoctorError(f"{what} declares {human_bytes(head.nbytes)} of data but holds "
+                                        f"{human_bytes(max(0, held))}", "the file is damaged; write it again")
                 if limit is not None and wanted > limit:
                     raise FtdoctorError(f"{what} declares {human_bytes(wanted)} to read, more than ftdoctor "
                                         f"reads for it ({human_bytes(limit)})",
@@ -110,6 +114,8 @@ class NpzArchive:
 
 
 def _read_header(f: BinaryIO, what: str) -> Header:
+    import ast
+
     from numpy.lib import format as npy
 
     version = npy.read_magic(f)
@@ -117,27 +123,33 @@ def _read_header(f: BinaryIO, what: str) -> Header:
         shape, fortran, dtype = npy.read_array_header_1_0(f)
     elif version == (2, 0):
         shape, fortran, dtype = npy.read_array_header_2_0(f)
+    elif version == (3, 0):    # 2.0 with a utf-8 header (numpy writes it for non-latin-1 field names)
+        size = int.from_bytes(f.read(4), "little")
+        if size > 100_000:
+            raise FtdoctorError(f"{what} has a {size}-byte array header", _REMEDY)
+        fields = ast.literal_eval(f.read(size).decode("utf-8"))
+        shape, fortran = fields["shape"], fields["fortran_order"]
+        dtype = npy.descr_to_dtype(fields["descr"])
     else:
-        shape, fortran, dtype = npy._read_array_header(f, version)   # 3.0: utf-8 field names
+        raise FtdoctorError(f"{what} is in .npy format {version}, which ftdoctor does not read", _REMEDY)
     dtype = np.dtype(dtype)
     if dtype.hasobject:
         raise FtdoctorError(f"{what} is an array of Python objects", _REMEDY)
     if np.issubdtype(dtype, np.complexfloating):
         raise FtdoctorError(f"{what} holds complex numbers ({dtype})", "store real-valued images and labels")
-    if any(int(s) < 0 for s in shape):
-        raise FtdoctorError(f"{what} declares a negative dimension {tuple(shape)}", _REMEDY)
+    if not isinstance(shape, tuple) or any(not isinstance(s, int) or s < 0 for s in shape):
+        raise FtdoctorError(f"{what} declares an invalid shape {shape!r}", _REMEDY)
     return Header(tuple(int(s) for s in shape), dtype, bool(fortran))
 
 
-def _read_exact(f: BinaryIO, n: int, what: str) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = f.readinto(view[got:])  # type: ignore[attr-defined]
-        if not k:
-            raise FtdoctorError(f"{what} ends early: {got} of {n} bytes", "the file is truncated; write it again")
-        got += k
+def _read_exact(f: BinaryIO, n: int, what: str, block: int = 16 << 20) -> bytearray:
+    """``n`` bytes, read block by block: memory follows the data actually there, not what a header claims."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(min(block, n - len(buf)))
+        if not chunk:
+            raise FtdoctorError(f"{what} ends early: {len(buf)} of {n} bytes", "the file is truncated; write it again")
+        buf += chunk
     return buf
 
 

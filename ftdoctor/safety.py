@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import codecs
-import contextlib
 import fcntl
 import os
 import pickle
@@ -35,6 +34,8 @@ MAX_CLASSES = 100_000
 MAX_IMAGE_PIXELS = 8192 * 8192
 #: The most memory one prepared float32 batch may take (batch size × C × H × W × 4 bytes).
 MAX_BATCH_BYTES = 2 << 30
+#: The most memory the capped images of an in-memory source (.npz) may take.
+MAX_IN_MEMORY_BYTES = 2 << 30
 #: The most memory a file's labels may take once read (they are read whole: class count, sampling).
 MAX_LABEL_BYTES = 256 << 20
 #: The most memory one compressed HDF5 chunk may take once decompressed (it is decompressed whole).
@@ -142,9 +143,10 @@ def check_image_pixels(height: int, width: int, what: str) -> None:
                             "downscale the images first (a small file declaring a huge image is a decompression bomb)")
 
 
-def check_batch_bytes(batch_size: int, shape: tuple[int, ...], what: str) -> None:
-    """One float32 batch of ``shape``-sized items must fit in :data:`MAX_BATCH_BYTES`."""
-    size = batch_size * 4
+def check_batch_bytes(batch_size: int, shape: tuple[int, ...], what: str, itemsize: int = 4) -> None:
+    """One batch of ``shape``-sized items (float32, or ``itemsize`` bytes each as stored) must fit in
+    :data:`MAX_BATCH_BYTES`."""
+    size = batch_size * itemsize
     for s in shape:
         size *= int(s)
     if size > MAX_BATCH_BYTES:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,3 +119,27 @@ NETS_SOURCE = textwrap.dedent('''
         def forward(self, x):
             return self.pool(self.bn(x)).flatten(1)
 ''')
+
+
+@pytest.fixture
+def nets_dir(tmp_path: Path) -> Path:
+    """A working directory holding the importable test nets (``--arch ftd_hostile_nets:SmallCNN``)."""
+    (tmp_path / "ftd_hostile_nets.py").write_text(NETS_SOURCE)
+    sys.modules.pop("ftd_hostile_nets", None)
+    return tmp_path
+
+
+@pytest.fixture
+def good_model(nets_dir: Path) -> Path:
+    """A valid state dict of SmallCNN (10 classes) in the working directory."""
+    import torch
+    sys.path.insert(0, str(nets_dir))
+    try:
+        import ftd_hostile_nets
+        torch.manual_seed(0)
+        model = ftd_hostile_nets.SmallCNN(10)
+    finally:
+        sys.path.remove(str(nets_dir))
+    path = nets_dir / "good.pt"
+    torch.save(model.state_dict(), path)
+    return path

@@ -94,7 +94,17 @@ def _text(v: Any) -> str:
 
 
 def read(path: str | Path) -> TraceFile | ProbeFile:
-    """Read a trace/compare or probe HDF5 file written by ftdoctor."""
+    """Read a trace/compare or probe HDF5 file written by ftdoctor (as untrusted as any input)."""
+    try:
+        return _read(path)
+    except FtdoctorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: h5py raises many types
+        raise FtdoctorError(f"cannot read {path}: {type(exc).__name__}: {str(exc)[:160]}",
+                            "pass an .h5 file written by ftdoctor trace, compare or probe --hdf5") from None
+
+
+def _read(path: str | Path) -> TraceFile | ProbeFile:
     import h5py
 
     from ftdoctor import h5safe

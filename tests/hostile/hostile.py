@@ -23,28 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 sys.dont_write_bytecode = True   # importing the test nets must not count as a file ftdoctor wrote
 CANARY = "pwned-canary"
 SECONDS = 30          # every case, hostile or not, ends well within this
 GROWTH_MB = 1500      # peak memory a case may add (a bomb would add gigabytes)
 
-NETS = textwrap.dedent('''
-    import torch.nn as nn
-
-    class SmallCNN(nn.Module):
-        def __init__(self, num_classes=10, in_ch=3):
-            super().__init__()
-            self.features = nn.Sequential(
-                nn.Conv2d(in_ch, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(2), nn.Flatten())
-            self.fc = nn.Linear(8 * 4, num_classes)
-
-        def forward(self, x):
-            return self.fc(self.features(x))
-''')
 ARCH = ("--arch", "ftd_hostile_nets:SmallCNN")
 SMALL = ("--max-samples", "32", "--batch-size", "16", "--quiet")
 
@@ -272,27 +256,3 @@ def assert_clean(o: Outcome, code: int, *, mentions: tuple[str, ...] = (), growt
         assert o.growth_mb < child_rss_mb, f"peak RSS {o.growth_mb:.0f} MB"
     else:
         assert o.growth_mb < growth_mb, f"peak memory grew by {o.growth_mb:.0f} MB"
-
-
-@pytest.fixture
-def nets_dir(tmp_path: Path) -> Path:
-    """A working directory holding the importable test nets (``--arch ftd_hostile_nets:SmallCNN``)."""
-    (tmp_path / "ftd_hostile_nets.py").write_text(NETS)
-    sys.modules.pop("ftd_hostile_nets", None)
-    return tmp_path
-
-
-@pytest.fixture
-def good_model(nets_dir: Path) -> Path:
-    """A valid state dict of SmallCNN (10 classes) in the working directory."""
-    import torch
-    sys.path.insert(0, str(nets_dir))
-    try:
-        import ftd_hostile_nets
-        torch.manual_seed(0)
-        model = ftd_hostile_nets.SmallCNN(10)
-    finally:
-        sys.path.remove(str(nets_dir))
-    path = nets_dir / "good.pt"
-    torch.save(model.state_dict(), path)
-    return path

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import zipfile
 from collections import OrderedDict
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hostile import ARCH, SMALL, assert_clean, good_model, nets_dir, run  # noqa: F401
+from hostile import ARCH, SMALL, assert_clean, run
 
 BOUND_MB = 600    # what a refused bomb may cost at most (the refusals cost a few MB)
 

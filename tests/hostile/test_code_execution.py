@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hostile import ARCH, CANARY, SMALL, Evil, assert_clean, good_model, nets_dir, run  # noqa: F401
+from hostile import ARCH, CANARY, SMALL, Evil, assert_clean, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 

@@ -1,7 +1,6 @@
 """Errors that tell the truth: the real cause and a remedy, never "unexpected ..." for user input (SPEC §8)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hostile import ARCH, SMALL, assert_clean, good_model, nets_dir, run  # noqa: F401
+from hostile import ARCH, SMALL, assert_clean, run
 
 
 def test_dataloader_workers_pass_the_real_cause_through(good_model, nets_dir):

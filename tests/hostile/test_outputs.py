@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hostile import ARCH, SMALL, assert_clean, good_model, nets_dir, run  # noqa: F401
+from hostile import ARCH, SMALL, assert_clean, run
 
 FIX = ("--method", "rifle", "--data", "d.npz", "--new-head", "--max-samples", "16", "--quiet")
 

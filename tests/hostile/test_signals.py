@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from hostile import ARCH, assert_clean, good_model, nets_dir, run_child  # noqa: F401
+from hostile import ARCH, assert_clean, run_child
 
 PROBE_OUTPUTS = ("--output", "r.json", "--hdf5", "r.h5")
 FIX = ("--method", "rifle", "--data", "shapes:10", "--max-samples", "64", "--quiet", "-o", "out.pt")

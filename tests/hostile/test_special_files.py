@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hostile import ARCH, SMALL, assert_clean, good_model, nets_dir, run  # noqa: F401
+from hostile import ARCH, SMALL, assert_clean, run
 
 
 def _fifo(path: Path) -> Path:
