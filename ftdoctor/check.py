@@ -681,8 +681,8 @@ def _validate_model_options(opts: Any) -> None:
     """A wrong ``--arch`` or ``--device`` is a bad invocation (exit 2), not a failed ``loadable`` of every file."""
     from ftdoctor import checkpoint as ckpt
     if opts.arch:
-        ckpt._resolve_arch(opts.arch)
-    ckpt._parse_device(opts.device)
+        ckpt.check_arch(opts.arch)
+    ckpt.parse_device(opts.device)
 
 
 def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,

@@ -413,7 +413,7 @@ def _emit_check(report, fmt: str, output: Path | None, github: bool, quiet: bool
         else:
             sys.stdout.write(text)
         return
-    from ftdoctor.checkpoint import atomic_write
+    from ftdoctor.outputs import atomic_write
     atomic_write(output, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     if quiet or fmt == "text" or (fmt == "github" and github):
         return

@@ -413,12 +413,12 @@ def test_resnet18_recognised_without_arch(r18_file):
 def test_vgg11_bn_recognised_without_arch(tmp_path):
     from torchvision.models import vgg11_bn
 
-    from ftdoctor.checkpoint import _match_torchvision
+    from ftdoctor.checkpoint.torchvision import match_torchvision
 
     with torch.device("meta"):
         shapes = vgg11_bn(num_classes=10).state_dict()
     # Keys and shapes are all the matcher reads: meta tensors stand in for 500 MB of weights.
-    assert _match_torchvision(tmp_path / "vgg.pt", shapes).name == "vgg11_bn"
+    assert match_torchvision(tmp_path / "vgg.pt", shapes).name == "vgg11_bn"
 
 
 def test_stride_zero_views_are_refused_as_allocation_bombs(tmp_path):
@@ -439,14 +439,15 @@ def test_stride_zero_views_are_refused_as_allocation_bombs(tmp_path):
 def test_vit_image_size_read_from_the_position_embedding(tmp_path):
     from torchvision.models import vit_b_32
 
-    from ftdoctor.checkpoint import _build_kwargs, _match_torchvision, _signature
+    from ftdoctor.checkpoint.builders import build_kwargs, signature_for
+    from ftdoctor.checkpoint.torchvision import match_torchvision
 
     with torch.device("meta"):
         shapes = vit_b_32(num_classes=5, image_size=64).state_dict()
     sd = {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in shapes.items()}
-    builder = _match_torchvision(tmp_path / "vit.pt", sd)  # matching alone: the real build is 88M parameters
+    builder = match_torchvision(tmp_path / "vit.pt", sd)  # matching alone: the real build is 88M parameters
     assert builder.name == "vit_b_32"
-    assert _build_kwargs(builder, _signature(builder), sd, 5) == {"num_classes": 5, "image_size": 64}
+    assert build_kwargs(builder, signature_for(builder), sd, 5) == {"num_classes": 5, "image_size": 64}
 
 
 def test_unknown_state_dict_without_arch_asks_for_arch(usermodels, tmp_path):

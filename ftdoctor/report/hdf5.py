@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 
-from ftdoctor.checkpoint import atomic_write
+from ftdoctor.outputs import atomic_write
 from ftdoctor.report.json import dumps
 
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ftdoctor.checkpoint import atomic_write
+from ftdoctor.outputs import atomic_write
 
 
 def dumps(doc: dict[str, Any]) -> str:

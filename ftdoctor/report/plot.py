@@ -344,7 +344,7 @@ def probe_figure(pf: ProbeFile) -> Any:
 def plot(path: str | Path, out: str | Path) -> Path:
     """Draw ``path`` (a trace, compare or probe HDF5 file) to ``out`` (.png, .pdf or .svg), atomically."""
     require_matplotlib()
-    from ftdoctor.checkpoint import atomic_write
+    from ftdoctor.outputs import atomic_write
     path, out = Path(path), Path(out)
     fmt = out.suffix.lower().lstrip(".")
     if fmt not in FORMATS:

@@ -1,0 +1,90 @@
+"""Model sources: the registry of ways a checkpoint becomes a model (timm's ``register_model`` pattern).
+
+A :class:`ModelSource` recognises a checkpoint it can build (from the file as
+read, :class:`~.reading.CheckpointFile`, and the options), builds the model
+with its weights, and writes a changed model back in the same format. The
+sources are asked in priority order; the first that recognises the file builds
+it. Adding a source is one module with a :class:`ModelSource` subclass
+decorated with :func:`register_model_source`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ftdoctor.checkpoint.common import LoadedModel, ModelOptions, _short, affine_modules
+from ftdoctor.checkpoint.reading import CheckpointFile
+from ftdoctor.errors import FtdoctorError
+
+MODEL_SOURCES: dict[str, "ModelSource"] = {}
+
+
+class ModelSource:
+    """One way a checkpoint becomes a model; subclass and decorate with :func:`register_model_source`."""
+
+    name: ClassVar[str] = ""
+    #: lower is asked first (file layouts before state-dict architectures)
+    priority: ClassVar[int] = 100
+
+    def accepts_arch(self, arch: str) -> bool:
+        """Whether ``--arch ARCH`` names an architecture of this source."""
+        return False
+
+    def check_arch(self, arch: str) -> None:
+        """Raise FtdoctorError if ``arch`` (accepted) cannot be used, without reading any file."""
+
+    def recognise(self, ckpt: CheckpointFile, opts: ModelOptions) -> Any:
+        """A plan for building ``ckpt`` (anything but None), or None when this source cannot build it."""
+        return None
+
+    def build(self, ckpt: CheckpointFile, opts: ModelOptions, plan: Any, notes: list[str]) -> LoadedModel:
+        """The model with its weights (on the CPU; :func:`load_model` moves it and sets ``eval()``)."""
+        raise NotImplementedError
+
+    def save(self, loaded: LoadedModel, model: nn.Module, out: Path) -> str:
+        """Write ``model`` to ``out`` the way ``loaded`` was stored; return the file's sha256."""
+        raise NotImplementedError
+
+
+def register_model_source(cls: type[ModelSource]) -> type[ModelSource]:
+    """Class decorator: make a model source available to every command."""
+    MODEL_SOURCES[cls.name] = cls()
+    return cls
+
+
+def ordered_sources() -> list[ModelSource]:
+    return sorted(MODEL_SOURCES.values(), key=lambda s: s.priority)
+
+
+def loaded(ckpt: CheckpointFile, model: nn.Module, fmt: str, arch: str | None, container: Any,
+           opts: ModelOptions, notes: list[str], source: str) -> LoadedModel:
+    """Find the head (the last registered affine layer) and check ``--num-classes`` against it."""
+    path = ckpt.path
+    layers = affine_modules(model)
+    if not layers:
+        raise FtdoctorError(
+            f"the model in {path} has no affine layer (Linear or Conv) to serve as its head",
+            "ftdoctor diagnoses classifiers whose last affine layer gives the class scores",
+        )
+    head_key, module = layers[-1]
+    num_classes = int(module.weight.shape[0])
+    if opts.num_classes is not None and opts.num_classes != num_classes:
+        raise FtdoctorError(
+            f"the head {head_key or '(root)'} of {path} has {num_classes} outputs, not --num-classes {opts.num_classes}",
+            f"drop --num-classes (it is read from the head) or pass --num-classes {num_classes}; "
+            "--new-head replaces the head for a dataset with another class count",
+        )
+    return LoadedModel(model, path, ckpt.sha256, fmt, arch, num_classes, head_key, container, notes, source)
+
+
+def on_device(result: LoadedModel, device: torch.device) -> LoadedModel:
+    if device.type != "cpu":
+        try:
+            result.model = result.model.to(device)
+        except Exception as exc:
+            raise FtdoctorError(f"cannot move the model to {device}: {_short(exc)}", "use --device cpu") from None
+    result.model.eval()
+    return result

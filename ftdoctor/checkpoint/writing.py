@@ -1,0 +1,118 @@
+"""Writing a changed model back the way it was read: same format, wrapper dict, key names, prefix, dtypes.
+
+Every write is atomic and checked against the inputs (:mod:`ftdoctor.outputs`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from ftdoctor.checkpoint.common import Container, LoadedModel, sha256_file
+from ftdoctor.outputs import Output, atomic_write, check_outputs, sidecar_path
+
+
+def check_output_path(inp: Path, out: Path, force: bool) -> None:
+    """Refuse to write onto the input, over an existing file without ``force``, or into a missing directory."""
+    check_outputs([Output(Path(out), "-o", replace=False)], [inp], force=force)
+
+def write_sidecar(out: Path, record: dict) -> Path:
+    """Write ``OUT.ftdoctor.json`` (sorted keys, indent 2) atomically and return its path."""
+    path = sidecar_path(out)
+    text = json.dumps(record, sort_keys=True, indent=2) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
+def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force: bool = False) -> str:
+    """Write ``model`` to ``out`` in ``loaded``'s format and container; return the file's sha256.
+
+    A state dict keeps its wrapper dict (other entries untouched), key names,
+    prefix and stored dtypes; a safetensors file keeps its metadata; a full
+    pickled module stays one. TorchScript cannot be written back.
+    """
+    from ftdoctor.checkpoint.sources import MODEL_SOURCES
+
+    out = Path(out)
+    source = MODEL_SOURCES[loaded.source or _source_of(loaded.format)]
+    if loaded.format != "torchscript":
+        check_output_path(loaded.path, out, force)
+    return source.save(loaded, model, out)
+
+
+def _source_of(fmt: str) -> str:
+    """For a LoadedModel made without a source name (older callers): the source of its format."""
+    return {"torchscript": "torchscript", "module": "pickled-module"}.get(fmt, "torchvision")
+
+
+def save_state_dict(box: Container, model: nn.Module, out: Path) -> str:
+    """A state dict (``torch.save`` or ``.safetensors``) in ``box``'s container; its sha256."""
+    if box.format == "safetensors":
+        from safetensors.torch import save_file
+
+        tensors = _unshared(_state_dict_for_save(model, box))
+        metadata = dict(box.metadata) if box.metadata else None
+        writer: Callable[[Path], None] = lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
+    else:
+        payload = _wrap(box, _state_dict_for_save(model, box))
+        writer = lambda tmp: torch.save(payload, tmp)
+    return sha256_file(atomic_write(out, writer))
+
+
+def save_module(box: Container, model: nn.Module, out: Path) -> str:
+    """A full pickled module, in ``box``'s wrapper dict if it had one; its sha256."""
+    payload = _wrap(box, _on_cpu(model))
+    return sha256_file(atomic_write(out, lambda tmp: torch.save(payload, tmp)))
+
+
+def _wrap(box: Container, payload: Any) -> Any:
+    if box.wrapper_key is None or box.wrapper is None:
+        return payload
+    top = copy.copy(box.wrapper)
+    top[box.wrapper_key] = payload
+    return top
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    tensors = list(model.parameters()) + list(model.buffers())
+    if all(t.device.type == "cpu" for t in tensors):
+        return model
+    return copy.deepcopy(model).cpu()
+
+def _state_dict_for_save(model: nn.Module, box: Container) -> OrderedDict[str, torch.Tensor]:
+    """The model's tensors under the file's key names, in file order, with the file's dtypes."""
+    own = model.state_dict()
+    order = [k for k in box.dtypes if k in own] + [k for k in own if k not in box.dtypes]
+    result: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for k in order:
+        tensor = own[k].detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        stored = box.dtypes.get(k)
+        if stored is not None and tensor.dtype != stored and tensor.is_floating_point() == stored.is_floating_point:
+            tensor = tensor.to(stored)
+        result[box.prefix + k] = tensor
+    metadata = getattr(own, "_metadata", None)
+    if metadata is not None:
+        result._metadata = OrderedDict(  # type: ignore[attr-defined]
+            ((box.prefix + k) if k else box.prefix[:-1], v) for k, v in metadata.items()
+        )
+    return result
+
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights): give each its own copy."""
+    seen: set[int] = set()
+    result = {}
+    for k, t in tensors.items():
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        result[k] = t
+    return result
