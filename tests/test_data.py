@@ -176,7 +176,7 @@ def test_cifar10_in_the_real_pickle_format_loads_through_torchvision(tmp_path: P
     bundle = load_data(DataOptions("cifar10", data_root=str(tmp_path), normalize="none", max_samples=None))
     import torchvision.datasets as tvd
 
-    from ftdoctor.data import _cifar_class
+    from ftdoctor.data.torchvision_sets import _cifar_class
     assert issubclass(_cifar_class(tvd.CIFAR10), tvd.CIFAR10)   # torchvision's class, its layout
     assert (bundle.num_samples, bundle.num_classes, bundle.image_shape) == (20, 10, (3, 32, 32))
     x, y, _ = _all_batches(bundle)
