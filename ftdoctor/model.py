@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ftdoctor import forward
 from ftdoctor.errors import FtdoctorError
 
 AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -94,7 +95,7 @@ def forward_order(model: nn.Module, example: Tensor) -> list[AffineLayer]:
     try:
         with torch.no_grad(), _preserved_mode(model):
             model.eval()
-            model(example)
+            forward.logits(model, example)
     finally:
         for h in handles:
             h.remove()

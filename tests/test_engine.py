@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import BNCNN, make_bundle
 from ftdoctor import engine
+from ftdoctor.engine import reference, stream
 from ftdoctor.diagnose import ProbeOptions, probe_model
 
 
@@ -45,17 +46,17 @@ def test_overlapped_reference_forward_gives_the_same_report(monkeypatch):
         for p in ref.parameters():
             p.add_(0.1 * torch.randn_like(p))
     bundle = make_bundle((3, 8, 8), n=40, num_classes=4, batch_size=8)
-    monkeypatch.setattr(engine, "overlap_allowed", lambda *a: False)
+    monkeypatch.setattr(stream, "overlap_allowed", lambda *a: False)
     in_line = _run(model, ref, bundle)
     started = []
-    real_start = engine._RefCapture.start
-    monkeypatch.setattr(engine._RefCapture, "start",
+    real_start = reference.RefCapture.start
+    monkeypatch.setattr(reference.RefCapture, "start",
                         lambda self, x: (real_start(self, x), started.append(self._thread is not None)))
-    monkeypatch.setattr(engine, "overlap_allowed", lambda *a: True)
-    monkeypatch.setattr(engine, "_OVERLAP_SPARE_CORES", -1e9)   # whatever this machine's load
+    monkeypatch.setattr(stream, "overlap_allowed", lambda *a: True)
+    monkeypatch.setattr(reference, "_OVERLAP_SPARE_CORES", -1e9)   # whatever this machine's load
     assert _run(model, ref, bundle) == in_line
     assert started == [False, False, True, True, True]      # two batches in line: they measure size and load
-    monkeypatch.setattr(engine, "_OVERLAP_SPARE_CORES", 1e9)    # no idle core: always in line
+    monkeypatch.setattr(reference, "_OVERLAP_SPARE_CORES", 1e9)    # no idle core: always in line
     started.clear()
     assert _run(model, ref, bundle) == in_line and not any(started)
 
@@ -72,8 +73,8 @@ def test_an_error_in_the_overlapped_reference_reaches_the_caller(monkeypatch):
 
     torch.manual_seed(0)
     model, ref = BNCNN(num_classes=4), Failing(num_classes=4)
-    monkeypatch.setattr(engine, "overlap_allowed", lambda *a: True)
-    monkeypatch.setattr(engine, "_OVERLAP_SPARE_CORES", -1e9)
+    monkeypatch.setattr(stream, "overlap_allowed", lambda *a: True)
+    monkeypatch.setattr(reference, "_OVERLAP_SPARE_CORES", -1e9)
     with pytest.raises(RuntimeError, match="reference broke"):
         probe_model(model, make_bundle((3, 8, 8), n=40, num_classes=4, batch_size=8), ProbeOptions(), reference=ref)
     assert not any(t.name == "ftdoctor-reference" for t in threading.enumerate())

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from ftdoctor.probes.base import Batch, Finding, Probe, ProbeResult, finite_or_none, register_probe, sum_of_squares
+from ftdoctor.engine.sums import sum_of_squares
+from ftdoctor.probes.base import Batch, Finding, Probe, ProbeResult, finite_or_none, register_probe
 from ftdoctor.thresholds import Thresholds
 
 

@@ -16,8 +16,8 @@ import math
 import numpy as np
 import torch
 
-from ftdoctor.probes.base import (Batch, Finding, Float64Sum, Probe, ProbeContext, ProbeResult, finite_or_none,
-                                  register_probe, sum_of_squares)
+from ftdoctor.engine.sums import Float64Sum, sum_of_squares
+from ftdoctor.probes.base import (Batch, Finding, Probe, ProbeContext, ProbeResult, finite_or_none, register_probe)
 from ftdoctor.thresholds import Thresholds
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftdoctor.probes.base import Float64Sum, sum_of_squares
+from ftdoctor.engine.sums import Float64Sum, sum_of_squares
 
 
 @pytest.mark.parametrize("block", [1, 3, 16])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ftdoctor.probes.persample import grad_sq_sum, supports
+from ftdoctor.engine.persample import grad_sq_sum, supports
 
 F64 = torch.float64
 ALL = ("auto", "pairs", "bmm")

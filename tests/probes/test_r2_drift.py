@@ -188,9 +188,9 @@ def test_r2_with_a_layer_called_twice_and_a_shared_module(overlap, monkeypatch):
     # every batch after the first reduces large maps in the reference's hooks: a layer called twice
     # still compares its last calls, and a module the reference shares with the model is not
     # confused with the model's own output
-    from ftdoctor import engine
-    monkeypatch.setattr(engine, "overlap_allowed", lambda *a: overlap)
-    monkeypatch.setattr(engine, "_OVERLAP_SPARE_CORES", -1e9)
+    from ftdoctor.engine import reference, stream
+    monkeypatch.setattr(stream, "overlap_allowed", lambda *a: overlap)
+    monkeypatch.setattr(reference, "_OVERLAP_SPARE_CORES", -1e9)
     torch.manual_seed(0)
     model, ref = Twice().eval(), Twice().eval()
     shared = copy.deepcopy(ref)

@@ -1,0 +1,31 @@
+"""What the engine measured on one batch, handed to every probe's ``update``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """Everything the engine measured on one batch, shared by all probes.
+
+    Tensors are detached. ``grad_sq`` and the per-layer gradients are filled
+    only when a probe asked for them (see :attr:`Probe.needs`).
+    """
+
+    x: Tensor
+    y: Tensor
+    index: Tensor
+    logits: Tensor                                   # (B, C)
+    global_size: int = 0                             # examples in the global batch (all processes)
+    head_input: Tensor | None = None                 # the head's input features
+    ce_grads: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)    # ∇ of mean CE
+    rand_grads: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # ∇ of Σ η·logits
+    grad_sq: dict[str, Tensor] = field(default_factory=dict)  # Σ_n (∂ℓ_n/∂W)² of this batch
+    outputs: dict[str, Tensor] = field(default_factory=dict)      # affine outputs (r2)
+    ref_outputs: dict[str, Tensor] = field(default_factory=dict)  # reference affine outputs (r2)
+
+    @property
+    def size(self) -> int:
+        return int(self.y.shape[0])

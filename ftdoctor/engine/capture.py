@@ -1,0 +1,136 @@
+"""The forward and tensor hooks that collect what the probes asked for from one forward pass."""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
+
+from ftdoctor.engine import persample
+from ftdoctor.model import AffineLayer
+
+
+class Capture:
+    """Forward/tensor hooks that collect what the probes need from one forward."""
+
+    def __init__(self, layers: Sequence[AffineLayer], head: AffineLayer, *, grad_sq: bool,
+                 outputs: bool, head_input: bool) -> None:
+        self.layers = list(layers)
+        self.head = head
+        self.want_grad_sq = grad_sq
+        self.want_outputs = outputs
+        self.want_head_input = head_input
+        self.inputs: dict[str, Tensor] = {}
+        self.outputs: dict[str, Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self.head_input: Tensor | None = None
+        self.grad_sq: dict[str, Tensor] = {}
+        self.phase: str | None = None      # which backward the tensor hooks serve
+        self.grad_scale = 1.0
+        # a probe's running sum to add a layer's squares into in place, or None (grad_sq_sum's out=)
+        self.grad_sq_sink: Callable[[str, torch.dtype], Tensor | None] | None = None
+        # roots: set input_leaf (the model's input, requiring grad) before the forward
+        self.input_leaf: Tensor | None = None
+        self.root_edges: list[GradientEdge] = []
+        self._stops: set[Node] = set()     # this forward's affine outputs
+        self._dead: set[Node] = set()      # nodes known not to reach the input past no affine output
+        self._owner = threading.get_ident()   # hooks fired on another thread are not this pass's
+        self.unsupported: dict[str, str] = {}
+        self._handles: list = []
+        if grad_sq:
+            for layer in self.layers:
+                reason = persample.supports(layer.module)
+                if reason:
+                    self.unsupported[layer.name] = reason
+
+    def __enter__(self) -> "Capture":
+        if not (self.want_grad_sq or self.want_outputs or self.want_head_input):
+            return self      # nothing to collect (and a TorchScript model takes no hooks)
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.outputs.clear()
+        self.calls.clear()
+        self.grad_sq = {}
+        self.head_input = None
+        self.forget_graph()
+
+    def forget_graph(self) -> None:
+        """Drop what refers to this forward's autograd graph (once its backward passes are done)."""
+        self.input_leaf = None
+        self.root_edges = []
+        self._stops.clear()
+        self._dead.clear()
+
+    def _is_root(self, out_node: Node) -> bool:
+        """Whether the layer whose output's node is ``out_node`` reads :attr:`input_leaf` through no
+        other affine layer's output.
+
+        Walks the autograd graph from that node's inputs (whatever argument carried the input)
+        towards the leaves, stopping at the outputs of the affine layers that ran before. Nodes
+        found not to reach the input are remembered for the rest of this forward, so walks that
+        fail never repeat one another's work (a successful walk ends at the input, near by).
+        """
+        stack = [n for n, _ in out_node.next_functions if n is not None]
+        seen: set[Node] = set()
+        while stack:
+            node = stack.pop()
+            if node in seen or node in self._stops or node in self._dead:
+                continue
+            if getattr(node, "variable", None) is self.input_leaf:   # the input's AccumulateGrad
+                return True
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+        self._dead |= seen
+        return False
+
+    def _hook(self, layer: AffineLayer) -> Callable:
+        name, module = layer.name, layer.module
+        is_head = name == self.head.name
+
+        def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            if threading.get_ident() != self._owner:   # e.g. a reference reaching the model's modules
+                return
+            self.calls[name] = self.calls.get(name, 0) + 1
+            x = args[0] if args else None
+            if is_head and self.want_head_input and x is not None:
+                self.head_input = x.detach()
+            if self.want_outputs:
+                # clone: an in-place activation after the layer would overwrite it
+                self.outputs[name] = out.detach().clone()
+            if self.want_grad_sq and isinstance(out, Tensor) and out.requires_grad:
+                # taken now: an in-place op after the layer would move the tensor's own edge
+                edge = get_gradient_edge(out)
+                if self.input_leaf is not None and self._is_root(edge.node):
+                    self.root_edges.append(edge)
+                self._stops.add(edge.node)
+                if name not in self.unsupported and x is not None:
+                    self.inputs[name] = x.detach()
+                    out.register_hook(self._grad_hook(name, module))
+        return hook
+
+    def _grad_hook(self, name: str, module: nn.Module) -> Callable[[Tensor], None]:
+        def on_grad(g: Tensor) -> None:
+            if self.phase != "grad_sq" or self.calls.get(name, 0) != 1:
+                return
+            x = self.inputs.pop(name, None)
+            if x is None:
+                return
+            if self.grad_scale != 1.0:
+                g = g * self.grad_scale
+            dtype = persample.computation_dtype(x, g)
+            sink = self.grad_sq_sink(name, dtype) if self.grad_sq_sink is not None else None
+            w, _ = persample.grad_sq_sum(module, x, g, out=sink)
+            self.grad_sq[name] = w if w is sink else w.detach()   # the sink itself: the probe knows it
+        return on_grad
