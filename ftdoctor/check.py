@@ -493,26 +493,19 @@ class _Shared:
     bundles: dict[int | None, Any] = field(default_factory=dict)
     references: dict[str | None, nn.Module] = field(default_factory=dict)
 
-    def bundle(self, channels: int | None) -> Any:
-        from ftdoctor.data import load_data
+    def bundle(self, model: nn.Module) -> Any:
+        from ftdoctor.session import first_in_channels, open_data
+        channels = first_in_channels(model)
         if channels not in self.bundles:
-            opts = self.data
-            if channels and getattr(opts, "in_channels", None) is None:
-                opts = replace(opts, in_channels=channels)
-            bundle = load_data(opts)
-            if bundle.num_samples == 0:
-                raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
-            self.bundles[channels] = bundle
+            self.bundles[channels] = open_data(model, self.data)
         return self.bundles[channels]
 
     def reference_model(self, loaded: Any) -> nn.Module:
-        from ftdoctor import checkpoint as ckpt
+        from ftdoctor.session import load_reference
         arch = loaded.arch if loaded.format in ("state_dict", "safetensors") else self.model_opts.arch
         if arch not in self.references:
-            opts = ckpt.ModelOptions(arch=arch, trust_checkpoint=self.model_opts.trust_checkpoint,
-                                     non_strict=self.model_opts.non_strict, device=self.model_opts.device)
             try:
-                self.references[arch] = ckpt.load_model(self.reference, opts).model
+                self.references[arch] = load_reference(self.reference, loaded, self.model_opts)
             except FtdoctorError as exc:
                 raise FtdoctorError(f"the reference {self.reference} cannot be used: {exc.cause}",
                                     exc.remedy) from None
@@ -542,7 +535,8 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
           image_size: int | None = None) -> CheckpointVerdict:
     """Run the planned checks on one checkpoint; only configuration problems raise."""
     from ftdoctor import checkpoint as ckpt
-    from ftdoctor.model import find_head, layer_order
+    from ftdoctor.model import find_head
+    from ftdoctor.session import find_layers, install_new_head, with_head
 
     t = thresholds
     results: dict[str, CheckResult] = {}
@@ -573,20 +567,17 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
     device = torch.device(model_opts.device)
     layers = None
     order_error: str | None = None
-    bundle = example = None
+    bundle = None
     if "runs_on_data" in plan:
-        from ftdoctor.diagnose import first_in_channels
-        bundle = shared.bundle(first_in_channels(net))
-        example = next(iter(bundle.loader()))[0][:2].to(device)
+        bundle = shared.bundle(net)
         try:
-            layers, _ = layer_order(net, example)
-        except FtdoctorError as exc:
+            layers, _ = find_layers(net, bundle, device=device)
+        except DataError:
+            raise
+        except FtdoctorError as exc:       # the model's forward fails on this data: this checkpoint's failure
             order_error = _error_text(exc)
-        except Exception as exc:  # noqa: BLE001 - the model's forward fails on this data
-            order_error = (f"the model cannot run on this data: {(str(exc).strip().splitlines() or [''])[0][:200]}"
-                           f" (hint: check --image-size, the input channels and the architecture)")
     if layers is None:
-        layers, _ = layer_order(net, image_size=image_size)
+        layers, _ = find_layers(net, image_size=image_size)
 
     try:
         head_layer = find_head(layers, head)
@@ -627,13 +618,12 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
         return done(**info)
     classes = int(bundle.num_classes)
     if new_head:
-        from ftdoctor.diagnose import install_new_head
         try:
             head_layer = install_new_head(net, head_layer, classes, head_init, seed)
         except FtdoctorError as exc:
             results["runs_on_data"] = CheckResult("runs_on_data", False, None, None, _error_text(exc))
             return done(**info)
-        layers = [head_layer if l.name == head_layer.name else l for l in layers]
+        layers = with_head(layers, head_layer)
     elif outputs != classes:
         results["runs_on_data"] = CheckResult(
             "runs_on_data", False, None, None,

@@ -24,6 +24,7 @@ from torch import nn
 from ftdoctor import progress
 from ftdoctor.data import DataBundle, DataOptions, load_data
 from ftdoctor.zoo import ShapesNet
+from ftdoctor import forward
 
 SOURCE_TASK = "shapes"
 TARGET_TASK = "shapes:5"
@@ -42,7 +43,7 @@ def train_classifier(model: nn.Module, data: DataBundle, *, epochs: int, lr: flo
         for epoch in range(epochs):
             total, n = 0.0, 0
             for x, y, _ in data.loader(batch_size=64, shuffle=True, seed=int(torch.randint(0, 2**31, (1,), generator=gen))):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(forward.logits(model, x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -60,7 +61,7 @@ def accuracy(model: nn.Module, data: DataBundle) -> float:
     model.eval()
     correct = n = 0
     for x, y, _ in data.loader(batch_size=256):
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((forward.logits(model, x).argmax(1) == y).sum())
         n += len(y)
     return correct / max(n, 1)
 

@@ -21,9 +21,9 @@ from ftdoctor import distributed
 from ftdoctor.engine import PassSettings, run_pass
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.heads import HEAD_INITS
-from ftdoctor.model import AffineLayer, find_head, is_affine, is_scripted, layer_order, new_head_like, set_module
+from ftdoctor.model import AffineLayer, find_head, is_affine, is_scripted, layer_order
+from ftdoctor.session import count_params, first_in_channels, install_new_head, model_info  # noqa: F401 (API)
 from ftdoctor.probes import ORDER, PROBES, Finding, Probe, ProbeContext, ProbeResult, Skipped
-from ftdoctor.probes.noise import seed_head_params
 from ftdoctor.thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -153,20 +153,6 @@ def reference_pairs(layers: Sequence[AffineLayer], reference: nn.Module,
     return pairs
 
 
-def install_new_head(model: nn.Module, head: AffineLayer, num_classes: int, method: str,
-                     seed: int) -> AffineLayer:
-    """Replace the head by a fresh layer for ``num_classes``, initialised as seed 0 of a ``--seeds`` run."""
-    if is_scripted(model):
-        raise FtdoctorError("--new-head cannot replace the head of a TorchScript model",
-                            "probe the eager checkpoint (state dict) with --arch instead")
-    new = new_head_like(head.module, num_classes)
-    w, b = seed_head_params(new.weight.shape, new.bias is not None, method, seed, 0)
-    with torch.no_grad():
-        new.weight.copy_(w.to(new.weight))
-        if new.bias is not None and b is not None:
-            new.bias.copy_(b.to(new.bias))
-    set_module(model, head.name, new)
-    return AffineLayer(head.name, new)
 
 
 def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = ProbeOptions(), *,
@@ -242,65 +228,28 @@ def unreached_parameters(model: nn.Module, layers: Sequence[AffineLayer]) -> lis
     return out
 
 
-def count_params(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
 
 
-def model_info(loaded: "ckpt.LoadedModel", head: AffineLayer | None) -> dict[str, Any]:
-    return {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format, "arch": loaded.arch,
-            "num_params": count_params(loaded.model), "head": head.name if head else None,
-            "num_classes": int(head.weight.shape[0]) if head is not None else loaded.num_classes}
 
 
-def first_in_channels(model: nn.Module) -> int | None:
-    from ftdoctor.model import registered_affine_layers
-    layers = registered_affine_layers(model)
-    if not layers or not layers[0].kind.startswith("Conv"):
-        return None
-    m = layers[0].module
-    return int(m.weight.shape[1] * getattr(m, "groups", 1))
 
 
 def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: DataOptions,
           options: ProbeOptions = ProbeOptions(), reference: str | Path | None = None) -> Report:
     """``ftdoctor probe``: measure the diagnoses of SPEC §1 for a checkpoint on a dataset."""
     from ftdoctor import checkpoint as ckpt
-    from ftdoctor.data import load_data
+    from ftdoctor.session import open_session
     model_opts = model or ckpt.ModelOptions()
     options.validate(reference is not None)
-    loaded = ckpt.load_model(model_path, model_opts)
-    net = loaded.model
-    notes = list(loaded.notes)
-    bundle = load_data(_with_channels(data, first_in_channels(net)))
-    notes.extend(bundle.notes)
-    device = torch.device(model_opts.device)
-    if bundle.num_samples == 0:
-        raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
-    try:
-        layers, how = layer_order(net, bundle.dataset[0][0][None].to(device))
-    except FtdoctorError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the model cannot run on this data
-        raise FtdoctorError(f"the model cannot run on this data: {str(exc).splitlines()[0][:200]}",
-                            "check --image-size, the input channels and the architecture") from None
-    head = find_head(layers, options.head)
-    out_features = int(head.weight.shape[0])
+    session = open_session(model_path, model_opts, data, head=options.head,
+                           new_head=options.head_init if options.new_head else None, seed=options.seed,
+                           reference=reference)
+    loaded, net, bundle, head, layers, how = (session.loaded, session.model, session.data, session.head,
+                                              session.layers, session.order)
+    notes, device, ref_model = session.notes, session.device, session.reference
     if options.new_head:
-        head = install_new_head(net, head, bundle.num_classes, options.head_init, options.seed)
-        layers = [head if l.name == head.name else l for l in layers]
         notes.append(f"head {head.name} replaced by a fresh {options.head_init} head for "
                      f"{bundle.num_classes} classes")
-    elif out_features != bundle.num_classes:
-        raise FtdoctorError(
-            f"the head {head.name} has {out_features} outputs but the data has {bundle.num_classes} classes",
-            "pass --new-head to attach a fresh head for the data's classes")
-    ref_model = None
-    if reference is not None:
-        ref_loaded = ckpt.load_model(reference, ckpt.ModelOptions(
-            arch=loaded.arch if loaded.format in ("state_dict", "safetensors") else model_opts.arch,
-            trust_checkpoint=model_opts.trust_checkpoint, non_strict=model_opts.non_strict,
-            device=model_opts.device))
-        ref_model = ref_loaded.model
     run = probe_model(net, bundle, options, reference=ref_model, device=device, layers=layers,
                       batch_size=data.batch_size, workers=data.workers)
     run.findings = [concrete_suggestion(f, model_path, model_opts.arch, data, options.new_head)
@@ -331,6 +280,3 @@ def concrete_suggestion(finding: Finding, model_path: str | Path, arch: str | No
         text = text.replace(" -o ", " --new-head -o ", 1)
     return replace(finding, suggestion=text)
 
-
-def _with_channels(opts: DataOptions, channels: int | None) -> DataOptions:
-    return replace(opts, in_channels=channels) if channels and opts.in_channels is None else opts

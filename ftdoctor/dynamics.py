@@ -46,8 +46,9 @@ import ftdoctor
 from ftdoctor import progress
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.heads import ENTAME_PHI_W, entame_phi_w, generator_for, init_head_
-from ftdoctor.model import AffineLayer, find_head, is_scripted, layer_order, new_head_like, set_module
+from ftdoctor.model import AffineLayer, find_head, is_scripted, new_head_like, set_module
 from ftdoctor.stats import ci95_half_width, mean, paired_t_test
+from ftdoctor import forward
 
 SCHEMA = "ftdoctor.trace/1"
 COMPARE_SCHEMA = "ftdoctor.compare/1"
@@ -246,7 +247,7 @@ def accuracy(model: nn.Module, examples: Examples) -> float:
     model.eval()
     correct = n = 0
     for x, y in examples.all():
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((forward.logits(model, x).argmax(1) == y).sum())
         n += len(y)
     model.train(was)
     return correct / max(n, 1)
@@ -318,7 +319,7 @@ def _init_feature_norm(model: nn.Module, head: nn.Module, x: Tensor) -> None:
     was = model.training
     try:
         model.eval()
-        model(x)
+        forward.logits(model, x)
     finally:
         model.train(was)
         h.remove()
@@ -382,7 +383,7 @@ def fine_tune(template: nn.Module, head: AffineLayer, layers: Sequence[AffineLay
                 rifle.step(t)
             in_warmup = t < warm
             feats.clear()
-            logits = model(x)
+            logits = forward.logits(model, x)
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
                 raise FtdoctorError(f"{method} diverged at step {t + 1} (seed {seed}): the loss is not finite",
@@ -540,12 +541,8 @@ def _setup(template: nn.Module, train_bundle: Any, eval_bundle: Any, head_name: 
     train, evaluation = Examples(train_bundle, device), Examples(eval_bundle, device)
     if train.num_samples == 0 or evaluation.num_samples == 0:
         raise FtdoctorError("the training or evaluation data is empty", "check --data, --split and --max-samples")
-    first = next(evaluation.all())[0][:2]
-    try:
-        layers, _ = layer_order(template, first)
-    except Exception as exc:  # noqa: BLE001 - the model cannot run on this data
-        raise FtdoctorError(f"the model cannot run on this data: {str(exc).splitlines()[0][:200]}",
-                            "check --image-size, the input channels and the architecture") from None
+    from ftdoctor.session import find_layers
+    layers, _ = find_layers(template, train_bundle, device=device)
     head = find_head(layers, head_name)
     return layers, head, train, evaluation
 
@@ -589,15 +586,12 @@ def compare_model(template: nn.Module, train_bundle: Any, eval_bundle: Any, opti
 def _load(model_path: str | Path, model_opts: Any, data: Any, eval_split: str, eval_samples: int
           ) -> tuple[Any, Any, Any, list[str]]:
     from ftdoctor import checkpoint as ckpt
-    from ftdoctor.data import load_data
-    from ftdoctor.diagnose import first_in_channels
+    from ftdoctor.session import open_data
     model_opts = model_opts or ckpt.ModelOptions()
     loaded = ckpt.load_model(model_path, model_opts)
     notes = list(loaded.notes)
-    ch = first_in_channels(loaded.model)
-    data = replace(data, in_channels=ch) if ch and data.in_channels is None else data
-    train_bundle = load_data(data)
-    eval_bundle = load_data(replace(data, split=eval_split, max_samples=eval_samples))
+    train_bundle = open_data(loaded.model, data)
+    eval_bundle = open_data(loaded.model, replace(data, split=eval_split, max_samples=eval_samples))
     notes.extend(train_bundle.notes)
     if eval_bundle.num_classes != train_bundle.num_classes:
         raise FtdoctorError(f"the {eval_split} split has {eval_bundle.num_classes} classes but the "
@@ -607,9 +601,8 @@ def _load(model_path: str | Path, model_opts: Any, data: Any, eval_split: str, e
 
 
 def _info(loaded: Any, train_bundle: Any, eval_bundle: Any, head: str | None) -> tuple[dict, dict]:
-    from ftdoctor.diagnose import count_params
-    model = {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format, "arch": loaded.arch,
-             "num_params": count_params(loaded.model), "head": head, "num_classes": loaded.num_classes}
+    from ftdoctor.session import model_info
+    model = {**model_info(loaded, None), "head": head}
     data = {"name": train_bundle.name, "split": train_bundle.split, "num_samples": train_bundle.num_samples,
             "num_classes": train_bundle.num_classes, "eval_split": eval_bundle.split,
             "eval_samples": eval_bundle.num_samples}

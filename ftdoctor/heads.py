@@ -80,3 +80,9 @@ def generator_for(seed: int, stream: str = "") -> torch.Generator:
         import zlib
         seed = (int(seed) * 0x9E3779B1 + zlib.crc32(stream.encode())) % (2**63)
     return torch.Generator().manual_seed(int(seed))
+
+
+def seed_head_params(weight_shape: torch.Size, has_bias: bool, method: str, seed: int,
+                     k: int) -> tuple[Tensor, Tensor | None]:
+    """The k-th fresh head of a ``--new-head --seeds K`` run (k = 0 is the one installed in the model)."""
+    return init_head_tensors(weight_shape, has_bias, method, generator_for(1000 * seed + k))

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from ftdoctor import checkpoint as ckpt
-from ftdoctor.diagnose import count_params, model_info
-from ftdoctor.model import find_head, layer_order
+from ftdoctor.session import count_params, model_info, open_session
 
 SCHEMA = "ftdoctor.inspect/1"
 
@@ -28,9 +27,8 @@ class Inspection:
 def inspect(path: str | Path, model: ckpt.ModelOptions | None = None, *, head: str | None = None,
             image_size: int | None = None) -> Inspection:
     """Affine layers (forward order when a dummy input runs), head, classes, parameters, finiteness."""
-    loaded = ckpt.load_model(path, model or ckpt.ModelOptions())
-    layers, order = layer_order(loaded.model, image_size=image_size)
-    head_layer = find_head(layers, head)
+    session = open_session(path, model or ckpt.ModelOptions(), head=head, image_size=image_size)
+    loaded, layers, order, head_layer = session.loaded, session.layers, session.order, session.head
     rows = [{"name": l.name, "kind": l.kind, "shape": list(l.weight.shape),
              "params": int(l.weight.numel() + (l.bias.numel() if l.bias is not None else 0)),
              "finite": bool(torch.isfinite(l.weight).all()) and

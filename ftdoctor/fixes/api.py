@@ -134,47 +134,26 @@ def fix(model_path: str | Path, method: str, *, out: str | Path, data: "DataOpti
 
 def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "ckpt.ModelOptions | None",
          options: Any, head: str | None, new_head: bool, seed: int, force: bool, write: bool) -> FixResult:
-    from ftdoctor.data import load_data
-    from ftdoctor.diagnose import _with_channels, first_in_channels, install_new_head
-    from ftdoctor.model import find_head, layer_order
+    from ftdoctor.session import open_session
 
     opts = _options_for(method, options)
     fixer = FIXES[method](opts)
     model_opts = model or ckpt.ModelOptions()
-    loaded = ckpt.load_model(model_path, model_opts)
+    session = open_session(model_path, model_opts, data, head=head, new_head="torch-default" if new_head else None,
+                           seed=seed)
+    loaded, net, bundle, layers, head_layer = (session.loaded, session.model, session.data, session.layers,
+                                               session.head)
+    notes, device = session.notes, session.device
     if loaded.format == "torchscript":
         raise FtdoctorError(
             f"{model_path} is a TorchScript archive: ftdoctor can probe it but cannot write a fixed one",
             "pass the eager checkpoint instead (the state dict with --arch NAME, or a pickled module with "
             "--trust-checkpoint) and script the fixed model afterwards")
-    net = loaded.model
-    notes = list(loaded.notes)
-    bundle = load_data(_with_channels(data, first_in_channels(net)))
-    notes.extend(bundle.notes)
-    device = torch.device(model_opts.device)
-    first = next(iter(bundle.loader()), None)
-    if first is None:
-        raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
-    try:
-        layers, _ = layer_order(net, first[0][:2].to(device))
-    except FtdoctorError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the model cannot run on this data
-        raise FtdoctorError(f"the model cannot run on this data: {str(exc).splitlines()[0][:200]}",
-                            "check --image-size, the input channels and the architecture") from None
-    head_layer = find_head(layers, head)
-    outputs = int(head_layer.weight.shape[0])
     if new_head:
-        if isinstance(head_layer.module, FeatureNormLinear):
+        if isinstance(session.replaced, FeatureNormLinear):
             notes.append(f"the feature norm in front of {head_layer.name} was dropped with the old head")
-        head_layer = install_new_head(net, head_layer, bundle.num_classes, "torch-default", seed)
-        layers = [head_layer if l.name == head_layer.name else l for l in layers]
         notes.append(f"head {head_layer.name} replaced by a fresh Linear for {bundle.num_classes} classes "
-                     f"({outputs} before)")
-    elif outputs != bundle.num_classes:
-        raise FtdoctorError(
-            f"the head {head_layer.name} has {outputs} outputs but the data has {bundle.num_classes} classes",
-            "pass --new-head to attach a fresh head for the data's classes")
+                     f"({session.outputs_before} before)")
 
     from ftdoctor.diagnose import weight_findings
     broken = weight_findings(net)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ftdoctor import progress
 from ftdoctor.featurenorm import feature_statistics
+from ftdoctor import forward
 
 
 @contextlib.contextmanager
@@ -67,8 +68,8 @@ def max_logit_change(reference: nn.Module, model: nn.Module, data: Any,
     with evaluating(reference, model), progress.task("checking logits", data.num_samples, "examples") as bar:
         for x, _, _ in data.loader():
             x = x.to(device)
-            a = reference(x).to(torch.float64)
-            b = model(x).to(torch.float64)
+            a = forward.logits(reference, x).to(torch.float64)
+            b = forward.logits(model, x).to(torch.float64)
             diff = max(diff, float((a - b).abs().max()))
             scale = max(scale, float(a.abs().max()))
             bar.advance(int(x.shape[0]))
@@ -116,7 +117,7 @@ def output_channel_stats(model: nn.Module, data: Any, modules: dict[str, nn.Modu
     try:
         with evaluating(model), progress.task(description, data.num_samples, "examples") as bar:
             for x, _, _ in data.loader():
-                model(x.to(device))
+                forward.logits(model, forward.to_device(x, device))
                 bar.advance(int(x.shape[0]))
     finally:
         for h in handles:
@@ -140,7 +141,7 @@ def input_statistics(model: nn.Module, data: Any, module: nn.Module,
         with evaluating(model), progress.task("feature statistics", data.num_samples, "examples") as bar:
             for x, _, _ in data.loader():
                 captured.clear()
-                model(x.to(device))
+                forward.logits(model, forward.to_device(x, device))
                 bar.advance(int(x.shape[0]))
                 yield from captured
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ftdoctor.heads import generator_for, init_head_tensors
+from ftdoctor.heads import seed_head_params
 from ftdoctor.probes.base import Batch, Finding, Probe, ProbeContext, ProbeResult, register_probe
 from ftdoctor.stats import ci95_half_width
 from ftdoctor.thresholds import Thresholds
@@ -30,10 +30,6 @@ KEYS = ("estimate_energy", "label_energy", "correct_prob", "total_energy", "nois
 _SUMS = ("zeta", "label", "kappa", "ce", "entropy", "backbone")
 
 
-def seed_head_params(weight_shape: torch.Size, has_bias: bool, method: str, seed: int,
-                     k: int) -> tuple[Tensor, Tensor | None]:
-    """The k-th fresh head of a ``--new-head --seeds K`` run (k = 0 is the one installed in the model)."""
-    return init_head_tensors(weight_shape, has_bias, method, generator_for(1000 * seed + k))
 
 
 def noise_figures(zeta: float, label: float, kappa: float, ce: float, entropy: float,

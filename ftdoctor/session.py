@@ -1,0 +1,174 @@
+"""The one pipeline every command opens a model with: checkpoint, data, layers, head, new head, reference.
+
+:func:`open_session` is used by ``probe``, ``fix``, ``trace``, ``compare``,
+``inspect`` (and so ``demo``); ``check`` calls its steps one by one, since a
+checkpoint's problem there is a failed check rather than an error:
+
+1. :func:`~ftdoctor.checkpoint.load_model` — the checkpoint through its model source;
+2. :func:`open_data` — ``--data`` adapted to the model's input channels;
+3. :func:`find_layers` — the affine layers in forward order, from two examples run through
+   :func:`ftdoctor.forward.logits` (registration order without data, or for TorchScript);
+4. :func:`~ftdoctor.model.find_head` — the last of them, or ``--head``;
+5. :func:`install_new_head` with ``--new-head`` (a fresh head for the data's classes), else the head must
+   already have one output per class;
+6. :func:`load_reference` — the pretrained model, same architecture, for ``r2`` and ``drift``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+
+from ftdoctor import forward
+from ftdoctor.errors import FtdoctorError
+from ftdoctor.model import AffineLayer, find_head, is_scripted, layer_order, new_head_like, registered_affine_layers, \
+    set_module
+
+if TYPE_CHECKING:
+    from ftdoctor.checkpoint import LoadedModel, ModelOptions
+    from ftdoctor.data import DataBundle, DataOptions
+
+
+@dataclass
+class Session:
+    """An opened model, ready for a command: where it came from, its data, layers and head."""
+
+    loaded: "LoadedModel"
+    data: "DataBundle | None"
+    layers: list[AffineLayer]
+    order: str                              # "forward" or "registration"
+    head: AffineLayer
+    device: torch.device
+    reference: nn.Module | None = None
+    outputs_before: int | None = None       # the head's outputs before --new-head replaced it
+    replaced: nn.Module | None = None       # the head module --new-head replaced
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.loaded.model
+
+
+def open_session(model_path: str | Path, model_opts: "ModelOptions", data_opts: "DataOptions | None" = None, *,
+                 head: str | None = None, new_head: str | None = None, seed: int = 0,
+                 reference: str | Path | None = None, image_size: int | None = None) -> Session:
+    """Steps 1–6 of the module doc. ``new_head`` is the initialisation of a fresh head (``kaiming``,
+    ``torch-default``, ``entame``) or None to keep the checkpoint's, which must then fit the data."""
+    from ftdoctor.checkpoint import load_model
+
+    loaded = load_model(model_path, model_opts)
+    notes = list(loaded.notes)
+    device = torch.device(model_opts.device)
+    bundle = None
+    if data_opts is not None:
+        bundle = open_data(loaded.model, data_opts)
+        notes.extend(bundle.notes)
+    layers, order = find_layers(loaded.model, bundle, device=device, image_size=image_size)
+    session = Session(loaded, bundle, layers, order, find_head(layers, head), device, notes=notes)
+    if bundle is not None:
+        outputs = int(session.head.weight.shape[0])
+        if new_head is not None:
+            session.replaced, session.outputs_before = session.head.module, outputs
+            use_new_head(session, install_new_head(loaded.model, session.head, bundle.num_classes, new_head, seed))
+        elif outputs != bundle.num_classes:
+            raise FtdoctorError(
+                f"the head {session.head.name} has {outputs} outputs but the data has {bundle.num_classes} classes",
+                "pass --new-head to attach a fresh head for the data's classes")
+    if reference is not None:
+        session.reference = load_reference(reference, loaded, model_opts)
+    return session
+
+
+def open_data(model: nn.Module, opts: "DataOptions") -> "DataBundle":
+    """``--data`` loaded for ``model``: grey and RGB adapted to its first convolution's input channels."""
+    from ftdoctor.data import load_data
+
+    channels = first_in_channels(model)
+    bundle = load_data(replace(opts, in_channels=channels) if channels and opts.in_channels is None else opts)
+    if bundle.num_samples == 0:
+        raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
+    return bundle
+
+
+def first_in_channels(model: nn.Module) -> int | None:
+    layers = registered_affine_layers(model)
+    if not layers or not layers[0].kind.startswith("Conv"):
+        return None
+    m = layers[0].module
+    return int(m.weight.shape[1] * getattr(m, "groups", 1))
+
+
+def example_inputs(bundle: "DataBundle", n: int = 2) -> Any:
+    """The first ``n`` examples' inputs, batched (read directly, without a DataLoader)."""
+    items = [bundle.dataset[i] for i in range(min(n, bundle.num_samples))]
+    return torch.stack([item[0] for item in items])
+
+
+def find_layers(model: nn.Module, bundle: "DataBundle | None" = None, *, device: torch.device | str = "cpu",
+                image_size: int | None = None) -> tuple[list[AffineLayer], str]:
+    """Affine layers in forward order from two examples of ``bundle`` (or dummy inputs of ``image_size``);
+    a model that cannot run on the data is one FtdoctorError, whatever the model raised."""
+    if bundle is None:
+        return layer_order(model, image_size=image_size)
+    try:
+        return layer_order(model, forward.to_device(example_inputs(bundle), device))
+    except FtdoctorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the model's forward raises on this data
+        raise cannot_run(exc) from None
+
+
+def cannot_run(exc: BaseException) -> FtdoctorError:
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return FtdoctorError(f"the model cannot run on this data: {first}",
+                         "check --image-size, the input channels and the architecture")
+
+
+def install_new_head(model: nn.Module, head: AffineLayer, num_classes: int, method: str, seed: int) -> AffineLayer:
+    """Replace the head by a fresh layer for ``num_classes``, initialised ``method``'s way as seed 0 of a
+    ``--seeds`` run (:func:`ftdoctor.heads.seed_head_params`)."""
+    from ftdoctor.heads import seed_head_params
+
+    if is_scripted(model):
+        raise FtdoctorError("--new-head cannot replace the head of a TorchScript model",
+                            "probe the eager checkpoint (state dict) with --arch instead")
+    new = new_head_like(head.module, num_classes)
+    w, b = seed_head_params(new.weight.shape, new.bias is not None, method, seed, 0)
+    with torch.no_grad():
+        new.weight.copy_(w.to(new.weight))
+        if new.bias is not None and b is not None:
+            new.bias.copy_(b.to(new.bias))
+    set_module(model, head.name, new)
+    return AffineLayer(head.name, new)
+
+
+def use_new_head(session: Session, head: AffineLayer) -> None:
+    session.head = head
+    session.layers = with_head(session.layers, head)
+
+
+def with_head(layers: Sequence[AffineLayer], head: AffineLayer) -> list[AffineLayer]:
+    return [head if layer.name == head.name else layer for layer in layers]
+
+
+def load_reference(path: str | Path, loaded: "LoadedModel", model_opts: "ModelOptions") -> nn.Module:
+    """The pretrained model for ``r2``/``drift``: a state dict is read as the model's own architecture."""
+    from ftdoctor.checkpoint import ModelOptions, load_model
+
+    arch = loaded.arch if loaded.format in ("state_dict", "safetensors") else model_opts.arch
+    return load_model(path, ModelOptions(arch=arch, trust_checkpoint=model_opts.trust_checkpoint,
+                                         non_strict=model_opts.non_strict, device=model_opts.device)).model
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def model_info(loaded: "LoadedModel", head: AffineLayer | None) -> dict[str, Any]:
+    """The ``model`` block of every report (SPEC §3)."""
+    return {"path": str(loaded.path), "sha256": loaded.sha256, "format": loaded.format, "arch": loaded.arch,
+            "num_params": count_params(loaded.model), "head": head.name if head else None,
+            "num_classes": int(head.weight.shape[0]) if head is not None else loaded.num_classes}
