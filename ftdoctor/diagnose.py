@@ -6,9 +6,7 @@ does the same on an in-memory model (the fixes verify themselves with it).
 from __future__ import annotations
 
 import fnmatch
-import re
-import shlex
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -24,6 +22,7 @@ from ftdoctor.heads import HEAD_INITS
 from ftdoctor.model import AffineLayer, find_head, is_affine, is_scripted, layer_order
 from ftdoctor.session import count_params, first_in_channels, install_new_head, model_info  # noqa: F401 (API)
 from ftdoctor.probes import ORDER, PROBES, Finding, Probe, ProbeContext, ProbeResult, Skipped
+from ftdoctor.probes.verdicts import PLACEHOLDERS, RunArgs, Suggestion
 from ftdoctor.thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -105,14 +104,15 @@ class Report:
     settings: dict[str, Any]
     run: ProbeRun
     notes: list[str] = field(default_factory=list)
+    run_args: RunArgs = PLACEHOLDERS        # what the suggested commands repeat from this run
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "ftdoctor_version": ftdoctor.__version__,
                 "torch_version": torch.__version__.split("+")[0],
                 "model": self.model, "data": self.data, "settings": self.settings,
-                "probes": {name: res.figures for name, res in self.run.results.items()},
+                "probes": {name: res.figures.to_json() for name, res in self.run.results.items()},
                 "skipped": [s.to_json() for s in self.run.skipped],
-                "findings": [f.to_json() for f in self.run.findings]}
+                "findings": [f.to_json(self.run_args) for f in self.run.findings]}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """HDF5 arrays keyed by path below ``/probes``."""
@@ -135,7 +135,7 @@ def weight_findings(model: nn.Module) -> list[Finding]:
     if not bad:
         return []
     return [Finding("weights", "error", f"NaN or Inf in {len(bad)} tensor(s): {', '.join(bad[:5])}",
-                    "the checkpoint is corrupt or training diverged; re-export it from a good step")]
+                    Suggestion(before="the checkpoint is corrupt or training diverged; re-export it from a good step"))]
 
 
 def reference_pairs(layers: Sequence[AffineLayer], reference: nn.Module,
@@ -173,7 +173,9 @@ def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = Prob
     ctx = ProbeContext(model=model, layers=tuple(layers), head=head, num_classes=data.num_classes,
                        seed=options.seed, reference=reference,
                        reference_layers=tuple(reference_pairs(layers, reference, options.r2_layers))
-                       if reference is not None else (), options=options, scripted=is_scripted(model))
+                       if reference is not None else (), scripted=is_scripted(model),
+                       new_head=options.new_head, head_init=options.head_init, seeds=options.seeds,
+                       change_rate_mode=options.change_rate_mode, change_rate_loss=options.change_rate_loss)
     probes: list[Probe] = []
     skipped: list[Skipped] = unreached_parameters(model, layers)
     for n in names:
@@ -252,8 +254,6 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
                      f"{bundle.num_classes} classes")
     run = probe_model(net, bundle, options, reference=ref_model, device=device, layers=layers,
                       batch_size=data.batch_size, workers=data.workers)
-    run.findings = [concrete_suggestion(f, model_path, model_opts.arch, data, options.new_head)
-                    for f in run.findings]
     notes.extend(run.notes)
     settings = {"probes": list(run.results), "seed": options.seed, "split": bundle.split,
                 "max_samples": data.max_samples, "batch_size": data.batch_size, "image_size": data.image_size,
@@ -265,18 +265,6 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
                 "layer_order": how}
     data_info = {"name": bundle.name, "split": bundle.split, "num_samples": run.num_samples,
                  "num_classes": bundle.num_classes}
-    return Report(model=model_info(loaded, head), data=data_info, settings=settings, run=run, notes=notes)
-
-
-def concrete_suggestion(finding: Finding, model_path: str | Path, arch: str | None, data: "DataOptions",
-                        new_head: bool) -> Finding:
-    """Fill the MODEL/DATA placeholders of a suggested command with this run's own arguments."""
-    if not finding.suggestion:
-        return finding
-    model = shlex.quote(str(model_path)) + (f" --arch {shlex.quote(arch)}" if arch else "")
-    text = re.sub(r"\bMODEL\b", lambda _: model, finding.suggestion)
-    text = re.sub(r"\bDATA\b", lambda _: shlex.quote(data.data), text)
-    if new_head and text.startswith("ftdoctor fix"):
-        text = text.replace(" -o ", " --new-head -o ", 1)
-    return replace(finding, suggestion=text)
+    return Report(model=model_info(loaded, head), data=data_info, settings=settings, run=run, notes=notes,
+                  run_args=RunArgs(str(model_path), model_opts.arch, data.data, options.new_head))
 

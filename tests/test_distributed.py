@@ -27,7 +27,7 @@ def _figures(mode: str) -> dict:
     ref = SmallCNN(num_classes=4).eval()
     bundle = make_bundle((3, 8, 8), n=37, num_classes=4, batch_size=10)   # uneven: 10, 10, 10, 7
     run = probe_model(model, bundle, ProbeOptions(change_rate_mode=mode, seed=5), reference=ref)
-    out = {name: res.figures for name, res in run.results.items()}
+    out = {name: res.figures.to_json() for name, res in run.results.items()}
     out["arrays"] = {f"{name}/{k}": v.tolist() for name, res in run.results.items() for k, v in res.arrays.items()}
     return out
 

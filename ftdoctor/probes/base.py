@@ -10,7 +10,7 @@ module that defines a :class:`Probe` subclass decorated with
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ftdoctor.engine.batch import Batch
 from ftdoctor.engine.sums import Float64Sum
 from ftdoctor.model import AffineLayer
+from ftdoctor.probes.verdicts import PLACEHOLDERS, RunArgs, Suggestion, Verdict, render
 
 PROBES: dict[str, type["Probe"]] = {}
 
@@ -43,25 +44,62 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Finding:
-    """A diagnosis in words (SPEC §1.6)."""
+    """A diagnosis in words (SPEC §1.6); the suggestion is a :class:`Suggestion`, rendered at the edge."""
 
     probe: str
     severity: str  # info | warning | error
     message: str
-    suggestion: str | None = None
+    suggestion: Suggestion | None = None
 
-    def to_json(self) -> dict[str, str | None]:
+    def to_json(self, run: RunArgs = PLACEHOLDERS) -> dict[str, str | None]:
         return {"probe": self.probe, "severity": self.severity, "message": self.message,
-                "suggestion": self.suggestion}
+                "suggestion": render(self.suggestion, run)}
 
 
-@dataclass
+class Figures:
+    """Base of a probe's figures: a frozen dataclass whose :meth:`to_json` is its block of the report.
+
+    Item access reads that block (``figures["spread"]``, ``figures.get("layers")``), for code and tests that
+    work on the JSON view.
+    """
+
+    def to_json(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_json()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_json().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_json()
+
+    def keys(self) -> Any:
+        return self.to_json().keys()
+
+
+def row_json(row: Any) -> dict[str, Any]:
+    """A per-layer row (a frozen dataclass) as a JSON object, fields in declaration order."""
+    return {f.name: getattr(row, f.name) for f in fields(row)}
+
+
+@dataclass(frozen=True)
 class ProbeResult:
-    """What a probe computed: JSON-ready figures plus arrays for the HDF5 file."""
+    """What a probe computed: its figures, plus arrays (and their attributes) for the HDF5 file."""
 
-    figures: dict[str, Any]
+    figures: Figures
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     array_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column a probe adds to the per-layer table: header, the row key, and whether it gets a log bar."""
+
+    header: str
+    key: str
+    bar: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,8 +113,12 @@ class ProbeContext:
     seed: int
     reference: nn.Module | None = None
     reference_layers: tuple[tuple[AffineLayer, AffineLayer], ...] = ()  # (model, reference) pairs
-    options: Any = None               # ProbeOptions
     scripted: bool = False            # a TorchScript model: no Python hooks run inside it
+    new_head: bool = False            # the head is a fresh one (--new-head)
+    head_init: str = "kaiming"        # how fresh heads are drawn
+    seeds: int = 1                    # fresh heads to average over (--seeds, with --new-head)
+    change_rate_mode: str = "exact"   # exact | batch
+    change_rate_loss: str = "random"  # random | ce
 
 
 class Probe:
@@ -151,14 +193,52 @@ class Probe:
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append(Skipped(name, self.name, reason))
 
-    # -- the template methods ------------------------------------------------
+    # -- the template methods: measuring ------------------------------------
     def update(self, batch: Batch) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def compute(self) -> ProbeResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- the science around the figures (class methods: they need only the figures) ---------------
+    #: the ``check`` threshold keys :meth:`judge` decides, in report order
+    thresholds: ClassVar[tuple[str, ...]] = ()
+    #: its columns of the per-layer table (``figures["layers"]`` rows, matched by ``name``)
+    columns: ClassVar[tuple[Column, ...]] = ()
+
+    @classmethod
+    def judge(cls, figures: Figures, thresholds: Any) -> list[Verdict]:
+        """The probe's one judgement rule: a :class:`Verdict` per key of :attr:`thresholds` that is set
+        (``thresholds`` is a :class:`~ftdoctor.thresholds.Thresholds`; a key set to None is not judged)."""
+        return []
+
+    @classmethod
+    def summary(cls, figures: Figures) -> list[tuple[str, str]]:
+        """(label, text) lines for the report's summary panel."""
+        return []
+
+    @classmethod
+    def layer_rows(cls, figures: Figures) -> list[dict[str, Any]]:
+        """The per-layer rows the :attr:`columns` read (default: ``figures["layers"]``)."""
+        return list(figures.get("layers") or [])
+
     def findings(self, result: ProbeResult, thresholds: Any) -> list[Finding]:
+        """The failed verdicts of :meth:`judge` as findings (a passed one with praise as an info finding),
+        plus what :meth:`problems` finds that no threshold decides."""
+        problems = self.problems(result)
+        if any(f.severity == "error" for f in problems):
+            return problems
+        out = list(problems)
+        for v in self.judge(result.figures, thresholds):
+            if v.passed is False:
+                text = f"{v.message}: {v.explanation}" if v.explanation else v.message
+                out.append(Finding(self.name, v.severity, text, v.suggestion))
+            elif v.passed and v.praise:
+                out.append(Finding(self.name, "info", v.praise, None))
+        return out
+
+    def problems(self, result: ProbeResult) -> list[Finding]:
+        """Findings beyond the thresholds (NaN or Inf where figures should be); an error stops judgement."""
         return []
 
 

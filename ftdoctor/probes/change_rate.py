@@ -18,13 +18,18 @@ independent with zero mean, so the cross terms vanish in expectation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from ftdoctor.engine import persample
 from ftdoctor.engine.sums import Float64Sum, sum_of_squares
-from ftdoctor.probes.base import (Batch, Finding, Probe, ProbeContext, ProbeResult, finite_or_none, register_probe)
+from ftdoctor.numbers import fmt
+from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeContext, ProbeResult, finite_or_none,
+                                  register_probe, row_json)
+from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 
 
@@ -55,6 +60,30 @@ def _cv(mean_sq: float, mean: float) -> float | None:
     return math.sqrt(max(0.0, mean_sq - mean * mean)) / mean
 
 
+@dataclass(frozen=True)
+class LayerRate:
+    """One layer of Fig. 1: its change rate and the cv of its per-weight (and per-input-column) rates."""
+
+    name: str
+    kind: str
+    change_rate: float | None
+    cv: float | None
+    column_cv: float | None
+
+
+@dataclass(frozen=True)
+class ChangeRateFigures(Figures):
+    mode: str                          # exact | batch
+    loss: str                          # random | ce
+    spread: float | None               # max/min change rate (Fig. 1a)
+    log_std: float | None              # std of ln change rate
+    layers: tuple[LayerRate, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "loss": self.loss, "spread": self.spread, "log_std": self.log_std,
+                "layers": [row_json(r) for r in self.layers]}
+
+
 @register_probe
 class ChangeRateProbe(Probe):
     name = "change_rate"
@@ -62,9 +91,8 @@ class ChangeRateProbe(Probe):
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
-        opts = ctx.options
-        self.mode = getattr(opts, "change_rate_mode", "exact")
-        self.loss = getattr(opts, "change_rate_loss", "random")
+        self.mode = ctx.change_rate_mode
+        self.loss = ctx.change_rate_loss
         if ctx.scripted and self.mode == "exact" and self.loss == "random":
             # per-example squares need hooks; the batch estimate of the same G² needs only autograd
             self.mode = "batch"
@@ -139,35 +167,49 @@ class ChangeRateProbe(Probe):
             fig = rate_figures(g2, layer.weight)
             if fig["change_rate"] is None:
                 self.skip(layer.name, "its weight is all zeros (or the rate is not finite): no change rate")
-            layers.append({"name": layer.name, "kind": layer.kind, **fig})
+            layers.append(LayerRate(layer.name, layer.kind, **fig))
             arrays[f"{layer.name}/grad_sq_mean"] = np.ascontiguousarray(g2.cpu().numpy())
             if fig["change_rate"] is not None and fig["change_rate"] > 0:
                 rates.append(fig["change_rate"])
         spread = max(rates) / min(rates) if rates else None
         log_std = float(np.std(np.log(rates))) if rates else None
-        self._result = ProbeResult(figures={"mode": self.mode, "loss": self.loss,
-                                            "spread": None if spread is None else finite_or_none(spread),
-                                            "log_std": log_std, "layers": layers}, arrays=arrays)
+        self._result = ProbeResult(figures=ChangeRateFigures(
+            self.mode, self.loss, None if spread is None else finite_or_none(spread), log_std, tuple(layers)),
+            arrays=arrays)
         return self._result
 
-    def findings(self, result: ProbeResult, thresholds: Thresholds) -> list[Finding]:
-        f = result.figures
-        out: list[Finding] = []
-        spread = f.get("spread")
-        layers = [l for l in f["layers"] if l["change_rate"] is not None]
-        if spread is not None and spread > thresholds.max_change_rate_spread and layers:
-            fast = max(layers, key=lambda l: l["change_rate"])
-            slow = min(layers, key=lambda l: l["change_rate"])
-            out.append(Finding(
-                self.name, "warning",
-                f"change rates spread over {spread:.3g}x (fastest {fast['name']}, slowest {slow['name']}): "
-                f"layers learn at very different speeds (Krähenbühl et al. Fig. 1a)",
-                "ftdoctor fix MODEL --method rescale --data DATA -o FIXED.pt"))
-        for l in layers:
-            if l["cv"] is not None and l["cv"] > thresholds.max_change_rate_cv:
-                out.append(Finding(self.name, "info",
-                                   f"{l['name']}: per-weight change rates vary a lot within the layer "
-                                   f"(cv {l['cv']:.3g}, Krähenbühl et al. Fig. 1b)",
-                                   "ftdoctor fix MODEL --method datadep --layers " + l["name"]
-                                   + " --data DATA -o FIXED.pt"))
+    thresholds = ("max_change_rate_spread", "max_change_rate_cv")
+    columns = (Column("change rate", "change_rate", bar=True), Column("cv", "cv"))
+
+    @classmethod
+    def judge(cls, figures: Figures, t: Thresholds) -> list[Verdict]:
+        out = []
+        layers = [l for l in figures["layers"] if l.get("change_rate") is not None]
+        if t.max_change_rate_spread is not None:
+            where = ""
+            if layers:
+                fast = max(layers, key=lambda l: l["change_rate"])
+                slow = min(layers, key=lambda l: l["change_rate"])
+                where = f" (fastest {fast['name']}, slowest {slow['name']})"
+            out.append(bound("max_change_rate_spread", figures.get("spread"), t.max_change_rate_spread,
+                             "change-rate spread", where=where,
+                             explanation="layers learn at very different speeds (Krähenbühl et al. Fig. 1a)",
+                             suggestion=Suggestion("fix", ("--method", "rescale"))))
+        if t.max_change_rate_cv is not None:
+            cvs = [l for l in figures["layers"] if l.get("cv") is not None]
+            worst = max(cvs, key=lambda l: l["cv"]) if cvs else None
+            above = [l["name"] for l in cvs if l["cv"] > t.max_change_rate_cv]
+            out.append(bound("max_change_rate_cv", worst["cv"] if worst else None, t.max_change_rate_cv,
+                             "largest within-layer change-rate cv",
+                             where=f" ({worst['name']})" if worst else " (no layer measured)",
+                             explanation="per-weight rates vary a lot inside the layer (Krähenbühl et al. "
+                                         "Fig. 1b)" + (f"; {len(above)} layers above it" if len(above) > 1 else ""),
+                             suggestion=Suggestion("fix", ("--method", "datadep", "--layers",
+                                                           ",".join(above) or (worst["name"] if worst else "L"))),
+                             severity="info"))
         return out
+
+    @classmethod
+    def summary(cls, figures: Figures) -> list[tuple[str, str]]:
+        return [("change-rate spread (Krähenbühl)", f"{fmt(figures.get('spread'))}  (log std "
+                 f"{fmt(figures.get('log_std'))}; {figures.get('mode')}, {figures.get('loss')} loss)")]

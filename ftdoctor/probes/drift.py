@@ -8,15 +8,37 @@ Layers without an equal-shaped counterpart (a new head) are listed as ``new``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ftdoctor.engine.sums import sum_of_squares
-from ftdoctor.probes.base import Batch, Finding, Probe, ProbeResult, finite_or_none, register_probe
+from ftdoctor.numbers import fmt
+from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeResult, finite_or_none, register_probe,
+                                  row_json)
+from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 
 
-def drift_figures(layers, reference_modules: dict) -> dict:
+@dataclass(frozen=True)
+class LayerDrift:
+    name: str
+    abs: float | None                 # ‖W − W⁰‖_F
+    rel: float | None                 # abs / ‖W⁰‖_F
+
+
+@dataclass(frozen=True)
+class DriftFigures(Figures):
+    sp_penalty: float | None          # Σ_k ‖W_k − W⁰_k‖² (L2-SP's Ω before α/2)
+    layers: tuple[LayerDrift, ...]
+    new: tuple[str, ...]              # layers without an equal-shaped counterpart (a new head)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sp_penalty": self.sp_penalty, "layers": [row_json(r) for r in self.layers], "new": list(self.new)}
+
+
+def drift_figures(layers, reference_modules: dict) -> DriftFigures:
     """‖W − W⁰‖ per layer and their squared sum, in the weights' precision (float32 at least) with
     float64 sums (:func:`sum_of_squares`): no float64 copy of the model."""
     rows, new, penalty = [], [], 0.0
@@ -32,9 +54,9 @@ def drift_figures(layers, reference_modules: dict) -> dict:
         sq = sum_of_squares(w.to(work) - w0)
         base = math.sqrt(sum_of_squares(w0))
         penalty += sq
-        rows.append({"name": layer.name, "abs": finite_or_none(math.sqrt(sq)),
-                     "rel": finite_or_none(math.sqrt(sq) / base) if base > 0 else None})
-    return {"sp_penalty": finite_or_none(penalty), "layers": rows, "new": new}
+        rows.append(LayerDrift(layer.name, finite_or_none(math.sqrt(sq)),
+                               finite_or_none(math.sqrt(sq) / base) if base > 0 else None))
+    return DriftFigures(finite_or_none(penalty), tuple(rows), tuple(new))
 
 
 @register_probe
@@ -52,12 +74,29 @@ class DriftProbe(Probe):
         modules = dict(ref.named_modules()) if ref is not None else {}
         return ProbeResult(figures=drift_figures(self.ctx.layers, modules))
 
-    def findings(self, result: ProbeResult, thresholds: Thresholds) -> list[Finding]:
-        moved = [r for r in result.figures["layers"] if r["rel"] is not None and r["rel"] > thresholds.max_drift_rel]
-        if not moved:
+    thresholds = ("max_drift_rel",)
+    columns = (Column("drift rel", "rel"),)
+
+    @classmethod
+    def judge(cls, figures: Figures, t: Thresholds) -> list[Verdict]:
+        """The layer that moved most, relative to its pretrained norm (L2-SP's Ω per layer)."""
+        if t.max_drift_rel is None:
             return []
-        names = ", ".join(f"{r['name']} ({r['rel']:.2f})" for r in moved[:5])
-        return [Finding(self.name, "warning",
-                        f"{len(moved)} layer(s) moved more than {thresholds.max_drift_rel:g} of their pretrained "
-                        f"norm: {names}",
-                        "regularise towards the pretrained weights: ftdoctor trace MODEL --method l2sp")]
+        rows = [r for r in figures["layers"] if r.get("rel") is not None]
+        if not rows:
+            return [Verdict("max_drift_rel", False, None, t.max_drift_rel,
+                            "no affine layer matches the reference by name and shape: is --reference the "
+                            "pretrained model of this architecture?")]
+        worst = max(rows, key=lambda r: r["rel"])
+        moved = [r for r in rows if r["rel"] > t.max_drift_rel]
+        return [bound("max_drift_rel", worst["rel"], t.max_drift_rel, "largest relative weight drift",
+                      where=f" ({worst['name']})",
+                      explanation="regularise towards the pretrained weights"
+                                  + (f"; {len(moved)} layers moved more than that" if len(moved) > 1 else ""),
+                      suggestion=Suggestion("trace", ("--method", "l2sp")))]
+
+    @classmethod
+    def summary(cls, figures: Figures) -> list[tuple[str, str]]:
+        new = figures.get("new")
+        return [("L2-SP penalty Σ‖W−W⁰‖²",
+                 fmt(figures.get("sp_penalty")) + (f"  (new: {', '.join(new)})" if new else ""))]

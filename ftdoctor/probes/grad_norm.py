@@ -12,13 +12,41 @@ each affine layer, over batches b with loss L_b = mean cross-entropy:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from ftdoctor.engine.sums import Float64Sum, sum_of_squares
-from ftdoctor.probes.base import (Batch, Finding, Probe, ProbeContext, ProbeResult, finite_or_none, register_probe)
+from ftdoctor.numbers import fmt
+from ftdoctor.probes.base import (Batch, Column, Figures, Finding, Probe, ProbeContext, ProbeResult,
+                                  finite_or_none, register_probe, row_json)
+from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
+
+
+@dataclass(frozen=True)
+class LayerGradNorm:
+    """One layer of Fig. 2: how large its cross-entropy gradient is, alone and against its weight and the head."""
+
+    name: str
+    kind: str
+    grad_norm: float | None           # mean over batches of ‖∇_W L_b‖
+    full_grad_norm: float | None      # ‖mean over batches of ∇_W L_b‖
+    weight_norm: float | None
+    relative: float | None
+    bias_grad_norm: float | None
+    to_head: float | None
+
+
+@dataclass(frozen=True)
+class GradNormFigures(Figures):
+    depth_ratio: float | None         # first layer's grad_norm / the head's
+    layers: tuple[LayerGradNorm, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"depth_ratio": self.depth_ratio, "layers": [row_json(r) for r in self.layers]}
 
 
 @register_probe
@@ -79,22 +107,31 @@ class GradNormProbe(Probe):
             r["to_head"] = (finite_or_none(r["grad_norm"] / head_gn)
                             if head_gn and r["grad_norm"] is not None else None)
         depth = rows[0]["to_head"] if rows else None
-        return ProbeResult(figures={"depth_ratio": depth, "layers": rows}, arrays=arrays)
+        return ProbeResult(figures=GradNormFigures(depth, tuple(LayerGradNorm(**r) for r in rows)), arrays=arrays)
 
-    def findings(self, result: ProbeResult, thresholds: Thresholds) -> list[Finding]:
-        f = result.figures
-        out: list[Finding] = []
-        bad = [r["name"] for r in f["layers"] if r["grad_norm"] is None or not math.isfinite(r["grad_norm"])]
-        if bad:
-            out.append(Finding(self.name, "error", f"NaN or Inf gradients in {', '.join(bad[:5])}",
-                               "check the weights and inputs for NaN/Inf (`ftdoctor inspect`)"))
-            return out
-        depth = f.get("depth_ratio")
-        if depth is not None and depth < thresholds.min_depth_ratio:
-            out.append(Finding(
-                self.name, "warning",
-                f"the first layer's gradient is {depth:.2g}x the head's: the lower layers will barely "
-                f"move when fine-tuning (RIFLE Fig. 2)",
-                "ftdoctor fix MODEL --method rifle --data DATA -o FIXED.pt  (re-initialise the head "
-                "periodically: ftdoctor trace --method rifle)"))
-        return out
+    thresholds = ("min_depth_ratio",)
+    columns = (Column("grad norm", "grad_norm", bar=True), Column("to head", "to_head"))
+
+    @classmethod
+    def judge(cls, figures: Figures, t: Thresholds) -> list[Verdict]:
+        if t.min_depth_ratio is None:
+            return []
+        layers = figures["layers"]
+        where = f" ({layers[0]['name']} / head)" if layers else ""
+        return [bound("min_depth_ratio", figures.get("depth_ratio"), t.min_depth_ratio, "gradient depth ratio",
+                      where=where, explanation="the lower layers will barely move when fine-tuning (RIFLE Fig. 2)",
+                      suggestion=Suggestion("fix", ("--method", "rifle"),
+                                            after="  (re-initialise the head periodically: ftdoctor trace "
+                                                  "--method rifle)"))]
+
+    def problems(self, result: ProbeResult) -> list[Finding]:
+        bad = [r["name"] for r in result.figures["layers"]
+               if r["grad_norm"] is None or not math.isfinite(r["grad_norm"])]
+        if not bad:
+            return []
+        return [Finding(self.name, "error", f"NaN or Inf gradients in {', '.join(bad[:5])}",
+                        Suggestion(before="check the weights and inputs for NaN/Inf (`ftdoctor inspect`)"))]
+
+    @classmethod
+    def summary(cls, figures: Figures) -> list[tuple[str, str]]:
+        return [("depth ratio (RIFLE)", fmt(figures.get("depth_ratio")))]

@@ -12,6 +12,8 @@ every key is then the mean over heads with a Student-t ``*_ci95`` half-width.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ftdoctor.heads import seed_head_params
-from ftdoctor.probes.base import Batch, Finding, Probe, ProbeContext, ProbeResult, register_probe
+from ftdoctor.numbers import fmt
+from ftdoctor.probes.base import Batch, Figures, Finding, Probe, ProbeContext, ProbeResult, register_probe
+from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.stats import ci95_half_width
 from ftdoctor.thresholds import Thresholds
 
@@ -58,6 +62,43 @@ def noise_figures(zeta: float, label: float, kappa: float, ce: float, entropy: f
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fig.items()}
 
 
+@dataclass(frozen=True)
+class NoiseFigures(Figures):
+    """SPEC §1.1's keys; with ``--new-head --seeds K`` each is the mean over K fresh heads, with ``*_ci95``."""
+
+    estimate_energy: float | None
+    label_energy: float | None
+    correct_prob: float | None
+    total_energy: float | None
+    noise_fraction: float | None
+    excess_noise_fraction: float | None
+    max_entropy_noise_fraction: float | None
+    cross_entropy: float | None
+    max_entropy_loss: float | None
+    mean_entropy: float | None
+    backbone_error_energy: float | None
+    feature_energy: float | None
+    reason: str | None = None          # why the fractions are undefined
+    seeds: int | None = None           # heads averaged over (--seeds), else None
+    ci95: tuple[tuple[str, float | None], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        if self.seeds:
+            ci = dict(self.ci95)
+            out: dict[str, Any] = {"seeds": self.seeds}
+            for key in KEYS:
+                out[key] = getattr(self, key)
+                out[f"{key}_ci95"] = ci.get(key)
+            return out
+        order = ("estimate_energy", "label_energy", "correct_prob", "total_energy", "max_entropy_noise_fraction",
+                 "cross_entropy", "max_entropy_loss", "mean_entropy", "backbone_error_energy", "feature_energy",
+                 "noise_fraction", "excess_noise_fraction")
+        out = {key: getattr(self, key) for key in order}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        return out
+
+
 @register_probe
 class NoiseProbe(Probe):
     name = "noise"
@@ -66,14 +107,13 @@ class NoiseProbe(Probe):
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
-        opts = ctx.options
-        self.seeds = int(getattr(opts, "seeds", 1) or 1) if getattr(opts, "new_head", False) else 1
+        self.seeds = max(1, ctx.seeds) if ctx.new_head else 1
         self.heads: list[tuple[Tensor, Tensor | None]] = []
         head = ctx.head.module
         if self.seeds > 1:
             for k in range(self.seeds):
                 w, b = seed_head_params(head.weight.shape, getattr(head, "bias", None) is not None,
-                                        opts.head_init, ctx.seed, k)
+                                        ctx.head_init, ctx.seed, k)
                 self.heads.append((w.to(head.weight), None if b is None else b.to(head.weight)))
         if ctx.scripted:   # no hook inside a TorchScript model: the head's input is not seen
             self.needs = frozenset()
@@ -139,38 +179,83 @@ class NoiseProbe(Probe):
             figures = per_seed[0]
             if w.dim() != 2:
                 self.skip(self.ctx.head.name, "backbone_error_energy needs a Linear head")
-            return ProbeResult(figures=figures)
-        figures: dict = {"seeds": self.seeds}
+            return ProbeResult(figures=NoiseFigures(**figures))
+        means: dict[str, Any] = {}
+        ci: list[tuple[str, float | None]] = []
         arrays: dict[str, np.ndarray] = {}
         for key in KEYS:
             vals = [f[key] for f in per_seed]
             if any(v is None for v in vals):
-                figures[key] = None
-                figures[f"{key}_ci95"] = None
+                means[key] = None
+                ci.append((key, None))
                 continue
-            figures[key] = float(np.mean(vals))
-            figures[f"{key}_ci95"] = ci95_half_width([float(v) for v in vals])
+            means[key] = float(np.mean(vals))
+            ci.append((key, ci95_half_width([float(v) for v in vals])))
             arrays[f"per_seed/{key}"] = np.asarray(vals, dtype=np.float64)
-        return ProbeResult(figures=figures, arrays=arrays)
+        return ProbeResult(figures=NoiseFigures(**means, seeds=self.seeds, ci95=tuple(ci)), arrays=arrays)
+
+    thresholds = ("max_noise_fraction", "max_excess_noise_fraction")
+
+    @classmethod
+    def judge(cls, figures: Figures, t: Thresholds) -> list[Verdict]:
+        out = []
+        for key, figure, what in (("max_noise_fraction", "noise_fraction", "noise fraction"),
+                                  ("max_excess_noise_fraction", "excess_noise_fraction", "excess noise fraction")):
+            threshold = getattr(t, key)
+            if threshold is None:
+                continue
+            value, phi = figures.get(figure), figures.get("total_energy")
+            if value is None and isinstance(phi, (int, float)) and phi == 0:
+                # φ = 0: every prediction is exactly right, so there is no error and no noise in it
+                out.append(Verdict(key, True, None, threshold,
+                                   f"{what} undefined: {figures.get('reason') or 'total error energy is 0'}"))
+            elif value is None and not (isinstance(phi, (int, float)) and math.isfinite(phi)):
+                out.append(Verdict(key, False, None, threshold,
+                                   f"{what} could not be measured: the model's outputs on the data are NaN or Inf"))
+            else:
+                floor = figures.get("max_entropy_noise_fraction")
+                where = f" (floor 1/(C-1) = {floor:.4g})" if key == "max_noise_fraction" and floor is not None else ""
+                out.append(bound(key, value, threshold, what, where=where,
+                                 explanation="the head's first updates send mostly noise into the backbone "
+                                             "(ENTAME Table 1)",
+                                 suggestion=Suggestion("fix", ("--method", "entame"))))
+        return out
+
+    def problems(self, result: ProbeResult) -> list[Finding]:
+        if float(self.nonfinite) > 0:
+            return [Finding(self.name, "error", "the model's logits contain NaN or Inf on the data",
+                            Suggestion(before="check the weights with `ftdoctor inspect` and the input normalisation"))]
+        return []
 
     def findings(self, result: ProbeResult, thresholds: Thresholds) -> list[Finding]:
+        """One finding for both fractions: above the floor (a warning) or near it (info)."""
+        problems = self.problems(result)
+        if problems:
+            return problems
         f = result.figures
-        out: list[Finding] = []
-        if float(self.nonfinite) > 0:
-            out.append(Finding(self.name, "error", "the model's logits contain NaN or Inf on the data",
-                               "check the weights with `ftdoctor inspect` and the input normalisation"))
-            return out
-        nf, excess, floor = f.get("noise_fraction"), f.get("excess_noise_fraction"), f.get("max_entropy_noise_fraction")
+        nf, excess = f.get("noise_fraction"), f.get("excess_noise_fraction")
+        floor = f.get("max_entropy_noise_fraction")
         if nf is None or excess is None:
-            return out
-        if excess > thresholds.max_excess_noise_fraction or nf > thresholds.max_noise_fraction:
-            out.append(Finding(
-                self.name, "warning",
-                f"noise fraction {nf:.3f} is above its maximum-entropy floor {floor:.3f} "
-                f"(excess {excess:.3f}): the head's first updates send mostly noise into the backbone "
-                f"(ENTAME Table 1)",
-                "ftdoctor fix MODEL --method entame --data DATA -o FIXED.pt"))
-        else:
-            out.append(Finding(self.name, "info",
-                               f"noise fraction {nf:.3f} is near its floor {floor:.3f}", None))
-        return out
+            return []
+        verdicts = self.judge(f, thresholds)
+        if any(v.passed is False for v in verdicts):
+            return [Finding(self.name, "warning",
+                            f"noise fraction {nf:.3f} is above its maximum-entropy floor {floor:.3f} "
+                            f"(excess {excess:.3f}): the head's first updates send mostly noise into the backbone "
+                            f"(ENTAME Table 1)", Suggestion("fix", ("--method", "entame")))]
+        return [Finding(self.name, "info", f"noise fraction {nf:.3f} is near its floor {floor:.3f}", None)]
+
+    @classmethod
+    def summary(cls, figures: Figures) -> list[tuple[str, str]]:
+        def with_ci(key: str) -> str:
+            half = figures.get(f"{key}_ci95")
+            return fmt(figures.get(key)) + (f" ± {fmt(half)}" if half is not None else "")
+        floor = fmt(figures.get("max_entropy_noise_fraction"))
+        items = [("noise fraction (ENTAME)",
+                  f"{with_ci('noise_fraction')}  (floor {floor}, excess {with_ci('excess_noise_fraction')})"),
+                 ("cross-entropy", f"{with_ci('cross_entropy')}  (ln C = {fmt(figures.get('max_entropy_loss'))})"),
+                 ("correct-class probability", with_ci("correct_prob")),
+                 ("error energy into the backbone", with_ci("backbone_error_energy"))]
+        if figures.get("seeds"):
+            items.append(("fresh heads (seeds)", str(figures["seeds"])))
+        return items

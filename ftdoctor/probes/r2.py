@@ -16,14 +16,18 @@ once at the end, :func:`shifted_sums`, :func:`unshift`).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ftdoctor.model import AffineLayer
-from ftdoctor.probes.base import Batch, Finding, Probe, ProbeContext, ProbeResult, register_probe
+from ftdoctor.numbers import fmt
+from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeContext, ProbeResult, register_probe,
+                                  row_json)
+from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 
 
@@ -124,6 +128,29 @@ def r2_from_sums(n: float, sa: np.ndarray, sb: np.ndarray, saa: np.ndarray, sbb:
     r2[constant] = np.nan
     ident[constant] = np.nan
     return r2, ident, constant
+
+
+@dataclass(frozen=True)
+class LayerR2:
+    """One box of Fig. 4: the distribution over a layer's channels of R² against the reference."""
+
+    name: str
+    channels: int                    # channels with reference variance (the others are constant_channels)
+    median: float | None
+    q1: float | None
+    q3: float | None
+    min: float | None
+    mean: float | None
+    identity_median: float | None    # median of 1 − Σ(a − b)²/Σ(b − mean b)²
+    constant_channels: int
+
+
+@dataclass(frozen=True)
+class R2Figures(Figures):
+    layers: tuple[LayerR2, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layers": [row_json(r) for r in self.layers]}
 
 
 @register_probe
@@ -240,27 +267,32 @@ class R2Probe(Probe):
             arrays[f"{mine.name}/r2"] = r2
             arrays[f"{mine.name}/r2_identity"] = ident
             if not live.any():
-                rows.append({"name": mine.name, "channels": 0, "median": None, "q1": None, "q3": None,
-                             "min": None, "mean": None, "identity_median": None,
-                             "constant_channels": int(constant.sum())})
+                rows.append(LayerR2(mine.name, 0, None, None, None, None, None, None, int(constant.sum())))
                 continue
             v = r2[live]
-            rows.append({"name": mine.name, "channels": int(live.sum()),
-                         "median": float(np.median(v)), "q1": float(np.percentile(v, 25)),
-                         "q3": float(np.percentile(v, 75)), "min": float(v.min()), "mean": float(v.mean()),
-                         "identity_median": float(np.median(ident[live])),
-                         "constant_channels": int(constant.sum())})
-        return ProbeResult(figures={"layers": rows}, arrays=arrays)
+            rows.append(LayerR2(mine.name, int(live.sum()), float(np.median(v)), float(np.percentile(v, 25)),
+                                float(np.percentile(v, 75)), float(v.min()), float(v.mean()),
+                                float(np.median(ident[live])), int(constant.sum())))
+        return ProbeResult(figures=R2Figures(tuple(rows)), arrays=arrays)
 
-    def findings(self, result: ProbeResult, thresholds: Thresholds) -> list[Finding]:
-        rows = [r for r in result.figures["layers"] if r["median"] is not None]
-        if not rows:
+    thresholds = ("min_r2_median",)
+    columns = (Column("R² median", "median"), Column("R²≈id", "identity_median"))
+
+    @classmethod
+    def judge(cls, figures: Figures, t: Thresholds) -> list[Verdict]:
+        """The worst matched layer's median R² (the deepest is in the summary)."""
+        if t.min_r2_median is None:
             return []
-        deep = rows[-1]
-        if deep["median"] < thresholds.min_r2_median:
-            return [Finding(self.name, "warning",
-                            f"deepest matched layer {deep['name']} keeps a median R² of {deep['median']:.2f} "
-                            f"against the pretrained model: its features were largely overwritten (L2-SP Fig. 4)",
-                            "fine-tune with an L2-SP penalty: ftdoctor trace MODEL --method l2sp "
-                            "(or ftdoctor.dynamics.L2SP in your loop)")]
-        return []
+        rows = [r for r in figures["layers"] if r.get("median") is not None]
+        worst = min(rows, key=lambda r: r["median"]) if rows else None
+        return [bound("min_r2_median", worst["median"] if worst else None, t.min_r2_median,
+                      "lowest per-layer median R² against the reference",
+                      where=f" ({worst['name']})" if worst else " (no layer matched the reference)",
+                      explanation="the pretrained features were largely overwritten (L2-SP Fig. 4)",
+                      suggestion=Suggestion("trace", ("--method", "l2sp"), before="fine-tune with an L2-SP penalty: ",
+                                            after=" (or ftdoctor.train.L2SP in your loop)"))]
+
+    @classmethod
+    def summary(cls, figures: Figures) -> list[tuple[str, str]]:
+        meds = [l["median"] for l in figures["layers"] if l.get("median") is not None]
+        return [("R² median, deepest layer (L2-SP)", fmt(meds[-1]))] if meds else []

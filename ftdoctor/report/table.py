@@ -13,24 +13,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ftdoctor.numbers import fmt
+
 _BLOCKS = " ▏▎▍▌▋▊▉█"
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-
-
-def fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if v == 0:
-            return "0"
-        if abs(v) >= 1e4 or abs(v) < 1e-3:
-            return f"{v:.{digits - 1}e}"
-        return f"{v:.{digits}g}"
-    return str(v)
 
 
 def log_bar(v: float | None, lo: float, hi: float, width: int = 8) -> str:
@@ -49,80 +35,48 @@ def _range(values: Iterable[float | None]) -> tuple[float, float]:
 
 
 def layer_rows(doc: dict[str, Any], bars: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-layer table (plain strings; bars optional)."""
-    probes = doc["probes"]
-    cr = {l["name"]: l for l in probes.get("change_rate", {}).get("layers", [])}
-    gn = {l["name"]: l for l in probes.get("grad_norm", {}).get("layers", [])}
-    r2 = {l["name"]: l for l in probes.get("r2", {}).get("layers", [])}
-    dr = {l["name"]: l for l in probes.get("drift", {}).get("layers", [])}
-    names: list[str] = []
-    for source in (probes.get("change_rate", {}).get("layers", []), probes.get("grad_norm", {}).get("layers", []),
-                   probes.get("r2", {}).get("layers", []), probes.get("drift", {}).get("layers", [])):
-        for l in source:
-            if l["name"] not in names:
-                names.append(l["name"])
+    """Header and rows of the per-layer table (plain strings; bars optional): each probe in the report adds
+    the columns it declares (``Probe.columns``), rows matched by layer name."""
+    from ftdoctor.probes import PROBES
+
     header = ["layer", "kind"]
-    if cr:
-        header += ["change rate", "cv"]
-    if gn:
-        header += ["grad norm", "to head"]
-    if r2:
-        header += ["R² median", "R²≈id"]
-    if dr:
-        header += ["drift rel"]
-    cr_lo, cr_hi = _range(l.get("change_rate") for l in cr.values())
-    gn_lo, gn_hi = _range(l.get("grad_norm") for l in gn.values())
-    rows = []
+    blocks: list[tuple[Any, dict[str, dict[str, Any]]]] = []
+    names: list[str] = []
+    kinds: dict[str, str] = {}
+    for probe, figures in doc["probes"].items():
+        cls = PROBES.get(probe)
+        if cls is None or not cls.columns:
+            continue
+        rows = {r["name"]: r for r in cls.layer_rows(figures)}
+        if not rows:
+            continue
+        blocks.append((cls, rows))
+        header += [c.header for c in cls.columns]
+        for name, r in rows.items():
+            if name not in names:
+                names.append(name)
+            if name not in kinds and r.get("kind"):
+                kinds[name] = r["kind"]
+    ranges = {(id(cls), c.key): _range(r.get(c.key) for r in rows.values())
+              for cls, rows in blocks for c in cls.columns if c.bar}
+    out = []
     for name in names:
-        kind = (cr.get(name) or gn.get(name) or {}).get("kind", "")
-        row = [name, kind]
-        if cr:
-            c = cr.get(name, {})
-            bar = log_bar(c.get("change_rate"), cr_lo, cr_hi) + " " if bars else ""
-            row += [bar + fmt(c.get("change_rate")), fmt(c.get("cv"))]
-        if gn:
-            g = gn.get(name, {})
-            bar = log_bar(g.get("grad_norm"), gn_lo, gn_hi) + " " if bars else ""
-            row += [bar + fmt(g.get("grad_norm")), fmt(g.get("to_head"))]
-        if r2:
-            r = r2.get(name, {})
-            row += [fmt(r.get("median")), fmt(r.get("identity_median"))]
-        if dr:
-            row += [fmt(dr.get(name, {}).get("rel"))]
-        rows.append(row)
-    return header, rows
+        row = [name, kinds.get(name, "")]
+        for cls, rows in blocks:
+            r = rows.get(name, {})
+            for c in cls.columns:
+                bar = log_bar(r.get(c.key), *ranges[(id(cls), c.key)]) + " " if bars and c.bar else ""
+                row.append(bar + fmt(r.get(c.key)))
+        out.append(row)
+    return header, out
 
 
 def summary_items(doc: dict[str, Any]) -> list[tuple[str, str]]:
-    p = doc["probes"]
-    items: list[tuple[str, str]] = []
-    if "noise" in p:
-        n = p["noise"]
-        def with_ci(key: str) -> str:
-            ci = n.get(f"{key}_ci95")
-            return fmt(n.get(key)) + (f" ± {fmt(ci)}" if ci is not None else "")
-        items += [("noise fraction (ENTAME)", f"{with_ci('noise_fraction')}  "
-                   f"(floor {fmt(n.get('max_entropy_noise_fraction'))}, excess {with_ci('excess_noise_fraction')})"),
-                  ("cross-entropy", f"{with_ci('cross_entropy')}  (ln C = {fmt(n.get('max_entropy_loss'))})"),
-                  ("correct-class probability", with_ci("correct_prob")),
-                  ("error energy into the backbone", with_ci("backbone_error_energy"))]
-        if n.get("seeds"):
-            items.append(("fresh heads (seeds)", str(n["seeds"])))
-    if "change_rate" in p:
-        c = p["change_rate"]
-        items.append(("change-rate spread (Krähenbühl)",
-                      f"{fmt(c.get('spread'))}  (log std {fmt(c.get('log_std'))}; {c.get('mode')}, {c.get('loss')} loss)"))
-    if "grad_norm" in p:
-        items.append(("depth ratio (RIFLE)", fmt(p["grad_norm"].get("depth_ratio"))))
-    if "r2" in p:
-        meds = [l["median"] for l in p["r2"]["layers"] if l.get("median") is not None]
-        if meds:
-            items.append(("R² median, deepest layer (L2-SP)", fmt(meds[-1])))
-    if "drift" in p:
-        d = p["drift"]
-        items.append(("L2-SP penalty Σ‖W−W⁰‖²", fmt(d.get("sp_penalty")) +
-                      (f"  (new: {', '.join(d['new'])})" if d.get("new") else "")))
-    return items
+    """The summary panel: each probe's own lines (``Probe.summary``), in report order."""
+    from ftdoctor.probes import PROBES
+
+    return [item for probe, figures in doc["probes"].items() if probe in PROBES
+            for item in PROBES[probe].summary(figures)]
 
 
 def render(doc: dict[str, Any], console: Console, notes: Iterable[str] = ()) -> None:

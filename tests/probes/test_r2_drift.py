@@ -139,7 +139,7 @@ def test_r2_merge_of_two_processes_equals_one_pass():
     layers, _ = layer_order(model, bundle.x[:1])
     head = find_head(list(layers), None)
     ctx = ProbeContext(model=model, layers=tuple(layers), head=head, num_classes=4, seed=0, reference=ref,
-                       reference_layers=tuple(reference_pairs(layers, ref)), options=ProbeOptions())
+                       reference_layers=tuple(reference_pairs(layers, ref)))
 
     def fed(lo, hi):
         probe = R2Probe(ctx)
@@ -188,9 +188,9 @@ def test_r2_with_a_layer_called_twice_and_a_shared_module(overlap, monkeypatch):
     # every batch after the first reduces large maps in the reference's hooks: a layer called twice
     # still compares its last calls, and a module the reference shares with the model is not
     # confused with the model's own output
-    from ftdoctor.engine import reference, stream
+    from ftdoctor.engine import reference as capture, stream
     monkeypatch.setattr(stream, "overlap_allowed", lambda *a: overlap)
-    monkeypatch.setattr(reference, "_OVERLAP_SPARE_CORES", -1e9)
+    monkeypatch.setattr(capture, "_OVERLAP_SPARE_CORES", -1e9)
     torch.manual_seed(0)
     model, ref = Twice().eval(), Twice().eval()
     shared = copy.deepcopy(ref)
