@@ -8,7 +8,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -105,6 +105,8 @@ class Report:
     run: ProbeRun
     notes: list[str] = field(default_factory=list)
     run_args: RunArgs = PLACEHOLDERS        # what the suggested commands repeat from this run
+    main_process: bool = True               # under torchrun: rank 0, which prints and writes
+    kind: ClassVar[str] = "probe"
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "ftdoctor_version": ftdoctor.__version__,
@@ -237,8 +239,41 @@ def unreached_parameters(model: nn.Module, layers: Sequence[AffineLayer]) -> lis
 
 
 def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: DataOptions,
-          options: ProbeOptions = ProbeOptions(), reference: str | Path | None = None) -> Report:
-    """``ftdoctor probe``: measure the diagnoses of SPEC §1 for a checkpoint on a dataset."""
+          options: ProbeOptions = ProbeOptions(), reference: str | Path | None = None,
+          output: str | Path | None = None, hdf5: str | Path | None = None) -> Report:
+    """``ftdoctor probe``: measure the diagnoses of SPEC §1 for a checkpoint on a dataset.
+
+    With ``output`` and/or ``hdf5`` the JSON report and the HDF5 file (report and arrays) are written: both
+    checked against every input before any work, both kept or neither (:mod:`ftdoctor.outputs`). Under
+    ``torchrun`` every process measures its shard; only rank 0 writes (``Report.main_process``).
+    """
+    from ftdoctor import distributed
+    from ftdoctor.data import input_paths
+    from ftdoctor.outputs import Output, journal
+    from ftdoctor.report import get as get_format, load_formats
+
+    outputs = [Output(Path(p), flag) for p, flag in ((output, "--output"), (hdf5, "--hdf5")) if p is not None]
+    with journal(outputs, (model_path, reference, *input_paths(data.data, data.data_root))):
+        world = distributed.setup(model.device if model is not None else "cpu")   # under torchrun: join the group
+        if not world.is_main:
+            from ftdoctor import progress
+            progress.set_quiet(True)
+        try:
+            report = _probe(model_path, model=model, data=data, options=options, reference=reference)
+        finally:
+            distributed.teardown()
+        report.main_process = world.is_main
+        if world.is_main:
+            load_formats()
+            if hdf5 is not None:
+                get_format("hdf5", "probe").write(report, Path(hdf5))
+            if output is not None:
+                get_format("json", "probe").write(report, Path(output))
+    return report
+
+
+def _probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: DataOptions,
+           options: ProbeOptions = ProbeOptions(), reference: str | Path | None = None) -> Report:
     from ftdoctor import checkpoint as ckpt
     from ftdoctor.session import open_session
     model_opts = model or ckpt.ModelOptions()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -19,14 +19,29 @@ class Inspection:
     layers: list[dict[str, Any]]
     order: str                                   # "forward" or "registration"
     notes: list[str] = field(default_factory=list)
+    kind: ClassVar[str] = "inspect"
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "model": self.model, "layers": self.layers}
 
 
 def inspect(path: str | Path, model: ckpt.ModelOptions | None = None, *, head: str | None = None,
-            image_size: int | None = None) -> Inspection:
-    """Affine layers (forward order when a dummy input runs), head, classes, parameters, finiteness."""
+            image_size: int | None = None, output: str | Path | None = None) -> Inspection:
+    """Affine layers (forward order when a dummy input runs), head, classes, parameters, finiteness; with
+    ``output`` the JSON document written there (never over the checkpoint)."""
+    from ftdoctor.outputs import Output, journal
+    from ftdoctor.report import get as get_format, load_formats
+
+    with journal([Output(Path(output), "--output")] if output is not None else [], (path,)):
+        result = _inspect(path, model, head=head, image_size=image_size)
+        if output is not None:
+            load_formats()
+            get_format("json", "inspect").write(result, Path(output))
+    return result
+
+
+def _inspect(path: str | Path, model: ckpt.ModelOptions | None = None, *, head: str | None = None,
+             image_size: int | None = None) -> Inspection:
     session = open_session(path, model or ckpt.ModelOptions(), head=head, image_size=image_size)
     loaded, layers, order, head_layer = session.loaded, session.layers, session.order, session.head
     rows = [{"name": l.name, "kind": l.kind, "shape": list(l.weight.shape),

@@ -48,10 +48,24 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ftdoctor.check.collect import CHECKPOINT_SUFFIXES, collect_checkpoints
-from ftdoctor.check.config import (OFF, ResolvedThresholds, config_table, find_pyproject, resolve_thresholds,
-                                   valid_keys, validate_settings)
-from ftdoctor.check.judge import (_Shared, data_check_keys, finite_check, judge, nonfinite_tensors, planned_checks,
-                                  probes_needed)
+from ftdoctor.check.config import (
+    OFF,
+    ResolvedThresholds,
+    config_table,
+    find_pyproject,
+    resolve_thresholds,
+    valid_keys,
+    validate_settings,
+)
+from ftdoctor.check.judge import (
+    _Shared,
+    data_check_keys,
+    finite_check,
+    judge,
+    nonfinite_tensors,
+    planned_checks,
+    probes_needed,
+)
 from ftdoctor.check.results import SCHEMA, CheckpointVerdict, CheckReport, CheckResult
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.thresholds import Thresholds
@@ -70,9 +84,11 @@ def _validate_model_options(opts: Any) -> None:
     ckpt.parse_device(opts.device)
 
 def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
-          reference: str | Path | None = None, thresholds: Thresholds = Thresholds(),
+          reference: str | Path | None = None, thresholds: Thresholds | None = None,
           head: str | None = None, new_head: bool = False, head_init: str = "kaiming", seed: int = 0,
-          image_size: int | None = None, config: str | None = None) -> CheckReport:
+          image_size: int | None = None, config: str | None = None,
+          overrides: dict[str, Any] | None = None, output: str | Path | None = None,
+          output_format: str = "text") -> CheckReport:
     """``ftdoctor check``: judge checkpoints (files, directories, globs) against ``thresholds``.
 
     ``model`` is a :class:`ftdoctor.checkpoint.ModelOptions`; ``data`` a
@@ -82,7 +98,11 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
     ``head_init`` head for the data's classes (ENTAME Table 1's setting: how
     will this backbone fine-tune on the data?). ``image_size`` sizes the dummy
     input that finds the layer order without data (default: the data's
-    ``image_size``, else a few common sizes). ``config`` only labels the report.
+    ``image_size``, else a few common sizes). Without ``thresholds`` they are resolved from ``config`` (a
+    TOML file; default: the nearest pyproject.toml with ``[tool.ftdoctor]``) and ``overrides`` (the
+    command-line flags); with them, ``config`` only labels the report. With ``output`` the report is
+    written there in ``output_format`` (``text``, ``json``, ``junit``, ``github``), checked against every
+    input first.
     Raises :class:`FtdoctorError` (exit 2) for unusable configuration or input;
     problems of a checkpoint are failed checks in the report.
     """
@@ -96,17 +116,30 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
                             "add --data DATA, or drop --new-head")
     if reference is not None and not Path(reference).is_file():
         raise FtdoctorError(f"reference checkpoint {reference} not found", "pass an existing file to --reference")
+    if thresholds is None:
+        resolved = resolve_thresholds(config, overrides=overrides)
+        thresholds, config = resolved.thresholds, resolved.source
     _validate_model_options(model_opts)
     files = collect_checkpoints(paths)
-    plan = planned_checks(thresholds, with_data=data is not None, with_reference=reference is not None)
-    shared = _Shared(data=data, reference=reference, model_opts=model_opts, new_head=new_head)
-    verdicts = tuple(judge(p, model_opts=model_opts, thresholds=thresholds, shared=shared, plan=plan, head=head,
-                           new_head=new_head, head_init=head_init, seed=seed,
-                           image_size=image_size or getattr(data, "image_size", None))
-                     for p in files)
-    return CheckReport(verdicts, thresholds, config=config,
-                       data=getattr(data, "data", None) if data is not None else None,
-                       reference=str(reference) if reference is not None else None)
+    from ftdoctor.data import input_paths
+    from ftdoctor.outputs import Output, journal
+    inputs = (*files, reference, config, *(input_paths(data.data, data.data_root) if data is not None else ()))
+    with journal([Output(Path(output), "--output")] if output is not None else [], inputs):
+        plan = planned_checks(thresholds, with_data=data is not None, with_reference=reference is not None)
+        shared = _Shared(data=data, reference=reference, model_opts=model_opts, new_head=new_head)
+        verdicts = tuple(judge(p, model_opts=model_opts, thresholds=thresholds, shared=shared, plan=plan,
+                               head=head, new_head=new_head, head_init=head_init, seed=seed,
+                               image_size=image_size or getattr(data, "image_size", None))
+                         for p in files)
+        report = CheckReport(verdicts, thresholds, config=config,
+                             data=getattr(data, "data", None) if data is not None else None,
+                             reference=str(reference) if reference is not None else None)
+        if output is not None:
+            from ftdoctor.report import get as get_format
+            from ftdoctor.report import load_formats
+            load_formats()
+            get_format(output_format, "check").write(report, Path(output))
+    return report
 
 
 class _CallableModule(types.ModuleType):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import ftdoctor
 from ftdoctor.thresholds import Thresholds
@@ -59,6 +59,7 @@ class CheckReport:
 
     checkpoints: tuple[CheckpointVerdict, ...]
     thresholds: Thresholds
+    kind: ClassVar[str] = "check"
     config: str | None = None
     data: str | None = None
     reference: str | None = None

@@ -24,13 +24,30 @@ dtypes), atomically, through the source that read it.
 """
 from __future__ import annotations
 
-from ftdoctor.checkpoint.common import (AFFINE_TYPES, STRIPPED_PREFIXES, WRAPPER_KEYS, Container, LoadedModel,
-                                        ModelOptions, affine_modules, sha256_file)
-from ftdoctor.checkpoint.loading import check_arch, load_model, parse_device, validate_options
+from ftdoctor.checkpoint import importpath, pickled, torchscript, torchvision  # noqa: F401,E402  (registration)
+from ftdoctor.checkpoint.common import (
+                                        AFFINE_TYPES,
+                                        STRIPPED_PREFIXES,
+                                        WRAPPER_KEYS,
+                                        Container,
+                                        LoadedModel,
+                                        ModelOptions,
+                                        affine_modules,
+                                        sha256_file,
+)
+from ftdoctor.checkpoint.loading import (
+                                        check_arch,
+                                        load_model,
+                                        parse_device,
+                                        validate_options,
+)
 from ftdoctor.checkpoint.reading import CheckpointFile, read_checkpoint, torch_is_safe
-from ftdoctor.checkpoint.sources import MODEL_SOURCES, ModelSource, register_model_source
+from ftdoctor.checkpoint.sources import (
+                                        MODEL_SOURCES,
+                                        ModelSource,
+                                        register_model_source,
+)
 from ftdoctor.checkpoint.writing import check_output_path, save_model, write_sidecar
-from ftdoctor.checkpoint import torchscript, pickled, importpath, torchvision  # noqa: F401,E402  (registration)
 from ftdoctor.outputs import atomic_write
 
 FORMATS = ("state_dict", "safetensors", "module", "torchscript")

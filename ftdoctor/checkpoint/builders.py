@@ -16,8 +16,15 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ftdoctor.checkpoint.common import _cwd_on_sys_path, _key, _quiet, _short, affine_modules
+from ftdoctor.checkpoint.common import (
+    _cwd_on_sys_path,
+    _key,
+    _quiet,
+    _short,
+    affine_modules,
+)
 from ftdoctor.errors import FtdoctorError
+
 
 @dataclass(frozen=True)
 class Builder:

@@ -9,7 +9,12 @@ from typing import Any
 from torch import nn
 
 from ftdoctor.checkpoint.builders import Builder
-from ftdoctor.checkpoint.common import LoadedModel, ModelOptions, _cwd_on_sys_path, _short
+from ftdoctor.checkpoint.common import (
+    LoadedModel,
+    ModelOptions,
+    _cwd_on_sys_path,
+    _short,
+)
 from ftdoctor.checkpoint.reading import CheckpointFile
 from ftdoctor.checkpoint.sources import ModelSource, loaded, register_model_source
 from ftdoctor.checkpoint.state_dict import model_from_state_dict

@@ -26,8 +26,17 @@ import torch
 from torch import nn
 
 from ftdoctor import bounds
-from ftdoctor.checkpoint.common import (WRAPPER_KEYS, Container, ModelOptions, _cwd_on_sys_path, _listing,
-                                            _quiet, _short, _unreadable, sha256_file)
+from ftdoctor.checkpoint.common import (
+    WRAPPER_KEYS,
+    Container,
+    ModelOptions,
+    _cwd_on_sys_path,
+    _listing,
+    _quiet,
+    _short,
+    _unreadable,
+    sha256_file,
+)
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.safety import open_regular, regular_file
 

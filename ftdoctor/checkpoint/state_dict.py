@@ -13,9 +13,23 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ftdoctor.checkpoint.builders import (Builder, Signature, build, build_kwargs, comparable, head_classes,
-                                              signature_for, signature_of)
-from ftdoctor.checkpoint.common import STRIPPED_PREFIXES, Container, ModelOptions, _listing, _short
+from ftdoctor.checkpoint.builders import (
+    Builder,
+    Signature,
+    build,
+    build_kwargs,
+    comparable,
+    head_classes,
+    signature_for,
+    signature_of,
+)
+from ftdoctor.checkpoint.common import (
+    STRIPPED_PREFIXES,
+    Container,
+    ModelOptions,
+    _listing,
+    _short,
+)
 from ftdoctor.checkpoint.reading import CheckpointFile
 from ftdoctor.errors import FtdoctorError
 

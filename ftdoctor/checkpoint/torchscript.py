@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftdoctor.checkpoint.common import Container, LoadedModel, ModelOptions, _quiet, _short, _unreadable
+from ftdoctor.checkpoint.common import (
+    Container,
+    LoadedModel,
+    ModelOptions,
+    _quiet,
+    _short,
+    _unreadable,
+)
 from ftdoctor.checkpoint.reading import CheckpointFile
 from ftdoctor.checkpoint.sources import ModelSource, loaded, register_model_source
 from ftdoctor.errors import FtdoctorError

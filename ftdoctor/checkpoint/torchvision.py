@@ -8,7 +8,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ftdoctor.checkpoint.builders import Builder, Signature, build_kwargs, comparable, head_classes, signature_for
+from ftdoctor.checkpoint.builders import (
+    Builder,
+    Signature,
+    build_kwargs,
+    comparable,
+    head_classes,
+    signature_for,
+)
 from ftdoctor.checkpoint.common import LoadedModel, ModelOptions, _key, _listing
 from ftdoctor.checkpoint.reading import CheckpointFile
 from ftdoctor.checkpoint.sources import ModelSource, loaded, register_model_source

@@ -13,8 +13,8 @@ probe by name.
 from __future__ import annotations
 
 from ftdoctor.engine.batch import Batch
-from ftdoctor.engine.stream import PassSettings, check_logits, preserved, run_pass
 from ftdoctor.engine.reference import overlap_allowed
+from ftdoctor.engine.stream import PassSettings, check_logits, preserved, run_pass
 from ftdoctor.engine.sums import Float64Sum, sum_of_squares
 
 __all__ = ["Batch", "Float64Sum", "PassSettings", "check_logits", "overlap_allowed", "preserved", "run_pass",

@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ftdoctor.engine.tiles import _added, _bmm_chunked, _choose, _chunks, _pairs_into, _per_chunk, _Scratch
+from ftdoctor.engine.tiles import (
+    _added,
+    _bmm_chunked,
+    _choose,
+    _chunks,
+    _pairs_into,
+    _per_chunk,
+    _Scratch,
+)
 
 if TYPE_CHECKING:
     from ftdoctor.engine.persample import Method

@@ -45,7 +45,15 @@ import torch
 from torch import Tensor, nn
 
 from ftdoctor.engine.conv_squares import _conv
-from ftdoctor.engine.tiles import _added, _bmm_chunked, _choose, _chunks, _pairs_into, _per_chunk, _Scratch
+from ftdoctor.engine.tiles import (
+    _added,
+    _bmm_chunked,
+    _choose,
+    _chunks,
+    _pairs_into,
+    _per_chunk,
+    _Scratch,
+)
 
 __all__ = ["Method", "computation_dtype", "grad_sq_sum", "supports"]
 

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from ftdoctor import forward
 from ftdoctor.model import AffineLayer
 
-
 # The reference's outputs may coexist with the autograd graph (overlapped forward) up to this size...
 _OVERLAP_BYTES = 512 * 2**20
 

@@ -38,11 +38,11 @@ from torch import Tensor, nn
 
 from ftdoctor import forward
 from ftdoctor import progress as _progress
+from ftdoctor.engine.batch import Batch
 from ftdoctor.engine.capture import Capture
 from ftdoctor.engine.reference import overlap_allowed, reference_capture
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.model import AffineLayer
-from ftdoctor.engine.batch import Batch
 from ftdoctor.rng import example_normals
 
 if TYPE_CHECKING:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 
@@ -52,6 +53,7 @@ class FixResult:
     output_sha256: str | None = None
     sidecar: Path | None = None
     notes: list[str] = field(default_factory=list)
+    kind: ClassVar[str] = "fix"
 
     @property
     def passed(self) -> bool:
@@ -100,10 +102,32 @@ def method_names() -> list[str]:
     return list(FIXES)
 
 
+def fix_options(method: str, flags: Mapping[str, Any]) -> Any:
+    """The options of ``method`` from command-line flags named like its options' fields.
+
+    Flags left unset (None or False) take the options' own defaults; a set flag that belongs to another
+    method's options is an error naming that method.
+    """
+    if method not in FIXES:
+        raise FtdoctorError(f"unknown --method {method!r}", f"use one of {', '.join(FIXES)}")
+    mine = {f.name for f in dataclass_fields(FIXES[method].options_type)}
+    given = {k: v for k, v in flags.items() if v is not None and v is not False}
+    stray = [k for k in given if k not in mine]
+    if stray:
+        owner = next((name for name, cls in FIXES.items()
+                      if stray[0] in {f.name for f in dataclass_fields(cls.options_type)}), "another")
+        shown = [f"--{k.replace('_', '-')}" for k in stray]
+        raise FtdoctorError(f"{', '.join(shown)} appl{'ies' if len(shown) == 1 else 'y'} to --method {owner} only",
+                            f"drop {' '.join(shown)} or use --method {owner}")
+    return FIXES[method].options_type(**given)
+
+
 def _options_for(method: str, options: Any) -> Any:
     cls = FIXES[method].options_type
     if options is None:
         return cls()
+    if isinstance(options, Mapping):
+        return fix_options(method, options)
     if not isinstance(options, cls):
         raise TypeError(f"--method {method} takes {cls.__name__}, got {type(options).__name__}")
     return options
@@ -116,7 +140,7 @@ def fix(model_path: str | Path, method: str, *, out: str | Path, data: "DataOpti
 
     ``options`` is the method's options dataclass (``EntameOptions``,
     ``RifleOptions``, ``RescaleOptions``, ``DatadepOptions``; default: its
-    defaults). Raises :class:`FtdoctorError` for unusable input (exit 2) and
+    defaults), or a mapping of command-line flags (:func:`fix_options`). Raises :class:`FtdoctorError` for unusable input (exit 2) and
     :class:`FixFailed` when the verification fails (exit 1); in both cases
     nothing is written. ``write=False`` verifies without writing (a dry run).
     """
@@ -124,20 +148,20 @@ def fix(model_path: str | Path, method: str, *, out: str | Path, data: "DataOpti
     from ftdoctor.outputs import Output, journal, sidecar_path
 
     if method not in FIXES:
-        raise FtdoctorError(f"unknown fix method {method!r}", f"use one of {', '.join(FIXES)}")
+        raise FtdoctorError(f"unknown --method {method!r}", f"use one of {', '.join(FIXES)}")
+    opts = _options_for(method, options)
     model_path, out = Path(model_path), Path(out)
     outputs = [Output(out, "-o", replace=False), Output(sidecar_path(out), "-o's sidecar", replace=False)]
     # every output checked against every input before any work; all kept, or none (outputs.journal)
     with journal(outputs if write else (), (model_path, *input_paths(data.data, data.data_root)), force=force):
-        return _fix(model_path, method, out, data, model, options, head, new_head, seed, force, write)
+        return _fix(model_path, method, out, data, model, opts, head, new_head, seed, force, write)
 
 
 def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "ckpt.ModelOptions | None",
          options: Any, head: str | None, new_head: bool, seed: int, force: bool, write: bool) -> FixResult:
     from ftdoctor.session import open_session
 
-    opts = _options_for(method, options)
-    fixer = FIXES[method](opts)
+    fixer = FIXES[method](options)
     model_opts = model or ckpt.ModelOptions()
     session = open_session(model_path, model_opts, data, head=head, new_head="torch-default" if new_head else None,
                            seed=seed)

@@ -230,7 +230,7 @@ class Probe:
             return problems
         out = list(problems)
         for v in self.judge(result.figures, thresholds):
-            if v.passed is False:
+            if v.passed is False and v.value is not None:   # an unmeasured figure fails a check, says nothing here
                 text = f"{v.message}: {v.explanation}" if v.explanation else v.message
                 out.append(Finding(self.name, v.severity, text, v.suggestion))
             elif v.passed and v.praise:

@@ -27,8 +27,17 @@ import torch
 from ftdoctor.engine import persample
 from ftdoctor.engine.sums import Float64Sum, sum_of_squares
 from ftdoctor.numbers import fmt
-from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeContext, ProbeResult, finite_or_none,
-                                  register_probe, row_json)
+from ftdoctor.probes.base import (
+    Batch,
+    Column,
+    Figures,
+    Probe,
+    ProbeContext,
+    ProbeResult,
+    finite_or_none,
+    register_probe,
+    row_json,
+)
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 

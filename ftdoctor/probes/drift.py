@@ -15,8 +15,16 @@ import torch
 
 from ftdoctor.engine.sums import sum_of_squares
 from ftdoctor.numbers import fmt
-from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeResult, finite_or_none, register_probe,
-                                  row_json)
+from ftdoctor.probes.base import (
+    Batch,
+    Column,
+    Figures,
+    Probe,
+    ProbeResult,
+    finite_or_none,
+    register_probe,
+    row_json,
+)
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 

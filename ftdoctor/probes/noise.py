@@ -22,7 +22,15 @@ from torch import Tensor
 
 from ftdoctor.heads import seed_head_params
 from ftdoctor.numbers import fmt
-from ftdoctor.probes.base import Batch, Figures, Finding, Probe, ProbeContext, ProbeResult, register_probe
+from ftdoctor.probes.base import (
+    Batch,
+    Figures,
+    Finding,
+    Probe,
+    ProbeContext,
+    ProbeResult,
+    register_probe,
+)
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.stats import ci95_half_width
 from ftdoctor.thresholds import Thresholds

@@ -25,8 +25,16 @@ from torch import Tensor
 
 from ftdoctor.model import AffineLayer
 from ftdoctor.numbers import fmt
-from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeContext, ProbeResult, register_probe,
-                                  row_json)
+from ftdoctor.probes.base import (
+    Batch,
+    Column,
+    Figures,
+    Probe,
+    ProbeContext,
+    ProbeResult,
+    register_probe,
+    row_json,
+)
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 

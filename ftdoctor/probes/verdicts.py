@@ -40,8 +40,9 @@ class RunArgs:
 PLACEHOLDERS = RunArgs()
 
 
-def render(s: Suggestion | None, run: RunArgs = PLACEHOLDERS) -> str | None:
-    """``s`` as the text users see: the command with this run's model, ``--arch`` and data filled in."""
+def render(s: Suggestion | None, run: RunArgs = PLACEHOLDERS, *, words: bool = True) -> str | None:
+    """``s`` as the text users see: the command with this run's model, ``--arch`` and data filled in
+    (``words=False``: the command alone)."""
     if s is None:
         return None
     if s.command is None:
@@ -58,7 +59,7 @@ def render(s: Suggestion | None, run: RunArgs = PLACEHOLDERS) -> str | None:
             parts.append("--new-head")
         parts += ["-o", "FIXED.pt"]
     text = " ".join(parts)
-    return f"{s.before}{text}{s.after}"
+    return f"{s.before}{text}{s.after}" if words else text
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def check_message(v: Verdict, run: RunArgs = PLACEHOLDERS) -> str:
     if v.passed is not False:
         return v.message
     hint = v.explanation
-    command = render(v.suggestion, run)
+    command = render(v.suggestion, run, words=False)
     if command and v.suggestion is not None and v.suggestion.command:
         hint += f"; try `{command}`" if hint else f"try `{command}`"
     return f"{v.message}: {hint}" if hint else v.message

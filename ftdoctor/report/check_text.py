@@ -1,11 +1,14 @@
 """``ftdoctor check`` for a terminal (rich): one table per checkpoint, then a one-line tally."""
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from ftdoctor.check import CheckReport, CheckResult
+from ftdoctor.report.formats import OutputFormat, register_format
 
 _MARK = {"passed": ("✓", "green"), "failed": ("✗", "bold red"), "skipped": ("–", "dim")}
 
@@ -66,3 +69,17 @@ def to_string(report: CheckReport, width: int = 120) -> str:
     buf = io.StringIO()
     render(report, Console(file=buf, width=width, color_system=None, highlight=False, force_terminal=False))
     return buf.getvalue()
+
+
+@register_format
+class CheckTextFormat(OutputFormat):
+    """``check`` for a terminal: a table per checkpoint and a tally (plain text in a file)."""
+
+    name = "text"
+    kinds = frozenset({"check"})
+
+    def text(self, result: Any) -> str:
+        return to_string(result)
+
+    def show(self, result: Any, console: Console, *, notes: bool = True) -> None:
+        render(result, console)

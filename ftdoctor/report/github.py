@@ -7,7 +7,10 @@ a hostile file name cannot forge a second command.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from ftdoctor.check import CheckReport
+from ftdoctor.report.formats import OutputFormat, register_format
 
 
 def escape_data(text: str) -> str:
@@ -23,3 +26,14 @@ def render(report: CheckReport) -> str:
              f"{escape_data(verdict.path)}: {escape_data(check.message)}"
              for verdict, check in report.failures()]
     return "".join(line + "\n" for line in lines)
+
+
+@register_format
+class GithubFormat(OutputFormat):
+    """GitHub Actions annotations: an ``::error`` line per failed check."""
+
+    name = "github"
+    kinds = frozenset({"check"})
+
+    def text(self, result: Any) -> str:
+        return render(result)

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 
 from ftdoctor.outputs import atomic_write
+from ftdoctor.report.formats import OutputFormat, register_format
 from ftdoctor.report.json import dumps
 
 
@@ -24,3 +25,17 @@ def write(path: str | Path, schema: str, report: dict[str, Any], arrays: Mapping
                 for k, v in kv.items():
                     f[key].attrs[k] = v
     atomic_write(Path(path), _write)
+
+
+@register_format
+class Hdf5Format(OutputFormat):
+    """The report and its arrays (G², per-batch norms, per-channel R², the runs' series) in one HDF5 file."""
+
+    name = "hdf5"
+    kinds = frozenset({"probe", "trace", "compare"})
+    file_only = True
+
+    def write(self, result: Any, path: Path) -> None:
+        doc = result.to_json()
+        attrs = result.attrs() if hasattr(result, "attrs") else None
+        write(path, doc["schema"] if result.kind == "probe" else "ftdoctor.trace/1", doc, result.arrays(), attrs)

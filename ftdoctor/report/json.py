@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ftdoctor.outputs import atomic_write
+from ftdoctor.report.formats import OutputFormat, register_format
 
 
 def dumps(doc: dict[str, Any]) -> str:
@@ -15,3 +16,14 @@ def dumps(doc: dict[str, Any]) -> str:
 def write(doc: dict[str, Any], path: str | Path) -> None:
     text = dumps(doc)
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+@register_format
+class JsonFormat(OutputFormat):
+    """Every result as its JSON document (SPEC §3): deterministic, no timings."""
+
+    name = "json"
+    kinds = frozenset({"probe", "check", "inspect", "trace", "compare", "fix"})
+
+    def text(self, result: Any) -> str:
+        return dumps(result.to_json())

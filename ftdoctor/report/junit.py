@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from typing import Any
 
 from ftdoctor.check import CheckReport
+from ftdoctor.report.formats import OutputFormat, register_format
 
 # XML 1.0 cannot carry most control characters, even escaped.
 _ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -62,3 +64,14 @@ def render(report: CheckReport) -> str:
                 ET.SubElement(case, "system-out").text = _clean(c.message)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+@register_format
+class JunitFormat(OutputFormat):
+    """JUnit XML for GitLab and Jenkins: a suite per checkpoint, a case per check."""
+
+    name = "junit"
+    kinds = frozenset({"check"})
+
+    def text(self, result: Any) -> str:
+        return render(result)

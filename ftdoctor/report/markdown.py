@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftdoctor.report.formats import OutputFormat, register_format
 from ftdoctor.report.table import layer_rows, summary_items
 
 
@@ -29,3 +30,14 @@ def render(doc: dict[str, Any]) -> str:
         lines += ["", "## Skipped", ""]
         lines += [f"- `{s['name']}` ({s['probe']}): {s['reason']}" for s in doc["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+@register_format
+class MarkdownFormat(OutputFormat):
+    """The probe report for pull-request comments and notebooks."""
+
+    name = "markdown"
+    kinds = frozenset({"probe"})
+
+    def text(self, result: Any) -> str:
+        return render(result.to_json())

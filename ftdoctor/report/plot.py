@@ -20,10 +20,9 @@ touches a user's interactive backend.
 """
 from __future__ import annotations
 
-import os
-
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -343,18 +342,19 @@ def probe_figure(pf: ProbeFile) -> Any:
 # -- entry point --------------------------------------------------------------------------------
 def plot(path: str | Path, out: str | Path) -> Path:
     """Draw ``path`` (a trace, compare or probe HDF5 file) to ``out`` (.png, .pdf or .svg), atomically."""
-    require_matplotlib()
-    from ftdoctor.outputs import atomic_write
+    from ftdoctor.outputs import Output, journal
     path, out = Path(path), Path(out)
-    fmt = out.suffix.lower().lstrip(".")
-    if fmt not in FORMATS:
-        raise FtdoctorError(f"cannot tell the picture format from {out.name!r}",
-                            f"end the output name with one of {', '.join('.' + f for f in FORMATS)}")
-    if out.exists() and out.resolve() == path.resolve():
-        raise FtdoctorError(f"refusing to write the picture over its input {path}", "choose another -o")
-    if not out.parent.is_dir():
-        raise FtdoctorError(f"the output directory {out.parent} does not exist",
-                            "create it first, or choose another -o")
+    with journal([Output(out, "-o")], (path,)):      # never over its input; all or nothing
+        require_matplotlib()
+        fmt = out.suffix.lower().lstrip(".")
+        if fmt not in FORMATS:
+            raise FtdoctorError(f"cannot tell the picture format from {out.name!r}",
+                                f"end the output name with one of {', '.join('.' + f for f in FORMATS)}")
+        return _draw(path, out, fmt)
+
+
+def _draw(path: Path, out: Path, fmt: str) -> Path:
+    from ftdoctor.outputs import atomic_write
     content = read(path)
     fig = dynamics_figure(content) if isinstance(content, TraceFile) else probe_figure(content)
     from matplotlib.backends.backend_agg import FigureCanvasAgg

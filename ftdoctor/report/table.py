@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ftdoctor.numbers import fmt
+from ftdoctor.report.formats import OutputFormat, register_format
 
 _BLOCKS = " ▏▎▍▌▋▊▉█"
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -114,3 +115,46 @@ def render(doc: dict[str, Any], console: Console, notes: Iterable[str] = ()) -> 
     for s in doc["skipped"]:
         parts.append(Text(f"skipped [{s['probe']}] {s['name']}: {s['reason']}", style="dim"))
     console.print(Panel(Group(*parts) if parts else Text("no findings"), title="findings", title_align="left"))
+
+
+def _render_probe(result: Any, console: Console, notes: bool) -> None:
+    render(result.to_json(), console, notes=result.notes if notes else [])
+
+
+def _render_inspect(result: Any, console: Console, notes: bool) -> None:
+    from ftdoctor.report.inspect_table import render as render_inspect
+    render_inspect(result, console)
+
+
+def _render_fix(result: Any, console: Console, notes: bool) -> None:
+    from ftdoctor.fixes.render import render as render_fix
+    render_fix(result, console, notes=notes)
+
+
+def _render_trace(result: Any, console: Console, notes: bool) -> None:
+    from ftdoctor.dynamics import render_trace
+    render_trace(result, console)
+
+
+def _render_compare(result: Any, console: Console, notes: bool) -> None:
+    from ftdoctor.dynamics import render_compare
+    render_compare(result, console)
+
+
+@register_format
+class TableFormat(OutputFormat):
+    """The terminal view (rich): per-layer tables with log bars, summaries, findings, verification tables."""
+
+    name = "table"
+    kinds = frozenset({"probe", "inspect", "fix", "trace", "compare"})
+    renderers = {"probe": _render_probe, "inspect": _render_inspect, "fix": _render_fix, "trace": _render_trace,
+                 "compare": _render_compare}
+
+    def show(self, result: Any, console: Console, *, notes: bool = True) -> None:
+        self.renderers[result.kind](result, console, notes)
+
+    def text(self, result: Any) -> str:
+        import io
+        buf = io.StringIO()
+        self.show(result, Console(file=buf, width=120, color_system=None, highlight=False, force_terminal=False))
+        return buf.getvalue()

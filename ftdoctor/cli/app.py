@@ -1,0 +1,129 @@
+"""The typer application, the global flags, the terminal helpers, and the edge where errors become exit codes.
+
+:func:`main` turns an :class:`~ftdoctor.errors.FtdoctorError` into two lines on
+stderr (cause and remedy) and its exit code, with no traceback unless
+``--debug``; Ctrl-C and SIGTERM say truthfully what was kept (130, 143).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from ftdoctor import __version__
+from ftdoctor.allocator import keep_freed_memory
+from ftdoctor.errors import FtdoctorError
+
+app = typer.Typer(
+    name="ftdoctor",
+    help="Diagnose and repair the dynamics of fine-tuning a pretrained classifier.\n\n"
+         "Measurements from four papers — ENTAME (noise at the head), Krähenbühl et al. (change rates), "
+         "RIFLE (gradient norms) and L2-SP (R² and drift) — on your checkpoint and data, and fixes "
+         "that write a repaired checkpoint.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",   # docstrings wrap like paragraphs; `[plot]` is not taken for markup
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+    if version:
+        typer.echo(f"ftdoctor {__version__}")
+        raise typer.Exit(0)
+
+
+def console(stderr: bool = False):
+    """A rich console; when the stream is not a terminal, wide enough that tables are not squeezed."""
+    from rich.console import Console
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+def print_notes(notes: list[str], quiet: bool) -> None:
+    if quiet:
+        return
+    err = console(stderr=True)
+    for n in notes:
+        err.print(f"[dim]note: {n}[/]")
+
+
+def output_format(name: str, kind: str):
+    """The registered output format ``name`` for ``kind`` results (checked before any work)."""
+    from ftdoctor.report import get, load_formats
+    load_formats()
+    return get(name, kind)
+
+
+def _fail(cause: str, remedy: str, code: int) -> None:
+    from rich.markup import escape
+    err = console(stderr=True)
+    err.print(f"[bold red]error:[/] {escape(cause)}", soft_wrap=True)
+    err.print(f"[bold]hint:[/] {escape(remedy)}", soft_wrap=True)
+    sys.exit(code)
+
+
+def _interrupted(exc: BaseException) -> None:
+    """Ctrl-C or SIGTERM: say truthfully what was kept (outputs are rolled back unless already complete)."""
+    import signal
+
+    from ftdoctor.outputs import Terminated, committed, received_signal
+    kept = committed()
+    # typer hands Ctrl-C back as the value 130: the signal handler remembers which signal it was
+    term = isinstance(exc, Terminated) or received_signal() == signal.SIGTERM
+    signame, code = ("SIGTERM", 143) if term else ("Ctrl-C", 130)
+    if kept:
+        _fail(f"interrupted ({signame}) after the outputs were complete: {', '.join(map(str, kept))}",
+              "they are whole; nothing else was written", code)
+    _fail(f"interrupted ({signame})", "nothing was written; run the command again", code)
+
+
+def main() -> None:
+    """Console entry point: run the app, map errors to SPEC exit codes."""
+    keep_freed_memory()   # large per-batch tensors reused without page faults (glibc; see allocator.py)
+    from ftdoctor.outputs import start_command
+    start_command()   # SIGTERM unwinds like Ctrl-C: partial outputs are rolled back
+    try:
+        code = app(standalone_mode=False)
+        if code == 130:  # without standalone mode typer returns Ctrl-C as the value 130 instead of raising
+            _interrupted(KeyboardInterrupt())
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except FtdoctorError as exc:
+        if _state["debug"]:
+            raise
+        _fail(exc.cause, exc.remedy, exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _interrupted(KeyboardInterrupt())
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
+    except Exception as exc:  # click usage errors and anything unforeseen
+        try:
+            from click import exceptions as click_exceptions
+        except ImportError:  # typer >= 0.2x vendors click instead of depending on it
+            from typer._click import exceptions as click_exceptions
+        if isinstance(exc, click_exceptions.UsageError):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click_exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if _state["debug"]:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        _fail(f"unexpected {type(exc).__name__}: {first}",
+              "rerun with --debug for the traceback and report it if the input looks valid", 2)
+    sys.exit(0)

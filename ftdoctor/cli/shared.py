@@ -1,0 +1,160 @@
+"""Every option more than one command takes, declared once, and the decorators that add them to a command.
+
+``@model_options`` adds ``--arch --num-classes --trust-checkpoint --non-strict
+--device`` and hands the command a :class:`~ftdoctor.checkpoint.ModelOptions`
+as ``model_opts``; ``@data_options`` adds ``--data-root --download --split
+--max-samples --batch-size --image-size --normalize --workers`` and hands it a
+:class:`DataFlags` as ``data_flags`` (``--data`` and ``--seed`` stay with each
+command: their defaults and meanings differ).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+MODEL_PANEL, DATA_PANEL, OUTPUT_PANEL, PROBE_PANEL = "Model", "Data", "Output", "Probes"
+
+ModelArg = Annotated[Path, typer.Argument(help="Checkpoint: .pt/.pth/.bin/.ckpt (state dict, wrapped, "
+                                                "pickled module, TorchScript) or .safetensors.",
+                                           show_default=False)]
+Arch = Annotated[Optional[str], typer.Option(
+    "--arch", help="torchvision builder name (resnet18, vgg16_bn, vit_b_16, ...) or pkg.module:callable; "
+                   "recognised from the state dict when omitted.", rich_help_panel=MODEL_PANEL)]
+NumClasses = Annotated[Optional[int], typer.Option(
+    "--num-classes", help="Classes of the checkpoint's head (inferred from the head weight when omitted).",
+    rich_help_panel=MODEL_PANEL, min=1)]
+Head = Annotated[Optional[str], typer.Option(
+    "--head", help="Qualified name of the head layer (default: the last affine layer run).",
+    rich_help_panel=MODEL_PANEL)]
+Trust = Annotated[bool, typer.Option(
+    "--trust-checkpoint", help="Allow full pickled modules and TorchScript archives (runs code from the file: "
+                               "only for files you trust).", rich_help_panel=MODEL_PANEL)]
+NonStrict = Annotated[bool, typer.Option(
+    "--non-strict", help="Load a state dict whose keys do not all match the architecture.",
+    rich_help_panel=MODEL_PANEL)]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.", rich_help_panel=MODEL_PANEL)]
+
+DATA_HELP = ("shapes[:C], fake, cifar10, cifar100, mnist, fashion-mnist, svhn, an ImageFolder directory, "
+             "a .h5/.hdf5 or .npz file")
+Data = Annotated[str, typer.Option("--data", help=DATA_HELP + ".", rich_help_panel=DATA_PANEL)]
+DataRoot = Annotated[Optional[Path], typer.Option(
+    "--data-root", help="Where torchvision datasets live (default $FTDOCTOR_DATA or ~/.cache/ftdoctor/data).",
+    rich_help_panel=DATA_PANEL)]
+Download = Annotated[bool, typer.Option("--download", help="Allow torchvision to download a dataset.",
+                                        rich_help_panel=DATA_PANEL)]
+
+
+class Split(str, Enum):
+    train = "train"
+    test = "test"
+
+
+class Normalize(str, Enum):
+    imagenet = "imagenet"
+    dataset = "dataset"
+    none = "none"
+
+
+class HeadInit(str, Enum):
+    kaiming = "kaiming"
+    torch_default = "torch-default"
+    entame = "entame"
+
+
+SplitOpt = Annotated[Split, typer.Option("--split", rich_help_panel=DATA_PANEL)]
+MaxSamples = Annotated[int, typer.Option("--max-samples", min=1, help="Use the first N examples of the split.",
+                                         rich_help_panel=DATA_PANEL)]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, rich_help_panel=DATA_PANEL)]
+ImageSize = Annotated[Optional[int], typer.Option("--image-size", min=1, help="Resize images to S×S.",
+                                                  rich_help_panel=DATA_PANEL)]
+NormalizeOpt = Annotated[Normalize, typer.Option(
+    "--normalize", help="imagenet mean/std, the data's own per-channel statistics, or none.",
+    rich_help_panel=DATA_PANEL)]
+Workers = Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.",
+                                      rich_help_panel=DATA_PANEL)]
+Seed = Annotated[int, typer.Option("--seed", help="Seeds every random draw: same seed, same figures.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.",
+                                     rich_help_panel=OUTPUT_PANEL)]
+OutputJson = Annotated[Optional[Path], typer.Option("--output", help="Also write the JSON report to FILE.",
+                                                    rich_help_panel=OUTPUT_PANEL)]
+Hdf5 = Annotated[Optional[Path], typer.Option("--hdf5", help="Write the report and its arrays (G², per-batch "
+                                              "norms, per-channel R²) to an HDF5 file.",
+                                              rich_help_panel=OUTPUT_PANEL)]
+
+
+def csv(value: str | None) -> tuple[str, ...] | None:
+    """``a,b`` -> ``("a", "b")``."""
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class DataFlags:
+    """The data options shared by every command with data, but ``--data`` and ``--seed``."""
+
+    data_root: Path | None = None
+    download: bool = False
+    split: Split = Split.train
+    max_samples: int = 1024
+    batch_size: int = 64
+    image_size: int | None = None
+    normalize: Normalize = Normalize.imagenet
+    workers: int = 0
+
+    def options(self, data: str, seed: int) -> Any:
+        from ftdoctor.data import DataOptions
+        return DataOptions(data=data, data_root=str(self.data_root) if self.data_root else None,
+                           download=self.download, split=self.split.value, max_samples=self.max_samples,
+                           batch_size=self.batch_size, image_size=self.image_size,
+                           normalize=self.normalize.value, workers=self.workers, seed=seed)
+
+
+def _build_model(**kw: Any) -> Any:
+    from ftdoctor.checkpoint import ModelOptions
+    return ModelOptions(arch=kw["arch"], num_classes=kw["num_classes"], trust_checkpoint=kw["trust_checkpoint"],
+                        non_strict=kw["non_strict"], device=kw["device"])
+
+
+_MODEL = ("model_opts", _build_model, [("arch", Arch, None), ("num_classes", NumClasses, None),
+                                       ("trust_checkpoint", Trust, False), ("non_strict", NonStrict, False),
+                                       ("device", Device, "cpu")])
+_DATA = ("data_flags", lambda **kw: DataFlags(**kw),
+         [("data_root", DataRoot, None), ("download", Download, False), ("split", SplitOpt, Split.train),
+          ("max_samples", MaxSamples, 1024), ("batch_size", BatchSize, 64), ("image_size", ImageSize, None),
+          ("normalize", NormalizeOpt, Normalize.imagenet), ("workers", Workers, 0)])
+
+
+def _injecting(group: tuple[str, Callable[..., Any], list[tuple[str, Any, Any]]]) -> Callable:
+    target, build, params = group
+
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in sig.parameters.values() if p.name != target]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                 for name, annotation, default in params]
+        names = [name for name, _, _ in params]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            kwargs[target] = build(**{n: kwargs.pop(n) for n in names})
+            return fn(**kwargs)
+
+        parameters = own + added
+        wrapper.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+    return decorate
+
+
+model_options = _injecting(_MODEL)
+data_options = _injecting(_DATA)
