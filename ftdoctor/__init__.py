@@ -15,27 +15,24 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "probe": ("ftdoctor.diagnose", "probe"),
-    "probe_model": ("ftdoctor.diagnose", "probe_model"),
-    "ProbeOptions": ("ftdoctor.diagnose", "ProbeOptions"),
-    "fix": ("ftdoctor.fixes.api", "fix"),
-    "inspect": ("ftdoctor.inspection", "inspect"),
-    "check": ("ftdoctor.check", "check"),
-    "load_model": ("ftdoctor.checkpoint", "load_model"),
-    "ModelOptions": ("ftdoctor.checkpoint", "ModelOptions"),
-    "load_data": ("ftdoctor.data", "load_data"),
-    "DataOptions": ("ftdoctor.data", "DataOptions"),
-    "Thresholds": ("ftdoctor.thresholds", "Thresholds"),
-    "FtdoctorError": ("ftdoctor.errors", "FtdoctorError"),
-}
+# public name -> the module that defines it
+_LAZY = {name: module for module, names in {
+    "ftdoctor.diagnose": ("probe", "probe_model", "ProbeOptions"),
+    "ftdoctor.fixes.api": ("fix", "fix_options"),
+    "ftdoctor.inspection": ("inspect",),
+    "ftdoctor.check": ("check",),
+    "ftdoctor.checkpoint": ("load_model", "ModelOptions"),
+    "ftdoctor.data": ("load_data", "DataOptions"),
+    "ftdoctor.dynamics": ("trace", "compare", "TraceOptions"),
+    "ftdoctor.thresholds": ("Thresholds",),
+    "ftdoctor.errors": ("FtdoctorError",),
+}.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ftdoctor' has no attribute {name!r}")
 
 

@@ -42,7 +42,8 @@ def train_classifier(model: nn.Module, data: DataBundle, *, epochs: int, lr: flo
     with progress.task(description, steps, "steps") as bar:
         for epoch in range(epochs):
             total, n = 0.0, 0
-            for x, y, _ in data.loader(batch_size=64, shuffle=True, seed=int(torch.randint(0, 2**31, (1,), generator=gen))):
+            epoch_seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+            for x, y, _ in data.loader(batch_size=64, shuffle=True, seed=epoch_seed):
                 loss = F.cross_entropy(forward.logits(model, x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -19,3 +19,12 @@ def fmt(v: Any, digits: int = 3) -> str:
             return f"{v:.{digits - 1}e}"
         return f"{v:.{digits}g}"
     return str(v)
+
+
+def plain(v: Any, missing: str = "–", spec: str = ".4g") -> str:
+    """``v`` for a table cell or a report line: booleans in lower case, floats with ``spec``."""
+    if v is None:
+        return missing
+    if isinstance(v, bool):
+        return str(v).lower()
+    return format(v, spec) if isinstance(v, float) else str(v)

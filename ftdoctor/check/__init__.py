@@ -48,24 +48,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ftdoctor.check.collect import CHECKPOINT_SUFFIXES, collect_checkpoints
-from ftdoctor.check.config import (
-    OFF,
-    ResolvedThresholds,
-    config_table,
-    find_pyproject,
-    resolve_thresholds,
-    valid_keys,
-    validate_settings,
-)
-from ftdoctor.check.judge import (
-    _Shared,
-    data_check_keys,
-    finite_check,
-    judge,
-    nonfinite_tensors,
-    planned_checks,
-    probes_needed,
-)
+from ftdoctor.check.config import (OFF, ResolvedThresholds, config_table, find_pyproject, resolve_thresholds,
+                                   valid_keys, validate_settings)
+from ftdoctor.check.judge import (_Shared, data_check_keys, finite_check, judge, nonfinite_tensors, planned_checks,
+                                  probes_needed)
 from ftdoctor.check.results import SCHEMA, CheckpointVerdict, CheckReport, CheckResult
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.thresholds import Thresholds
@@ -82,6 +68,7 @@ def _validate_model_options(opts: Any) -> None:
     if opts.arch:
         ckpt.check_arch(opts.arch)
     ckpt.parse_device(opts.device)
+
 
 def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
           reference: str | Path | None = None, thresholds: Thresholds | None = None,

@@ -14,6 +14,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
+
 def _files_in(directory: Path) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(directory):
@@ -22,6 +23,7 @@ def _files_in(directory: Path) -> list[Path]:
             if not name.startswith(".") and name.lower().endswith(CHECKPOINT_SUFFIXES):
                 found.append(Path(root) / name)
     return found
+
 
 def collect_checkpoints(patterns: Sequence[str | Path]) -> list[Path]:
     """Files, directories (searched recursively for .pt/.pth/.bin/.ckpt/.safetensors, hidden

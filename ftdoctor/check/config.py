@@ -32,8 +32,10 @@ class ResolvedThresholds:
     thresholds: Thresholds
     source: str | None
 
+
 def valid_keys() -> list[str]:
     return Thresholds.keys()
+
 
 def find_pyproject(start: str | Path | None = None) -> Path | None:
     """The nearest ``pyproject.toml`` at or above ``start`` (default: the working directory)
@@ -49,6 +51,7 @@ def find_pyproject(start: str | Path | None = None) -> Path | None:
                 return candidate
     return None
 
+
 def _read_toml(path: Path) -> dict[str, Any]:
     from ftdoctor.safety import MAX_CONFIG_BYTES, read_bounded
     try:
@@ -58,6 +61,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise FtdoctorError(f"cannot read the config file {path}: {exc}",
                             "check the path and its permissions") from None
+
 
 def config_table(path: str | Path, *, explicit: bool) -> dict[str, Any]:
     """The ``[tool.ftdoctor.check]`` table of a TOML file.
@@ -83,6 +87,7 @@ def config_table(path: str | Path, *, explicit: bool) -> dict[str, Any]:
                             f"add one with some of: {', '.join(valid_keys())}")
     return {}
 
+
 def validate_settings(table: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Check keys and types; map ``false``/``"off"`` to None (check disabled)."""
     unknown = [k for k in table if k not in valid_keys()]
@@ -93,6 +98,7 @@ def validate_settings(table: Mapping[str, Any], source: str) -> dict[str, Any]:
     for key, value in table.items():
         out[key] = _validate_value(key, value, source)
     return out
+
 
 def _validate_value(key: str, value: Any, source: str) -> Any:
     if key == "require_finite":
@@ -118,6 +124,7 @@ def _validate_value(key: str, value: Any, source: str) -> Any:
         return float(value)
     raise FtdoctorError(f"{key} in {source} must be a finite number >= 0, got {value!r}",
                         f"write e.g. {key} = {getattr(Thresholds(), key)} (or false / off to disable the check)")
+
 
 def resolve_thresholds(config: str | Path | None = None, *, cwd: str | Path | None = None,
                        overrides: Mapping[str, Any] | None = None) -> ResolvedThresholds:

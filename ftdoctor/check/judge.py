@@ -52,6 +52,7 @@ def planned_checks(thresholds: Thresholds, *, with_data: bool, with_reference: b
             names.append(key)
     return names
 
+
 def probes_needed(thresholds: Thresholds, *, with_reference: bool) -> tuple[str, ...]:
     """Only the probes the enabled data checks read (drift is computed without data)."""
     names = []
@@ -76,6 +77,7 @@ def nonfinite_tensors(model: nn.Module) -> list[tuple[str, int, int, int]]:
             nan = int(torch.isnan(t.detach()).sum())
             out.append((name, nan, int(bad.sum()) - nan, int(t.numel())))
     return out
+
 
 def finite_check(model: nn.Module) -> CheckResult:
     bad = nonfinite_tensors(model)
@@ -134,8 +136,10 @@ class _Shared:
 def _skipped(names: Iterable[str], reason: str, t: Thresholds) -> list[CheckResult]:
     return [CheckResult(n, None, None, _threshold_of(n, t), f"not run: {reason}") for n in names]
 
+
 def _threshold_of(name: str, t: Thresholds) -> Any:
     return getattr(t, name) if name in Thresholds.keys() else None
+
 
 def _error_text(exc: FtdoctorError) -> str:
     return f"{exc.cause} (hint: {exc.remedy})"

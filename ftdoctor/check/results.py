@@ -32,6 +32,7 @@ class CheckResult:
         return {"name": self.name, "passed": self.passed, "value": value, "threshold": self.threshold,
                 "message": self.message}
 
+
 @dataclass(frozen=True)
 class CheckpointVerdict:
     """The verdict on one checkpoint: it passes when no check failed."""
@@ -52,6 +53,7 @@ class CheckpointVerdict:
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "passed": self.passed, "sha256": self.sha256, "arch": self.arch,
                 "checks": [c.to_json() for c in self.checks]}
+
 
 @dataclass(frozen=True)
 class CheckReport:

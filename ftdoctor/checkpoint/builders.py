@@ -16,13 +16,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ftdoctor.checkpoint.common import (
-    _cwd_on_sys_path,
-    _key,
-    _quiet,
-    _short,
-    affine_modules,
-)
+from ftdoctor.checkpoint.common import _cwd_on_sys_path, _key, _quiet, _short, affine_modules
 from ftdoctor.errors import FtdoctorError
 
 
@@ -40,6 +34,7 @@ class Builder:
         extra = ", ".join(f"{k}={v!r}" for k, v in self.kwargs)
         return f"{self.name}({extra})" if extra else self.name
 
+
 @dataclass(frozen=True)
 class Signature:
     """What a builder's state dict looks like: key -> shape, and the head (last affine layer)."""
@@ -54,6 +49,7 @@ class Signature:
         shape = self.shapes.get(_key(self.head, "weight")) if self.head is not None else None
         return shape[0] if shape else None
 
+
 def comparable(keys: Any) -> frozenset[str]:
     # Old checkpoints lack BatchNorm's num_batches_tracked, which load_state_dict tolerates; the buffers of
     # an ENTAME feature norm (ftdoctor fix --feature-norm) are not part of any architecture's own keys.
@@ -65,6 +61,7 @@ _META_FACTORIES = frozenset(
     {torch.empty, torch.empty_strided, torch.empty_permuted, torch.zeros, torch.ones, torch.full,
      torch.rand, torch.randn, torch.randint, torch.eye}
 )  # fmt: skip
+
 
 class _MetaParameters(TorchFunctionMode):
     """Create parameters and buffers on the ``meta`` device and skip their initialisation.
@@ -87,6 +84,7 @@ class _MetaParameters(TorchFunctionMode):
                 return args[0]
         return func(*args, **kwargs)
 
+
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     # Building thousands of modules triggers many pointless cyclic collections.
@@ -99,6 +97,7 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 _SIGNATURES: dict[tuple[str, tuple], Signature | None] = {}
+
 
 def signature_for(builder: Builder, **extra: Any) -> Signature | None:
     """The builder's state-dict signature, built on ``meta`` once per process (None if it cannot be)."""
@@ -118,10 +117,12 @@ def signature_for(builder: Builder, **extra: Any) -> Signature | None:
         _SIGNATURES[cache_key] = signature
     return signature
 
+
 def signature_of(model: nn.Module) -> Signature:
     layers = affine_modules(model)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return Signature(shapes, layers[-1][0] if layers else None)
+
 
 def image_size_kwargs(builder: Builder, signature: Signature, state: Mapping[str, torch.Tensor]) -> dict:
     """torchvision ViTs: the image size implied by the checkpoint's position embedding, if it differs."""
@@ -135,6 +136,7 @@ def image_size_kwargs(builder: Builder, signature: Signature, state: Mapping[str
     side = math.isqrt(tokens[1] - 1)
     return {"image_size": side * patch} if side * side == tokens[1] - 1 else {}
 
+
 def build_kwargs(
     builder: Builder, signature: Signature | None, state: Mapping[str, torch.Tensor], num_classes: int | None
 ) -> dict[str, Any]:
@@ -145,11 +147,13 @@ def build_kwargs(
         kwargs.update(image_size_kwargs(builder, signature, state))
     return kwargs
 
+
 def head_classes(signature: Signature | None, state: Mapping[str, torch.Tensor]) -> int | None:
     if signature is None or signature.head is None:
         return None
     weight = state.get(_key(signature.head, "weight"))
     return int(weight.shape[0]) if weight is not None and weight.dim() >= 1 else None
+
 
 def build(builder: Builder, kwargs: dict[str, Any]) -> nn.Module:
     try:

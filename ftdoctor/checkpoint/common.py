@@ -39,6 +39,7 @@ class ModelOptions:
     non_strict: bool = False
     device: str = "cpu"
 
+
 @dataclass(frozen=True)
 class Container:
     """Everything :func:`save_model` needs to write a model back the way it was read.
@@ -87,6 +88,7 @@ def sha256_file(path: Path) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
+
 def affine_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Linear and Conv1d/2d/3d layers (subclasses included) in registration order.
 
@@ -100,8 +102,10 @@ def affine_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             found.append((name, module))
     return found
 
+
 def _key(prefix: str, leaf: str) -> str:
     return f"{prefix}.{leaf}" if prefix else leaf
+
 
 def _short(exc: BaseException, limit: int = 160) -> str:
     """One line naming an exception, without torch's boilerplate paragraphs."""
@@ -122,14 +126,17 @@ def _short(exc: BaseException, limit: int = 160) -> str:
         text = text[: limit - 1] + "…"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
+
 def _unreadable(path: Path, reason: str, remedy: str | None = None) -> FtdoctorError:
     return FtdoctorError(
         f"{path} is not a readable checkpoint: {reason}",
         remedy or f"check that the file is complete (save or copy it again); {_FORMAT_HELP}",
     )
 
+
 def _listing(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + (", …" if len(items) > limit else "")
+
 
 @contextlib.contextmanager
 def _cwd_on_sys_path() -> Iterator[None]:
@@ -145,6 +152,7 @@ def _cwd_on_sys_path() -> Iterator[None]:
         if added:
             with contextlib.suppress(ValueError):
                 sys.path.remove(cwd)
+
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:

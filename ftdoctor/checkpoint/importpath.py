@@ -50,12 +50,9 @@ def import_builder(arch: str) -> Builder:
     return Builder(arch, obj, (), takes, torchvision=False)
 
 
-@register_model_source
+@register_model_source(name="import-path", priority=80)
 class ImportPathSource(ModelSource):
     """A state dict of a model built by ``pkg.module:callable`` (called with ``num_classes=C`` if it takes it)."""
-
-    name = "import-path"
-    priority = 80
 
     def accepts_arch(self, arch: str) -> bool:
         return ":" in arch

@@ -12,11 +12,8 @@ from ftdoctor.checkpoint.sources import ModelSource, loaded, register_model_sour
 from ftdoctor.checkpoint.writing import save_module
 
 
-@register_model_source
+@register_model_source(name="pickled-module", priority=20)
 class PickledModuleSource(ModelSource):
-    name = "pickled-module"
-    priority = 20
-
     def recognise(self, ckpt: CheckpointFile, opts: ModelOptions) -> Any:
         return ckpt.payload if isinstance(ckpt.payload, nn.Module) else None
 

@@ -26,17 +26,8 @@ import torch
 from torch import nn
 
 from ftdoctor import bounds
-from ftdoctor.checkpoint.common import (
-    WRAPPER_KEYS,
-    Container,
-    ModelOptions,
-    _cwd_on_sys_path,
-    _listing,
-    _quiet,
-    _short,
-    _unreadable,
-    sha256_file,
-)
+from ftdoctor.checkpoint.common import (WRAPPER_KEYS, Container, ModelOptions, _cwd_on_sys_path, _listing, _quiet,
+                                        _short, _unreadable, sha256_file)
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.safety import open_regular, regular_file
 
@@ -109,6 +100,7 @@ def _looks_like_safetensors(path: Path) -> bool:
     n = int.from_bytes(head[:8], "little")
     return head[8:9] == b"{" and 2 <= n <= path.stat().st_size - 8
 
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
     from safetensors import safe_open
 
@@ -122,12 +114,14 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise _unreadable(path, "the safetensors file holds no tensors")
     return state, (dict(metadata) if metadata else None)
 
+
 def _is_zip(path: Path) -> bool:
     """``zipfile.is_zipfile`` without its exceptions (a damaged end record raises BadZipFile)."""
     try:
         return zipfile.is_zipfile(path)
     except Exception:  # noqa: BLE001
         return False
+
 
 def _looks_like_torchscript(path: Path) -> bool:
     """A zip archive with TorchScript's ``constants.pkl`` or ``code/`` entries."""
@@ -144,6 +138,7 @@ def _looks_like_torchscript(path: Path) -> bool:
         if inner and (inner[0] == "constants.pkl" or (inner[0] == "code" and len(inner) > 1)):
             return True
     return False
+
 
 def _torch_load(path: Path, trust: bool, notes: list[str]) -> Any:
     """``torch.load(weights_only=True)``; full unpickling only with ``--trust-checkpoint``.
@@ -185,12 +180,14 @@ def _torch_load(path: Path, trust: bool, notes: list[str]) -> Any:
     notes.append(f"loaded with --trust-checkpoint: fully unpickled (needs {_listing(unsafe, 3)})")
     return _trusted_load(path)
 
+
 def torch_is_safe(version: str | None = None) -> bool:
     """Whether the installed torch (or ``version``) is 2.6 or newer (CVE-2025-32434 fixed)."""
     text = (version or torch.__version__).split("+")[0]
     parts = re.findall(r"\d+", text)[:2]
     major, minor = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
     return (major, minor) >= (2, 6)
+
 
 def _trusted_load(path: Path) -> Any:
     try:
@@ -201,6 +198,7 @@ def _trusted_load(path: Path) -> Any:
             f"{path} could not be unpickled even with --trust-checkpoint: {_short(exc)}",
             "run ftdoctor from the directory (or with the PYTHONPATH) where the model's classes can be imported",
         ) from None
+
 
 def _corruption_reason(path: Path, exc: Exception) -> str:
     try:
@@ -216,6 +214,7 @@ def _corruption_reason(path: Path, exc: Exception) -> str:
         return "the file ends too early (truncated)"
     return f"not a torch.save file, safetensors or TorchScript archive ({_short(exc)})"
 
+
 def _unsafe_globals(path: Path, message: str) -> list[str]:
     """The globals a pickle imports beyond what ``weights_only`` allows, found without executing it."""
     names: list[str] = re.findall(r"GLOBAL ([\w.]+)", message)
@@ -226,6 +225,7 @@ def _unsafe_globals(path: Path, message: str) -> list[str]:
         allowed = _allowed_globals()
         names += [name for name in _pickle_globals(path) if name not in allowed]
     return list(dict.fromkeys(names))
+
 
 def _allowed_globals() -> set[str]:
     allowed: set[str] = set()
@@ -244,6 +244,7 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 _STRING_OPS = frozenset(
     {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 )
+
 
 def _pickle_globals(path: Path, max_pickles: int = 8) -> list[str]:
     """``module.name`` of every GLOBAL / STACK_GLOBAL in the pickles at the start of a file.
@@ -284,6 +285,7 @@ def _pickle_globals(path: Path, max_pickles: int = 8) -> list[str]:
                 break
     return [name for name in dict.fromkeys(found) if _IDENTIFIER.fullmatch(name)]
 
+
 def _find_payload(path: Path, obj: Any, notes: list[str]) -> tuple[str | None, Any]:
     """The state dict or module inside what ``torch.load`` returned, and the wrapper key holding it."""
     if isinstance(obj, nn.Module) or _is_state_dict(obj):
@@ -306,6 +308,7 @@ def _find_payload(path: Path, obj: Any, notes: list[str]) -> tuple[str | None, A
         f"{path} holds a {type(obj).__name__}, not a model or state dict",
         "save the weights with torch.save(model.state_dict(), PATH)",
     )
+
 
 def _is_state_dict(obj: Any) -> bool:
     return (

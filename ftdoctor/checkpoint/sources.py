@@ -18,8 +18,11 @@ from torch import nn
 from ftdoctor.checkpoint.common import LoadedModel, ModelOptions, _short, affine_modules
 from ftdoctor.checkpoint.reading import CheckpointFile
 from ftdoctor.errors import FtdoctorError
+from ftdoctor.registry import Registry
 
-MODEL_SOURCES: dict[str, "ModelSource"] = {}
+MODEL_SOURCES = Registry("model source", instances=True)
+#: class decorator: make a model source available to every command
+register_model_source = MODEL_SOURCES.register
 
 
 class ModelSource:
@@ -49,14 +52,10 @@ class ModelSource:
         raise NotImplementedError
 
 
-def register_model_source(cls: type[ModelSource]) -> type[ModelSource]:
-    """Class decorator: make a model source available to every command."""
-    MODEL_SOURCES[cls.name] = cls()
-    return cls
 
 
 def ordered_sources() -> list[ModelSource]:
-    return sorted(MODEL_SOURCES.values(), key=lambda s: s.priority)
+    return MODEL_SOURCES.ordered()
 
 
 def loaded(ckpt: CheckpointFile, model: nn.Module, fmt: str, arch: str | None, container: Any,
@@ -73,7 +72,8 @@ def loaded(ckpt: CheckpointFile, model: nn.Module, fmt: str, arch: str | None, c
     num_classes = int(module.weight.shape[0])
     if opts.num_classes is not None and opts.num_classes != num_classes:
         raise FtdoctorError(
-            f"the head {head_key or '(root)'} of {path} has {num_classes} outputs, not --num-classes {opts.num_classes}",
+            f"the head {head_key or '(root)'} of {path} has {num_classes} outputs, "
+            f"not --num-classes {opts.num_classes}",
             f"drop --num-classes (it is read from the head) or pass --num-classes {num_classes}; "
             "--new-head replaces the head for a dataset with another class count",
         )

@@ -13,23 +13,9 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ftdoctor.checkpoint.builders import (
-    Builder,
-    Signature,
-    build,
-    build_kwargs,
-    comparable,
-    head_classes,
-    signature_for,
-    signature_of,
-)
-from ftdoctor.checkpoint.common import (
-    STRIPPED_PREFIXES,
-    Container,
-    ModelOptions,
-    _listing,
-    _short,
-)
+from ftdoctor.checkpoint.builders import (Builder, Signature, build, build_kwargs, comparable, head_classes,
+                                          signature_for, signature_of)
+from ftdoctor.checkpoint.common import STRIPPED_PREFIXES, Container, ModelOptions, _listing, _short
 from ftdoctor.checkpoint.reading import CheckpointFile
 from ftdoctor.errors import FtdoctorError
 
@@ -102,6 +88,7 @@ def prefix_options(keys: list[str]) -> list[str]:
             break
     return options
 
+
 def strip(state: Mapping[str, torch.Tensor], prefix: str) -> OrderedDict[str, torch.Tensor]:
     """The state dict without ``prefix``, keeping ``_metadata`` (module versions) in step."""
     stripped = OrderedDict((k[len(prefix):], v) for k, v in state.items())
@@ -113,6 +100,7 @@ def strip(state: Mapping[str, torch.Tensor], prefix: str) -> OrderedDict[str, to
             if not prefix or k.startswith(prefix) or k == prefix[:-1]
         )
     return stripped
+
 
 def choose_builder(
     builders: list[Builder],
@@ -134,6 +122,7 @@ def choose_builder(
             if best is None or score > best:
                 best, chosen = score, (builder, signature, prefix)
     return chosen
+
 
 def load_weights(
     model: nn.Module, state: Mapping[str, torch.Tensor], arch: str, non_strict: bool, path: Path, notes: list[str]

@@ -22,11 +22,8 @@ from ftdoctor.checkpoint.sources import ModelSource, loaded, register_model_sour
 from ftdoctor.errors import FtdoctorError
 
 
-@register_model_source
+@register_model_source(name="torchscript", priority=10)
 class TorchScriptSource(ModelSource):
-    name = "torchscript"
-    priority = 10
-
     def recognise(self, ckpt: CheckpointFile, opts: ModelOptions) -> Any:
         return True if ckpt.format == "torchscript" else None
 

@@ -30,10 +30,12 @@ BUILDER_VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
     "inception_v3": ({}, {"aux_logits": False}),
 }
 
+
 def torchvision_names() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
 
 def torchvision_builders(name: str) -> list[Builder]:
     import torchvision
@@ -41,10 +43,12 @@ def torchvision_builders(name: str) -> list[Builder]:
     fn = torchvision.models.get_model_builder(name)
     return [Builder(name, fn, tuple(sorted(v.items()))) for v in BUILDER_VARIANTS.get(name, ({},))]
 
+
 def family(name: str) -> str:
     import torchvision
 
     return torchvision.models.get_model_builder(name).__module__
+
 
 def match_torchvision(path: Path, state: Mapping[str, torch.Tensor]) -> Builder:
     """The unique torchvision classification builder whose keys and shapes fit ``state``.
@@ -121,12 +125,9 @@ def unknown_arch(arch: str) -> FtdoctorError:
     )
 
 
-@register_model_source
+@register_model_source(name="torchvision", priority=90)
 class TorchvisionSource(ModelSource):
     """A state dict of a torchvision classification model: named by ``--arch``, or recognised."""
-
-    name = "torchvision"
-    priority = 90
 
     def accepts_arch(self, arch: str) -> bool:
         return ":" not in arch and arch in torchvision_names()

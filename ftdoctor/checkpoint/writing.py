@@ -21,6 +21,7 @@ def check_output_path(inp: Path, out: Path, force: bool) -> None:
     """Refuse to write onto the input, over an existing file without ``force``, or into a missing directory."""
     check_outputs([Output(Path(out), "-o", replace=False)], [inp], force=force)
 
+
 def write_sidecar(out: Path, record: dict) -> Path:
     """Write ``OUT.ftdoctor.json`` (sorted keys, indent 2) atomically and return its path."""
     path = sidecar_path(out)
@@ -77,11 +78,13 @@ def _wrap(box: Container, payload: Any) -> Any:
     top[box.wrapper_key] = payload
     return top
 
+
 def _on_cpu(model: nn.Module) -> nn.Module:
     tensors = list(model.parameters()) + list(model.buffers())
     if all(t.device.type == "cpu" for t in tensors):
         return model
     return copy.deepcopy(model).cpu()
+
 
 def _state_dict_for_save(model: nn.Module, box: Container) -> OrderedDict[str, torch.Tensor]:
     """The model's tensors under the file's key names, in file order, with the file's dtypes."""
@@ -102,6 +105,7 @@ def _state_dict_for_save(model: nn.Module, box: Container) -> OrderedDict[str, t
             ((box.prefix + k) if k else box.prefix[:-1], v) for k, v in metadata.items()
         )
     return result
+
 
 def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors sharing memory (tied weights): give each its own copy."""

@@ -84,8 +84,9 @@ def trace(
     window: Window = 10, warmup_steps: WarmupSteps = 1, rifle_period: RiflePeriod = None,
     rifle_init: RifleInitOpt = RifleInit.torch_default, alpha: Alpha = 0.1, beta: Beta = 0.01,
     phi_w: PhiW = None, lam: Lam = None,
-    save: Annotated[Optional[Path], typer.Option("--save", help="Write the fine-tuned checkpoint here (the "
-                                                 "input's format, with a sidecar).", rich_help_panel=OUTPUT_PANEL)] = None,
+    save: Annotated[Optional[Path], typer.Option(
+        "--save", help="Write the fine-tuned checkpoint here (the input's format, with a sidecar).",
+        rich_help_panel=OUTPUT_PANEL)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --save file.",
                                         rich_help_panel=OUTPUT_PANEL)] = False,
     head: Head = None, seed: Seed = 0,

@@ -1,7 +1,6 @@
 """``ftdoctor inspect`` and ``ftdoctor probe``: parse, call the library, render."""
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -9,18 +8,8 @@ import typer
 
 from ftdoctor import progress
 from ftdoctor.cli.app import app, console, output_format, print_notes
-from ftdoctor.cli.shared import (OUTPUT_PANEL, PROBE_PANEL, Data, DataFlags, Hdf5, Head, HeadInit, ImageSize, ModelArg,
-                                 OutputJson, Quiet, Seed, csv, data_options, model_options)
-
-class CRMode(str, Enum):
-    exact = "exact"
-    batch = "batch"
-
-
-class CRLoss(str, Enum):
-    random = "random"
-    ce = "ce"
-
+from ftdoctor.cli.shared import (OUTPUT_PANEL, PROBE_PANEL, CRLoss, CRMode, Data, DataFlags, Hdf5, Head, HeadInit,
+                                 ImageSize, ModelArg, OutputJson, Quiet, Seed, csv, data_options, model_options)
 
 Format = Annotated[str, typer.Option("--format", help="table, json or markdown (probe).",
                                      rich_help_panel=OUTPUT_PANEL)]

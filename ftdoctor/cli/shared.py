@@ -51,21 +51,19 @@ Download = Annotated[bool, typer.Option("--download", help="Allow torchvision to
                                         rich_help_panel=DATA_PANEL)]
 
 
-class Split(str, Enum):
-    train = "train"
-    test = "test"
+def choices(name: str, *values: str) -> Any:
+    """A str Enum of ``values`` for a typer option with a fixed set of choices (``-`` becomes ``_`` in names)."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
 
-class Normalize(str, Enum):
-    imagenet = "imagenet"
-    dataset = "dataset"
-    none = "none"
-
-
-class HeadInit(str, Enum):
-    kaiming = "kaiming"
-    torch_default = "torch-default"
-    entame = "entame"
+Split = choices("Split", "train", "test")
+Normalize = choices("Normalize", "imagenet", "dataset", "none")
+HeadInit = choices("HeadInit", "kaiming", "torch-default", "entame")
+CRMode = choices("CRMode", "exact", "batch")
+CRLoss = choices("CRLoss", "random", "ce")
+Optim = choices("Optim", "adam", "sgd")
+RifleInit = choices("RifleInit", "torch-default", "kaiming-normal")
+Method = choices("Method", "base", "warmup", "entame", "entame-fn", "rifle", "l2sp")
 
 
 SplitOpt = Annotated[Split, typer.Option("--split", rich_help_panel=DATA_PANEL)]

@@ -19,6 +19,7 @@ from ftdoctor.errors import FtdoctorError
 def capped(total: int, max_samples: int | None) -> int:
     return total if max_samples is None else min(total, max_samples)
 
+
 def to_chw_float(block: np.ndarray, layout: str) -> Tensor:
     """A batch of stored images -> float32 (n, C, H, W); integers scaled to [0, 1]."""
     if layout == "NHW":
@@ -33,6 +34,7 @@ def to_chw_float(block: np.ndarray, layout: str) -> Tensor:
         out = block.astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(out))
 
+
 class ArraySplit:
     """Images held in memory (npz, torchvision arrays), capped."""
 
@@ -44,6 +46,7 @@ class ArraySplit:
 
     def read(self, indices: Sequence[int]) -> Tensor:
         return to_chw_float(self.images[np.asarray(indices, dtype=np.int64)], self.layout)
+
 
 def image_layout(shape: tuple[int, ...], dtype: np.dtype, what: str) -> str:
     """Decide NHW / NHWC / NCHW from the shape (a channel dim of 1 or 3) and the dtype."""
@@ -67,12 +70,14 @@ def image_layout(shape: tuple[int, ...], dtype: np.dtype, what: str) -> str:
                         "store images as N×H×W×C (uint8), N×C×H×W (float) with C = 1 or 3, "
                         "or N×H×W (grey)")
 
+
 def check_image_shape(shape: tuple[int, ...], layout: str, what: str) -> None:
     """One stored image may not exceed :data:`~ftdoctor.safety.MAX_IMAGE_PIXELS`."""
     from ftdoctor.safety import check_image_pixels
 
     height, width = {"NHW": (1, 2), "NHWC": (1, 2), "NCHW": (2, 3)}[layout]
     check_image_pixels(int(shape[height]), int(shape[width]), f"each image of {what}")
+
 
 def as_labels(values: np.ndarray, what: str) -> np.ndarray:
     """Class indices as int64; a column vector is flattened; fractions are refused."""
@@ -91,6 +96,7 @@ def as_labels(values: np.ndarray, what: str) -> np.ndarray:
     raise FtdoctorError(f"{what} has dtype {values.dtype}: labels must be integers",
                         "store labels as class indices 0 … C−1")
 
+
 def stated_classes(value: Any, what: str) -> int | None:
     if value is None:
         return None
@@ -106,6 +112,7 @@ def stated_classes(value: Any, what: str) -> int | None:
         raise FtdoctorError(f"{what} is {count}", "store a positive num_classes, or none at all")
     return count
 
+
 def file_classes(label_arrays: list[np.ndarray], stated: int | None, what: str = "the data") -> int:
     from ftdoctor.safety import check_class_count
 
@@ -113,6 +120,7 @@ def file_classes(label_arrays: list[np.ndarray], stated: int | None, what: str =
         return check_class_count(stated, what)
     highest = max((int(a.max()) for a in label_arrays if a.size), default=-1)
     return check_class_count(max(highest + 1, 1), f"the largest label of {what} ({highest})")
+
 
 def check_labels(labels: Tensor, num_classes: int, name: str) -> None:
     low, high = int(labels.min()), int(labels.max())

@@ -27,6 +27,7 @@ class ShapesSplit:
     def read(self, indices: Sequence[int]) -> Tensor:
         return self.shapes.render(indices)[0]
 
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (SplitMix64 over their sequence)."""
     z = 0x9E3779B97F4A7C15
@@ -36,6 +37,7 @@ def derive_seed(*parts: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         z ^= z >> 31
     return z >> 1
+
 
 class FakeSplit:
     """Uniform noise images; image ``i`` is seeded by (seed, split, i), labels by (seed, split)."""
@@ -56,6 +58,7 @@ class FakeSplit:
             torch.rand(3, self.size, self.size, generator=generator, out=out[row])
         return out
 
+
 def parse_shapes_classes(data: str) -> int:
     _, _, count = data.partition(":")
     if not count:
@@ -69,12 +72,8 @@ def parse_shapes_classes(data: str) -> int:
     return num_classes
 
 
-@register_data_source
+@register_data_source(name="shapes", priority=10, names=("shapes", "shapes:C (C = 2 … 10)"))
 class ShapesData(DataSource):
-    name = "shapes"
-    priority = 10
-    names = ("shapes", "shapes:C (C = 2 … 10)")
-
     def claims(self, data: str) -> bool:
         key = data.lower()
         return key == "shapes" or key.startswith("shapes:")
@@ -88,12 +87,8 @@ class ShapesData(DataSource):
         return []
 
 
-@register_data_source
+@register_data_source(name="fake", priority=20, names=("fake",))
 class FakeData(DataSource):
-    name = "fake"
-    priority = 20
-    names = ("fake",)
-
     def claims(self, data: str) -> bool:
         return data.lower() == "fake"
 

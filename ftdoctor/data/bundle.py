@@ -53,6 +53,7 @@ class DataOptions:
     seed: int = 0
     in_channels: int | None = None
 
+
 @dataclass
 class DataBundle:
     """One split, ready to iterate; item ``i`` is ``(x, y, i)``."""
@@ -89,6 +90,7 @@ class DataBundle:
         generator = torch.Generator().manual_seed(seed) if shuffle else None
         return DataLoader(self.dataset, batch_size=size, shuffle=shuffle, sampler=sampler,
                           generator=generator, num_workers=self.workers, drop_last=drop_last)
+
 
 class PreparedDataset(Dataset):
     """A capped split with its transforms: item ``i`` -> ``(x, y, i)``.
@@ -219,6 +221,7 @@ def _check_positive(value: Any, what: str, flag: str) -> None:
         raise FtdoctorError(f"the {what} must be a positive integer, got {value!r}",
                             f"pass {flag} with a value of at least 1")
 
+
 def _check_options(opts: DataOptions) -> None:
     _check_positive(opts.batch_size, "batch size", "--batch-size")
     if opts.max_samples is not None:
@@ -238,6 +241,7 @@ def _check_options(opts: DataOptions) -> None:
     if not isinstance(opts.data, str) or not opts.data.strip():
         raise FtdoctorError("no data was given", f"pass --data: {names_hint()}")
 
+
 def _adapt_channels(channels: int, in_channels: int | None, notes: list[str]) -> int | None:
     if in_channels is None or in_channels == channels:
         return None
@@ -250,6 +254,7 @@ def _adapt_channels(channels: int, in_channels: int | None, notes: list[str]) ->
     raise FtdoctorError(f"the data has {channels} channels but the model's first layer takes {in_channels}",
                         "only grey (1) <-> RGB (3) is adapted: use data with "
                         f"{in_channels} channels or a matching model")
+
 
 def _normalization(mode: str, dataset: PreparedDataset, channels: int,
                    notes: list[str]) -> tuple[list[float] | None, list[float] | None]:
@@ -271,6 +276,7 @@ def _normalization(mode: str, dataset: PreparedDataset, channels: int,
     notes.append("normalised with the split's own per-channel mean "
                  f"({', '.join(f'{m:.4f}' for m in mean)}) and std ({', '.join(f'{s:.4f}' for s in std)})")
     return mean, std
+
 
 def dataset_statistics(dataset: PreparedDataset, batch: int = _STATS_BATCH) -> tuple[list[float], list[float]]:
     """Per-channel mean and population std of the un-normalised images, streamed in float64.

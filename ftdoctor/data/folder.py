@@ -42,6 +42,7 @@ class FolderSplit:
 
 _PIL_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
 
+
 def _read_image(path: str, header_only: bool = False) -> Any:
     """One image as RGB: a regular file, one of :data:`_PIL_FORMATS`, its size checked before decoding
     (``header_only``: just its (width, height))."""
@@ -59,6 +60,7 @@ def _read_image(path: str, header_only: bool = False) -> Any:
     except Exception as exc:  # PIL raises many types for a bad file  # noqa: BLE001
         raise DataError(f"cannot read image {path}: {exc}", "remove or replace the file") from None
 
+
 @dataclass
 class _Folder:
     """An ImageFolder's listing: ``samples`` (path, class index) in torchvision's order, ``classes`` sorted."""
@@ -71,6 +73,7 @@ class _Folder:
         return [t for _, t in self.samples]
 
 _IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
 
 def _folder_samples(directory: Path, classes: list[str]) -> list[tuple[str, int]]:
     """torchvision's ``make_dataset`` order (classes sorted; per class ``sorted(os.walk(followlinks=True))``,
@@ -110,6 +113,7 @@ def _folder_samples(directory: Path, classes: list[str]) -> list[tuple[str, int]
                 samples.append((entry.path, index))
     return samples
 
+
 def folder_split(root: Path, opts: DataOptions) -> FolderSplit:
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     if split_dirs:
@@ -142,12 +146,8 @@ def folder_split(root: Path, opts: DataOptions) -> FolderSplit:
     return FolderSplit(_Folder(classes, samples), capped(len(samples), opts.max_samples))
 
 
-@register_data_source
+@register_data_source(name="folder", priority=40, suffixes=("/",))
 class FolderData(DataSource):
-    name = "folder"
-    priority = 40
-    suffixes = ("/",)
-
     def claims(self, data: str) -> bool:
         return Path(data).expanduser().is_dir()
 

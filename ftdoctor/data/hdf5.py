@@ -10,15 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ftdoctor.data.arrays import (
-    as_labels,
-    capped,
-    check_image_shape,
-    file_classes,
-    image_layout,
-    stated_classes,
-    to_chw_float,
-)
+from ftdoctor.data.arrays import (as_labels, capped, check_image_shape, file_classes, image_layout, stated_classes,
+                                  to_chw_float)
 from ftdoctor.data.sources import PathSource, register_data_source
 
 if TYPE_CHECKING:
@@ -60,6 +53,7 @@ class HDF5Split:
             raise DataError(f"{self.path}:{self.key} holds NaN or infinite values",
                             "clean the images before probing")
         return to_chw_float(block, self.layout)
+
 
 def hdf5_split(path: Path, opts: DataOptions) -> HDF5Split:
     """Datasets checked by :mod:`ftdoctor.h5safe` (no external storage, links or plugins) before reading."""
@@ -112,11 +106,7 @@ def hdf5_split(path: Path, opts: DataOptions) -> HDF5Split:
     return HDF5Split(str(path), x_key, layout, labels[:cap], num_classes)
 
 
-@register_data_source
+@register_data_source(name="hdf5", priority=50, suffixes=(".h5", ".hdf5"))
 class Hdf5Data(PathSource):
-    name = "hdf5"
-    priority = 50
-    suffixes = (".h5", ".hdf5")
-
     def read(self, path: Path, opts: Any) -> Any:
         return hdf5_split(path, opts)

@@ -7,15 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ftdoctor.data.arrays import (
-    ArraySplit,
-    as_labels,
-    capped,
-    check_image_shape,
-    file_classes,
-    image_layout,
-    stated_classes,
-)
+from ftdoctor.data.arrays import (ArraySplit, as_labels, capped, check_image_shape, file_classes, image_layout,
+                                  stated_classes)
 from ftdoctor.data.sources import PathSource, register_data_source
 
 if TYPE_CHECKING:
@@ -59,11 +52,7 @@ def npz_split(path: Path, opts: DataOptions) -> ArraySplit:
     return ArraySplit(images, layout, labels[:cap], file_classes(all_labels, stated, str(path)))
 
 
-@register_data_source
+@register_data_source(name="npz", priority=60, suffixes=(".npz",))
 class NpzData(PathSource):
-    name = "npz"
-    priority = 60
-    suffixes = (".npz",)
-
     def read(self, path: Path, opts: Any) -> Any:
         return npz_split(path, opts)

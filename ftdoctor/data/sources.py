@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ftdoctor.errors import FtdoctorError
+from ftdoctor.registry import Registry
 
-DATA_SOURCES: dict[str, "DataSource"] = {}
+DATA_SOURCES = Registry("data source", instances=True)
+#: class decorator: make a data source available to every command's ``--data``
+register_data_source = DATA_SOURCES.register
 
 
 class DataSource:
@@ -40,14 +43,10 @@ class DataSource:
         return [Path(data).expanduser()]
 
 
-def register_data_source(cls: type[DataSource]) -> type[DataSource]:
-    """Class decorator: make a data source available to every command's ``--data``."""
-    DATA_SOURCES[cls.name] = cls()
-    return cls
 
 
 def ordered_sources() -> list[DataSource]:
-    return sorted(DATA_SOURCES.values(), key=lambda s: s.priority)
+    return DATA_SOURCES.ordered()
 
 
 def names_hint() -> str:

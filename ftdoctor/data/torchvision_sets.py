@@ -36,11 +36,13 @@ _TORCHVISION = {
     "svhn": ("SVHN", "{split}_32x32.mat", 10),
 }
 
+
 def _str_keys(entry: object) -> object:
     """Python 3 re-exports of the CIFAR pickles have bytes keys and values where the originals have str."""
     if isinstance(entry, dict):
         return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
     return entry
+
 
 def _cifar_entry(path: str, keys: tuple[str, ...]) -> dict:
     """One CIFAR batch or meta pickle, read by :class:`~ftdoctor.safety.DataUnpickler` (no code runs)."""
@@ -52,6 +54,7 @@ def _cifar_entry(path: str, keys: tuple[str, ...]) -> dict:
         raise FtdoctorError(f"{path} is not a CIFAR file: it lacks {' or '.join(map(repr, keys))}",
                             "re-fetch the dataset with --download, or point --data-root at a good copy")
     return entry
+
 
 def _cifar_class(base: type) -> type:
     """torchvision's CIFAR class, reading its files without pickle's code execution or the md5 check.
@@ -99,12 +102,14 @@ def _cifar_class(base: type) -> type:
     Cifar.__name__ = Cifar.__qualname__ = base.__name__
     return Cifar
 
+
 def _cifar_images(data: object, name: str) -> np.ndarray:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
         raise FtdoctorError(f"the CIFAR file {name} holds {type(data).__name__} {shape} as 'data', not "
                             "N×3072 uint8 images", "re-fetch the dataset with --download")
     return data
+
 
 def torchvision_split(name: str, opts: DataOptions) -> ArraySplit:
     import torchvision.datasets as tvd
@@ -151,12 +156,8 @@ def torchvision_split(name: str, opts: DataOptions) -> ArraySplit:
     return ArraySplit(np.array(images[:cap]), layout, np.array(labels[:cap]), num_classes)
 
 
-@register_data_source
+@register_data_source(name="torchvision", priority=30, names=TORCHVISION_NAMES)
 class TorchvisionData(DataSource):
-    name = "torchvision"
-    priority = 30
-    names = TORCHVISION_NAMES
-
     def claims(self, data: str) -> bool:
         return data.lower().replace("_", "-") in TORCHVISION_NAMES
 

@@ -31,6 +31,7 @@ def batch_plan(num_samples: int, steps: int, batch_size: int, seed: int) -> list
     flat = torch.cat(perms)[:need]
     return list(flat.split(batch_size))
 
+
 class Examples:
     """A data bundle's examples by index: held in memory when small, else read through its loader."""
 
@@ -72,6 +73,7 @@ class Examples:
         for x, y, _ in self.bundle.loader(batch_size=256):
             yield x.to(self.device), torch.as_tensor(y).to(self.device)
 
+
 @torch.no_grad()
 def accuracy(model: nn.Module, examples: Examples) -> float:
     """Top-1 accuracy in eval mode over all examples."""
@@ -84,10 +86,12 @@ def accuracy(model: nn.Module, examples: Examples) -> float:
     model.train(was)
     return correct / max(n, 1)
 
+
 def feature_variance(features: Tensor) -> float:
     """Variance across the batch of the head's input, averaged over features (ENTAME Fig. 1)."""
     f = features.detach().to(torch.float64).reshape(features.shape[0], -1)
     return float(f.var(dim=0, unbiased=False).mean()) if f.shape[0] > 0 else float("nan")
+
 
 def batch_noise_fraction(logits: Tensor, y: Tensor) -> float:
     """ζ/φ of one batch (ENTAME eq. 12 and Table 1), from the logits and labels; NaN when φ = 0."""
@@ -98,6 +102,7 @@ def batch_noise_fraction(logits: Tensor, y: Tensor) -> float:
     phi = zeta + 1.0 - 2.0 * kappa          # one-hot labels: E‖y‖² = 1 (SPEC §1.1)
     return zeta / phi if phi > 0 else float("nan")
 
+
 def _digest_state(model: nn.Module, exclude_prefix: str) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -107,10 +112,12 @@ def _digest_state(model: nn.Module, exclude_prefix: str) -> str:
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
+
 @dataclass
 class _Prepared:
     model: nn.Module
     head: nn.Module                   # the new head (a FeatureNormLinear for entame-fn), at the old head's name
+
 
 def prepare_model(template: nn.Module, head: AffineLayer, num_classes: int, method: str, seed: int,
                   options: TraceOptions, first_batch: Tensor | None = None) -> _Prepared:
@@ -134,6 +141,7 @@ def prepare_model(template: nn.Module, head: AffineLayer, num_classes: int, meth
             _init_feature_norm(model, new, first_batch)
     return _Prepared(model, new)
 
+
 @torch.no_grad()
 def _init_feature_norm(model: nn.Module, head: nn.Module, x: Tensor) -> None:
     """Set FeatureNorm's eval statistics from one batch's features, so step-0 evaluation is meaningful."""
@@ -148,6 +156,7 @@ def _init_feature_norm(model: nn.Module, head: nn.Module, x: Tensor) -> None:
         model.train(was)
         h.remove()
     head.feature_norm.set_statistics(*feature_statistics(feats))
+
 
 def fine_tune(template: nn.Module, head: AffineLayer, layers: Sequence[AffineLayer], train: Examples,
               evaluation: Examples, num_classes: int, options: TraceOptions, *, method: str | None = None,

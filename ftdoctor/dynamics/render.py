@@ -15,6 +15,7 @@ def _pct(x: float | None, ci: float | None = None, signed: bool = False) -> str:
     s = f"{x * 100:+.2f}" if signed else f"{x * 100:.2f}"
     return s + (f" ± {ci * 100:.2f}" if ci is not None else "")
 
+
 def render_compare(result: CompareResult, console: Any) -> None:
     """The ENTAME Table 3 view as a rich table."""
     from rich.table import Table
@@ -35,6 +36,7 @@ def render_compare(result: CompareResult, console: Any) -> None:
     console.print(table)
     console.print(f"[dim]± = 95% confidence half-width over {k} seeds (Student t); every method starts from the "
                   f"same backbone and sees the same batches per seed (checked).[/]")
+
 
 def render_trace(result: TraceResult, console: Any) -> None:
     """Final figures of one run, and the layers' gradient norms (RIFLE Fig. 2) at the first and last step."""
@@ -64,6 +66,7 @@ DEMO_METHODS = ("base", "entame")
 DEMO_SEEDS = 3
 
 DEMO_STEPS = 30
+
 
 def demo_compare_step(source_path: Path, workdir: Path, console: Any, seed: int = 0) -> CompareResult:
     """``ftdoctor demo``'s dynamics step: compare base vs entame on the ``shapes:5`` transfer task, then plot.

@@ -12,14 +12,7 @@ import ftdoctor
 from ftdoctor import progress
 from ftdoctor.dynamics.finetune import Examples, fine_tune
 from ftdoctor.dynamics.options import METHODS, SCHEMA, TraceOptions
-from ftdoctor.dynamics.series import (
-    CompareResult,
-    MethodSummary,
-    RunSeries,
-    TraceResult,
-    check_paired,
-    summarise,
-)
+from ftdoctor.dynamics.series import CompareResult, MethodSummary, RunSeries, TraceResult, check_paired, summarise
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.model import AffineLayer, find_head, is_scripted
 
@@ -37,6 +30,7 @@ def _setup(template: nn.Module, train_bundle: Any, eval_bundle: Any, head_name: 
     head = find_head(layers, head_name)
     return layers, head, train, evaluation
 
+
 def trace_model(template: nn.Module, train_bundle: Any, eval_bundle: Any, options: TraceOptions
                 ) -> tuple[RunSeries, nn.Module]:
     """``trace`` on an in-memory pretrained model (left unchanged) and data bundles."""
@@ -45,6 +39,7 @@ def trace_model(template: nn.Module, train_bundle: Any, eval_bundle: Any, option
     layers, head, train, evaluation = _setup(template, train_bundle, eval_bundle, options.head, device)
     with progress.task(f"trace {options.method}", options.steps, "steps") as bar:
         return fine_tune(template, head, layers, train, evaluation, train_bundle.num_classes, options, bar=bar)
+
 
 def compare_model(template: nn.Module, train_bundle: Any, eval_bundle: Any, options: TraceOptions,
                   methods: Sequence[str], seeds: int) -> tuple[tuple[MethodSummary, ...], tuple[RunSeries, ...]]:
@@ -71,6 +66,7 @@ def compare_model(template: nn.Module, train_bundle: Any, eval_bundle: Any, opti
     check_paired(runs)
     return summarise(runs, methods, options.window), tuple(runs)
 
+
 def _load(model_path: str | Path, model_opts: Any, data: Any, eval_split: str, eval_samples: int
           ) -> tuple[Any, Any, Any, list[str]]:
     from ftdoctor import checkpoint as ckpt
@@ -87,6 +83,7 @@ def _load(model_path: str | Path, model_opts: Any, data: Any, eval_split: str, e
                             "use an evaluation split with the same classes")
     return loaded, train_bundle, eval_bundle, notes
 
+
 def _info(loaded: Any, train_bundle: Any, eval_bundle: Any, head: str | None) -> tuple[dict, dict]:
     from ftdoctor.session import model_info
     model = {**model_info(loaded, None), "head": head}
@@ -94,6 +91,7 @@ def _info(loaded: Any, train_bundle: Any, eval_bundle: Any, head: str | None) ->
             "num_classes": train_bundle.num_classes, "eval_split": eval_bundle.split,
             "eval_samples": eval_bundle.num_samples}
     return model, data
+
 
 def trace(model_path: str | Path, *, model: Any = None, data: Any, options: TraceOptions = TraceOptions(),
           eval_split: str = "test", eval_samples: int = 512, save: str | Path | None = None,
@@ -124,6 +122,7 @@ def _write(result: TraceResult | CompareResult, hdf5: str | Path | None, output:
     if output is not None:
         get_format("json", result.kind).write(result, Path(output))
 
+
 def _trace(model_path: str | Path, model: Any, data: Any, options: TraceOptions, eval_split: str,
            eval_samples: int, save: str | Path | None, force: bool) -> TraceResult:
     from ftdoctor import checkpoint as ckpt
@@ -146,6 +145,7 @@ def _trace(model_path: str | Path, model: Any, data: Any, options: TraceOptions,
             "versions": {"ftdoctor": ftdoctor.__version__, "torch": torch.__version__.split("+")[0]},
             "final": run.final(options.window)})
     return result
+
 
 def compare(model_path: str | Path, *, model: Any = None, data: Any, options: TraceOptions = TraceOptions(),
             methods: Sequence[str] = ("base", "entame"), seeds: int = 5, eval_split: str = "test",
@@ -178,6 +178,7 @@ def _compare(model_path: str | Path, *, model: Any, data: Any, options: TraceOpt
                      f"averages all {options.steps} steps")
     return CompareResult(minfo, dinfo, settings, options.window, options.steps,
                          tuple(range(options.seed, options.seed + seeds)), rows, runs, tuple(notes))
+
 
 def write_hdf5(path: str | Path, result: TraceResult | CompareResult) -> None:
     """The trace/compare HDF5 file (SPEC §3): ``schema = ftdoctor.trace/1``, ``/runs/<method>/seed_<s>/...``."""

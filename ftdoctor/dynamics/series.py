@@ -65,17 +65,25 @@ class RunSeries:
                 "grad_norm": [{"name": n, "grad_norm": _num(g)} for n, g in zip(self.layers, self.grad_norm[-1])],
                 "reinitialised": list(self.reinitialised)}
 
+
 def _num(x: float) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
 
+
 @dataclass(frozen=True)
-class TraceResult:
-    """One ``trace`` run: the series, the settings and where it came from."""
+class Described:
+    """The ``model``, ``data`` and ``settings`` blocks every fine-tuning report starts with."""
 
     model: dict[str, Any]
     data: dict[str, Any]
     settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TraceResult(Described):
+    """One ``trace`` run: the series, the settings and where it came from."""
+
     run: RunSeries
     notes: tuple[str, ...] = ()
     kind: ClassVar[str] = "trace"
@@ -91,6 +99,7 @@ class TraceResult:
 
     def attrs(self) -> dict[str, dict[str, Any]]:
         return self.run.attrs()
+
 
 @dataclass(frozen=True)
 class MethodSummary:
@@ -112,13 +121,11 @@ class MethodSummary:
                 "final_acc_mean": self.final_acc_mean, "final_acc_ci95": self.final_acc_ci95,
                 "diff_vs_first": self.diff_vs_first, "diff_ci95": self.diff_ci95, "p_value": self.p_value}
 
+
 @dataclass(frozen=True)
-class CompareResult:
+class CompareResult(Described):
     """Methods × seeds from identical starts and batches, summarised as ENTAME Table 3."""
 
-    model: dict[str, Any]
-    data: dict[str, Any]
-    settings: dict[str, Any]
     window: int
     steps: int
     seeds: tuple[int, ...]
@@ -145,6 +152,7 @@ class CompareResult:
             out.update(r.attrs())
         return out
 
+
 def summarise(runs: Sequence[RunSeries], methods: Sequence[str], window: int) -> tuple[MethodSummary, ...]:
     """Per method: mean early and final accuracy ± 95% CI over seeds; paired difference to the first."""
     by = {m: sorted((r for r in runs if r.method == m), key=lambda r: r.seed) for m in methods}
@@ -161,6 +169,7 @@ def summarise(runs: Sequence[RunSeries], methods: Sequence[str], window: int) ->
                                   final_acc_mean=mean(final), final_acc_ci95=ci95_half_width(final),
                                   diff_vs_first=d, diff_ci95=half, p_value=p))
     return tuple(rows)
+
 
 def check_paired(runs: Sequence[RunSeries]) -> None:
     """Every method of a seed must have started from the same backbone and consumed the same batches."""

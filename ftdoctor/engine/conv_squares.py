@@ -10,15 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ftdoctor.engine.tiles import (
-    _added,
-    _bmm_chunked,
-    _choose,
-    _chunks,
-    _pairs_into,
-    _per_chunk,
-    _Scratch,
-)
+from ftdoctor.engine.tiles import _added, _bmm_chunked, _choose, _chunks, _pairs_into, _per_chunk, _Scratch
 
 if TYPE_CHECKING:
     from ftdoctor.engine.persample import Method
@@ -35,6 +27,7 @@ class _Geometry:
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     out_size: tuple[int, ...]
+
 
 def _conv(
     module: nn.Module, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method, out: Tensor | None
@@ -72,6 +65,7 @@ def _conv(
     bias = g.reshape(n, o, -1).sum(2).square().sum(0) if module.bias is not None else None
     return w2, bias
 
+
 def _tap_major(out: Tensor | None, groups: int, taps: int) -> Tensor | None:
     """``out`` (O, Cg, k…) as the (taps, G, Og, Cg) tensor ``pairs`` accumulates into, if its
     memory is laid out that way (else ``None``)."""
@@ -85,6 +79,7 @@ def _tap_major(out: Tensor | None, groups: int, taps: int) -> Tensor | None:
     if not view.is_contiguous():
         return None
     return view.view(taps, groups, o // groups, cg)
+
 
 def _pad(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """Pad ``x`` as the layer's forward does; return the padding left to the kernels.
@@ -108,6 +103,7 @@ def _pad(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         x = F.pad(x, flat, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
     return x, (0,) * nd
 
+
 def _tap_boxes(size: tuple[int, ...], geo: _Geometry) -> list[tuple[range, ...]]:
     """Per kernel tap (row-major, as in the weight), the output positions where it sees the input.
 
@@ -128,8 +124,10 @@ def _tap_boxes(size: tuple[int, ...], geo: _Geometry) -> list[tuple[range, ...]]
         boxes = [box + (r,) for box in boxes for r in ranges]
     return boxes
 
+
 def _box_size(box: tuple[range, ...]) -> int:
     return math.prod(len(r) for r in box)
+
 
 def _conv_pairs(
     x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ...]], groups: int, max_chunk_bytes: int,
@@ -170,12 +168,14 @@ def _conv_pairs(
         out.clamp_(min=0)
     return out.permute(1, 2, 3, 0)
 
+
 def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     out = []
     for s in reversed(shape):
         out.append(index % s)
         index //= s
     return tuple(reversed(out))
+
 
 def _conv_dense(
     x: Tensor, g: Tensor, geo: _Geometry, taps: list[tuple[range, ...]], weight_shape: tuple[int, ...],
@@ -223,6 +223,7 @@ def _conv_dense(
     full[(slice(None), slice(None), *live)] = w2
     return full
 
+
 def _drop_dead_taps(
     x: Tensor, geo: _Geometry, taps: list[tuple[range, ...]]
 ) -> tuple[Tensor, _Geometry, tuple[slice, ...] | None]:
@@ -249,6 +250,7 @@ def _drop_dead_taps(
     reduced = _Geometry(kernel, geo.stride, (0,) * spatial, geo.dilation, geo.out_size)
     return F.pad(x, flat), reduced, tuple(slice(lo, hi) for lo, hi in live)
 
+
 def _unfold_into(out: Tensor, x: Tensor, geo: _Geometry) -> None:
     """Copy the patches of ``x`` (geometry without padding) into ``out`` (N, C·prod(kernel), L).
 
@@ -267,6 +269,7 @@ def _unfold_into(out: Tensor, x: Tensor, geo: _Geometry) -> None:
         x.storage_offset(),
     )
     out.view(patches.shape).copy_(patches)
+
 
 def _conv_trick(
     x: Tensor, g: Tensor, geo: _Geometry, weight_shape: tuple[int, ...], groups: int, max_chunk_bytes: int,

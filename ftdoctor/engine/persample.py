@@ -45,15 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ftdoctor.engine.conv_squares import _conv
-from ftdoctor.engine.tiles import (
-    _added,
-    _bmm_chunked,
-    _choose,
-    _chunks,
-    _pairs_into,
-    _per_chunk,
-    _Scratch,
-)
+from ftdoctor.engine.tiles import _added, _bmm_chunked, _choose, _chunks, _pairs_into, _per_chunk, _Scratch
 
 __all__ = ["Method", "computation_dtype", "grad_sq_sum", "supports"]
 
@@ -87,6 +79,7 @@ def supports(module: nn.Module) -> str | None:
             # parameter is no longer g·xᵀ
             return f"{type(module).__name__} overrides {method}(); per-example gradients assume {base.__name__}'s own"
     return None
+
 
 def grad_sq_sum(
     module: nn.Module,
@@ -140,6 +133,7 @@ def grad_sq_sum(
             return _linear(module, x, g, max_chunk_bytes, method, out)
         return _conv(module, x, g, max_chunk_bytes, method, out)
 
+
 def computation_dtype(x: Tensor, g: Tensor) -> torch.dtype:
     """The dtype :func:`grad_sq_sum` computes and returns in for these inputs (its ``out``'s)."""
     dtype = torch.promote_types(x.dtype, g.dtype)
@@ -147,11 +141,13 @@ def computation_dtype(x: Tensor, g: Tensor) -> torch.dtype:
         dtype = torch.float32
     return dtype
 
+
 def _common_dtype(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     dtype = computation_dtype(x, g)
     if not dtype.is_floating_point:
         raise TypeError(f"grad_sq_sum: floating-point inputs needed, got {x.dtype} and {g.dtype}")
     return x.to(dtype), g.to(dtype)
+
 
 def _linear(
     module: nn.Linear, x: Tensor, g: Tensor, max_chunk_bytes: int, method: Method, out: Tensor | None

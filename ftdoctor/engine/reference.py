@@ -29,6 +29,7 @@ def _cores() -> int:
     except (AttributeError, OSError):
         return os.cpu_count() or 1
 
+
 def overlap_allowed(model: nn.Module, reference: nn.Module, device: torch.device | str) -> bool:
     """Whether the reference's forward may run on a second thread during the backward passes.
 
@@ -48,6 +49,7 @@ def overlap_allowed(model: nn.Module, reference: nn.Module, device: torch.device
         return False
     mine = {id(m) for m in model.modules()}
     return not any(id(m) in mine for m in reference.modules())
+
 
 class RefCapture:
     def __init__(self, reference: nn.Module, pairs: Sequence[tuple[AffineLayer, AffineLayer]],
@@ -164,6 +166,7 @@ class RefCapture:
             h.remove()
         for m, training in self._modes.items():
             m.train(training)
+
 
 @contextlib.contextmanager
 def reference_capture(reference: nn.Module | None, pairs: Sequence[tuple[AffineLayer, AffineLayer]],

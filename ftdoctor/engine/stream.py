@@ -57,6 +57,7 @@ class PassSettings:
     change_rate_mode: str = "exact"    # exact | batch
     change_rate_loss: str = "random"   # random | ce
 
+
 @contextlib.contextmanager
 def preserved(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
     """Eval mode and ``requires_grad`` on ``params`` for the pass; everything restored after."""
@@ -73,6 +74,7 @@ def preserved(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
         for p, flag in flags:
             p.requires_grad_(flag)
 
+
 def _affine_params(layers: Sequence[AffineLayer]) -> list[Tensor]:
     params: list[Tensor] = []
     for layer in layers:
@@ -80,6 +82,7 @@ def _affine_params(layers: Sequence[AffineLayer]) -> list[Tensor]:
         if layer.bias is not None:
             params.append(layer.bias)
     return params
+
 
 def _grads_by_layer(layers: Sequence[AffineLayer], grads: Sequence[Tensor]) -> dict[str, tuple[Tensor, Tensor | None]]:
     out: dict[str, tuple[Tensor, Tensor | None]] = {}
@@ -89,6 +92,7 @@ def _grads_by_layer(layers: Sequence[AffineLayer], grads: Sequence[Tensor]) -> d
         gb = next(it) if layer.bias is not None else None
         out[layer.name] = (gw, gb)
     return out
+
 
 def check_logits(logits: object, y: Tensor, num_classes: int) -> Tensor:
     if not isinstance(logits, Tensor) or logits.dim() != 2:
@@ -103,6 +107,7 @@ def check_logits(logits: object, y: Tensor, num_classes: int) -> Tensor:
         raise FtdoctorError(f"a label ({int(y.max())}) is out of range for {logits.shape[1]} outputs",
                             "check the dataset's labels or the model's class count")
     return logits
+
 
 def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, int]], probes: Sequence[Probe],
              layers: Sequence[AffineLayer], head: AffineLayer, num_classes: int,
@@ -216,6 +221,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
             bar.advance(int(global_size))
             del batch
     return seen
+
 
 def _reduce_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None] | None,
                   all_reduce: Callable[[Tensor], Tensor] | None) -> list[Tensor]:

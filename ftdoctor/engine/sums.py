@@ -88,6 +88,7 @@ class Float64Sum:
             self._total = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
         return self._total
 
+
 def sum_of_squares(t: Tensor, row: int = 4096) -> float:
     """``Σ t²`` as a Python float, accurate to ~1e-7 relative for float32 ``t``, without a float64 copy.
 

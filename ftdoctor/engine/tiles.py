@@ -21,12 +21,15 @@ def _added(out: Tensor | None, w2: Tensor) -> Tensor:
     """``w2``, or ``out += w2`` (returning ``out``) when there is a running sum."""
     return w2 if out is None else out.add_(w2)
 
+
 def _per_chunk(n: int, bytes_per_example: int, max_chunk_bytes: int) -> int:
     return max(1, min(n, max_chunk_bytes // max(1, bytes_per_example)))
+
 
 def _chunks(n: int, step: int) -> Iterator[tuple[int, int]]:
     for lo in range(0, n, step):
         yield lo, min(n, lo + step)
+
 
 def _choose(L: int, og: int, cg: int, *, taps: list[int], conv_ok: bool, groups: int = 1) -> str:
     """The cheapest kernel for a layer with L output positions and per-group Og × Cg·K weights.
@@ -68,6 +71,7 @@ def _choose(L: int, og: int, cg: int, *, taps: list[int], conv_ok: bool, groups:
     dense = k * (og * cg * (L + 24) + 8 * cg * L)
     return "pairs" if pairs <= dense else "bmm"
 
+
 class _Scratch:
     """Work buffers reused across the chunks and taps of one call (fresh large
     allocations page-fault on every use)."""
@@ -81,6 +85,7 @@ class _Scratch:
         if buf is None or buf.numel() < size:
             buf = self.buffers[name] = like.new_empty(size)
         return buf[:size].view(shape)
+
 
 def _bmm_chunked(
     operands: Callable[[int, int], tuple[Tensor, Tensor]], n: int, out_bytes: int, operand_bytes: int,
@@ -110,6 +115,7 @@ def _bmm_chunked(
             acc[:, r0:r1] += tile.square_().sum(0)
     assert acc is not None
     return acc
+
 
 def _pairs_into(out: Tensor, a: Tensor, b: Tensor, scratch: _Scratch, accumulate: bool = True) -> None:
     """``out += Σ_n (a_nᵀ b_n)²`` for a (G, n, L, O), b (G, n, L, K), out (G, O, K), via position pairs

@@ -140,7 +140,8 @@ def fix(model_path: str | Path, method: str, *, out: str | Path, data: "DataOpti
 
     ``options`` is the method's options dataclass (``EntameOptions``,
     ``RifleOptions``, ``RescaleOptions``, ``DatadepOptions``; default: its
-    defaults), or a mapping of command-line flags (:func:`fix_options`). Raises :class:`FtdoctorError` for unusable input (exit 2) and
+    defaults), or a mapping of command-line flags (:func:`fix_options`).
+    Raises :class:`FtdoctorError` for unusable input (exit 2) and
     :class:`FixFailed` when the verification fails (exit 1); in both cases
     nothing is written. ``write=False`` verifies without writing (a dry run).
     """

@@ -22,14 +22,11 @@ import torch
 from torch import nn
 
 from ftdoctor.model import AffineLayer
+from ftdoctor.registry import Registry
 
-FIXES: dict[str, type["Fix"]] = {}
-
-
-def register_fix(cls: type["Fix"]) -> type["Fix"]:
-    """Class decorator: make a fix available as ``ftdoctor fix --method NAME``."""
-    FIXES[cls.name] = cls
-    return cls
+FIXES = Registry("fix")
+#: class decorator: make a fix available as ``ftdoctor fix --method NAME``
+register_fix = FIXES.register
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,11 @@ class Fix(Generic[O]):
         self.options = options
 
     def validate(self, ctx: FixContext) -> None:
-        """Raise FtdoctorError for options that cannot work on this model/data."""
+        """Raise FtdoctorError for options that cannot work on this model/data (default: the options' own
+        ``validate()``, if they have one)."""
+        check = getattr(self.options, "validate", None)
+        if check is not None:
+            check()
 
     def before(self, ctx: FixContext) -> Any:
         """Figures measured before the change (passed to :meth:`verify`)."""

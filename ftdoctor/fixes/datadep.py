@@ -39,7 +39,8 @@ class DatadepOptions:
     beta: float = 0.0
 
 
-def select_layers(layers: tuple[AffineLayer, ...], head: AffineLayer, patterns: tuple[str, ...] | None) -> list[AffineLayer]:
+def select_layers(layers: tuple[AffineLayer, ...], head: AffineLayer,
+                  patterns: tuple[str, ...] | None) -> list[AffineLayer]:
     if not patterns:
         return [head]
     chosen = [l for l in layers if any(fnmatch.fnmatchcase(l.name, p) for p in patterns)]
@@ -57,14 +58,10 @@ class _Applied:
     unbiased: list[str]
 
 
-@register_fix
+@register_fix(name="datadep", options_type=DatadepOptions, paper="Krähenbühl et al. 2016, §3.1, Alg. 1",
+              summary="Krähenbühl et al. §3.1 (Alg. 1): re-draw the chosen layers (default the head) so every "
+                      "output channel has mean β and unit variance on the data")
 class Datadep(Fix[DatadepOptions]):
-    name = "datadep"
-    summary = ("Krähenbühl et al. §3.1 (Alg. 1): re-draw the chosen layers (default the head) so every output "
-               "channel has mean β and unit variance on the data")
-    paper = "Krähenbühl et al. 2016, §3.1, Alg. 1"
-    options_type = DatadepOptions
-
     def validate(self, ctx: FixContext) -> None:
         select_layers(ctx.layers, ctx.head, self.options.layers)
 

@@ -76,16 +76,12 @@ class _Applied:
     feature_norm: bool
 
 
-@register_fix
+@register_fix(name="entame", options_type=EntameOptions, paper="Varno et al. 2019 (ENTAME), §5, eqs. 20–21, Table 1",
+              summary="ENTAME §5: maximum-entropy head W ~ N(0, φ_w), b = 0 (eq. 21), optionally behind the "
+                      "parameter-free feature norm (eq. 20); the noise fraction falls to its floor 1/(C−1)")
 class Entame(Fix[EntameOptions]):
-    name = "entame"
-    summary = ("ENTAME §5: maximum-entropy head W ~ N(0, φ_w), b = 0 (eq. 21), optionally behind the "
-               "parameter-free feature norm (eq. 20); the noise fraction falls to its floor 1/(C−1)")
-    paper = "Varno et al. 2019 (ENTAME), §5, eqs. 20–21, Table 1"
-    options_type = EntameOptions
-
     def validate(self, ctx: FixContext) -> None:
-        self.options.validate()
+        super().validate(ctx)
         if self.options.feature_norm and not isinstance(ctx.head.module, nn.Linear):
             raise FtdoctorError(f"--feature-norm needs a Linear head, but {ctx.head.name} is a {ctx.head.kind}",
                                 "drop --feature-norm, or pass --new-head to attach a Linear head")

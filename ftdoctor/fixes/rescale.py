@@ -176,17 +176,10 @@ class _Applied:
     measured: _Measured
 
 
-@register_fix
+@register_fix(name="rescale", options_type=RescaleOptions, paper="Krähenbühl et al. 2016, §3.2, Alg. 2, Fig. 1a",
+              summary="Krähenbühl et al. §3.2 (Alg. 2): function-preserving between-layer rescaling so that every "
+                      "layer's change rate is the same")
 class Rescale(Fix[RescaleOptions]):
-    name = "rescale"
-    summary = ("Krähenbühl et al. §3.2 (Alg. 2): function-preserving between-layer rescaling so that every "
-               "layer's change rate is the same")
-    paper = "Krähenbühl et al. 2016, §3.2, Alg. 2, Fig. 1a"
-    options_type = RescaleOptions
-
-    def validate(self, ctx: FixContext) -> None:
-        self.options.validate()
-
     def _measure(self, ctx: FixContext, description: str) -> _Measured:
         from ftdoctor.diagnose import ProbeOptions, probe_model
         data = subset(ctx.data, self.options.samples)

@@ -34,16 +34,10 @@ class RifleOptions:
             raise FtdoctorError(f"unknown --init {self.init!r}", f"use one of {', '.join(INITS)}")
 
 
-@register_fix
+@register_fix(name="rifle", options_type=RifleOptions, paper="Li et al. 2020 (RIFLE), Alg. 1, §4.6.1",
+              summary="RIFLE Alg. 1: re-initialise the head (torch-default or kaiming-normal); the backbone is "
+                      "untouched")
 class Rifle(Fix[RifleOptions]):
-    name = "rifle"
-    summary = "RIFLE Alg. 1: re-initialise the head (torch-default or kaiming-normal); the backbone is untouched"
-    paper = "Li et al. 2020 (RIFLE), Alg. 1, §4.6.1"
-    options_type = RifleOptions
-
-    def validate(self, ctx: FixContext) -> None:
-        self.options.validate()
-
     def before(self, ctx: FixContext) -> dict[str, torch.Tensor]:
         return snapshot(ctx.model)
 

@@ -20,14 +20,12 @@ from torch import Tensor, nn
 from ftdoctor.engine.batch import Batch
 from ftdoctor.engine.sums import Float64Sum
 from ftdoctor.model import AffineLayer
+from ftdoctor.registry import Registry
 from ftdoctor.probes.verdicts import PLACEHOLDERS, RunArgs, Suggestion, Verdict, render
 
-PROBES: dict[str, type["Probe"]] = {}
-
-
-def register_probe(cls: type["Probe"]) -> type["Probe"]:
-    PROBES[cls.name] = cls
-    return cls
+PROBES = Registry("probe")
+#: class decorator: make a probe available to ``probe --probes`` and ``check``
+register_probe = PROBES.register
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,8 @@ import torch
 from ftdoctor.engine import persample
 from ftdoctor.engine.sums import Float64Sum, sum_of_squares
 from ftdoctor.numbers import fmt
-from ftdoctor.probes.base import (
-    Batch,
-    Column,
-    Figures,
-    Probe,
-    ProbeContext,
-    ProbeResult,
-    finite_or_none,
-    register_probe,
-    row_json,
-)
+from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeContext, ProbeResult, finite_or_none,
+                                  register_probe, row_json)
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 
@@ -93,10 +84,9 @@ class ChangeRateFigures(Figures):
                 "layers": [row_json(r) for r in self.layers]}
 
 
-@register_probe
+@register_probe(name="change_rate",
+                description="Krähenbühl et al.: per-layer change rates under a random loss (Fig. 1)")
 class ChangeRateProbe(Probe):
-    name = "change_rate"
-    description = "Krähenbühl et al.: per-layer change rates under a random loss (Fig. 1)"
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)

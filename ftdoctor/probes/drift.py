@@ -15,16 +15,7 @@ import torch
 
 from ftdoctor.engine.sums import sum_of_squares
 from ftdoctor.numbers import fmt
-from ftdoctor.probes.base import (
-    Batch,
-    Column,
-    Figures,
-    Probe,
-    ProbeResult,
-    finite_or_none,
-    register_probe,
-    row_json,
-)
+from ftdoctor.probes.base import Batch, Column, Figures, Probe, ProbeResult, finite_or_none, register_probe, row_json
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 
@@ -67,12 +58,9 @@ def drift_figures(layers, reference_modules: dict) -> DriftFigures:
     return DriftFigures(finite_or_none(penalty), tuple(rows), tuple(new))
 
 
-@register_probe
+@register_probe(name="drift", description="L2-SP: weight distance from the pretrained model (data-free)",
+                needs_reference=True, needs_data=False)
 class DriftProbe(Probe):
-    name = "drift"
-    description = "L2-SP: weight distance from the pretrained model (data-free)"
-    needs_reference = True
-    needs_data = False
 
     def update(self, batch: Batch) -> None:
         return None

@@ -20,18 +20,8 @@ import torch
 
 from ftdoctor.engine.sums import Float64Sum, sum_of_squares
 from ftdoctor.numbers import fmt
-from ftdoctor.probes.base import (
-    Batch,
-    Column,
-    Figures,
-    Finding,
-    Probe,
-    ProbeContext,
-    ProbeResult,
-    finite_or_none,
-    register_probe,
-    row_json,
-)
+from ftdoctor.probes.base import (Batch, Column, Figures, Finding, Probe, ProbeContext, ProbeResult, finite_or_none,
+                                  register_probe, row_json)
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 
@@ -59,11 +49,10 @@ class GradNormFigures(Figures):
         return {"depth_ratio": self.depth_ratio, "layers": [row_json(r) for r in self.layers]}
 
 
-@register_probe
+@register_probe(name="grad_norm",
+                description="RIFLE: per-layer gradient Frobenius norms of the cross-entropy (Fig. 2)",
+                needs=frozenset({"ce_grads"}))
 class GradNormProbe(Probe):
-    name = "grad_norm"
-    description = "RIFLE: per-layer gradient Frobenius norms of the cross-entropy (Fig. 2)"
-    needs = frozenset({"ce_grads"})
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)

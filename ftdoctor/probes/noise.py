@@ -22,15 +22,7 @@ from torch import Tensor
 
 from ftdoctor.heads import seed_head_params
 from ftdoctor.numbers import fmt
-from ftdoctor.probes.base import (
-    Batch,
-    Figures,
-    Finding,
-    Probe,
-    ProbeContext,
-    ProbeResult,
-    register_probe,
-)
+from ftdoctor.probes.base import Batch, Figures, Finding, Probe, ProbeContext, ProbeResult, register_probe
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.stats import ci95_half_width
 from ftdoctor.thresholds import Thresholds
@@ -107,11 +99,9 @@ class NoiseFigures(Figures):
         return out
 
 
-@register_probe
+@register_probe(name="noise", description="ENTAME: energy of the error at the head that is noise (Table 1)",
+                needs=frozenset({"head_input"}))
 class NoiseProbe(Probe):
-    name = "noise"
-    description = "ENTAME: energy of the error at the head that is noise (Table 1)"
-    needs = frozenset({"head_input"})
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)

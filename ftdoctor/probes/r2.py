@@ -25,16 +25,7 @@ from torch import Tensor
 
 from ftdoctor.model import AffineLayer
 from ftdoctor.numbers import fmt
-from ftdoctor.probes.base import (
-    Batch,
-    Column,
-    Figures,
-    Probe,
-    ProbeContext,
-    ProbeResult,
-    register_probe,
-    row_json,
-)
+from ftdoctor.probes.base import Batch, Column, Figures, Probe, ProbeContext, ProbeResult, register_probe, row_json
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 
@@ -161,12 +152,9 @@ class R2Figures(Figures):
         return {"layers": [row_json(r) for r in self.layers]}
 
 
-@register_probe
+@register_probe(name="r2", description="L2-SP: per-channel R² of activations against the pretrained model (Fig. 4)",
+                needs_reference=True, needs=frozenset({"outputs"}))
 class R2Probe(Probe):
-    name = "r2"
-    description = "L2-SP: per-channel R² of activations against the pretrained model (Fig. 4)"
-    needs_reference = True
-    needs = frozenset({"outputs"})
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)

@@ -8,31 +8,18 @@ from rich.table import Table
 from rich.text import Text
 
 from ftdoctor.check import CheckReport, CheckResult
+from ftdoctor.numbers import plain
 from ftdoctor.report.formats import OutputFormat, register_format
 
 _MARK = {"passed": ("✓", "green"), "failed": ("✗", "bold red"), "skipped": ("–", "dim")}
 
 
 def _value(c: CheckResult) -> str:
-    v = c.value
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return plain(c.value, "–", ".4g")
 
 
 def _threshold(c: CheckResult) -> str:
-    t = c.threshold
-    if t is None:
-        return ""
-    if isinstance(t, bool):
-        return str(t).lower()
-    if isinstance(t, float):
-        return f"{t:g}"
-    return str(t)
+    return plain(c.threshold, "", "g")
 
 
 def render(report: CheckReport, console: Console) -> None:

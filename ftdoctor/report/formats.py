@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ftdoctor.errors import FtdoctorError
+from ftdoctor.registry import Registry
 
-FORMATS: dict[str, "OutputFormat"] = {}
+FORMATS = Registry("output format", instances=True)
 
 
 class OutputFormat:
@@ -43,10 +44,24 @@ class OutputFormat:
         atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def register_format(cls: type[OutputFormat]) -> type[OutputFormat]:
-    """Class decorator: make an output format available as ``--format NAME``."""
-    FORMATS[cls.name] = cls()
-    return cls
+#: class decorator: make an output format available as ``--format NAME``
+register_format = FORMATS.register
+
+
+class Rendered(OutputFormat):
+    """A format that is one function of the result (:func:`text_format`)."""
+
+    def __init__(self, name: str, kinds: frozenset[str], render: Any, doc: str) -> None:
+        self.name, self.kinds, self.render, self.__doc__ = name, kinds, render, doc  # type: ignore[misc]
+
+    def text(self, result: Any) -> str:
+        return self.render(result)
+
+
+def text_format(name: str, kinds: set[str], render: Any, doc: str) -> OutputFormat:
+    """Register ``--format name``, for results of ``kinds``, as the text ``render(result)``."""
+    fmt = FORMATS[name] = Rendered(name, frozenset(kinds), render, doc)
+    return fmt
 
 
 def names(kind: str, *, files: bool = False) -> list[str]:

@@ -7,10 +7,9 @@ a hostile file name cannot forge a second command.
 """
 from __future__ import annotations
 
-from typing import Any
 
 from ftdoctor.check import CheckReport
-from ftdoctor.report.formats import OutputFormat, register_format
+from ftdoctor.report.formats import text_format
 
 
 def escape_data(text: str) -> str:
@@ -28,12 +27,4 @@ def render(report: CheckReport) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-@register_format
-class GithubFormat(OutputFormat):
-    """GitHub Actions annotations: an ``::error`` line per failed check."""
-
-    name = "github"
-    kinds = frozenset({"check"})
-
-    def text(self, result: Any) -> str:
-        return render(result)
+text_format("github", {"check"}, render, "GitHub Actions annotations: an ``::error`` line per failed check.")

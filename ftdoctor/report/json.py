@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ftdoctor.outputs import atomic_write
-from ftdoctor.report.formats import OutputFormat, register_format
+from ftdoctor.report.formats import text_format
 
 
 def dumps(doc: dict[str, Any]) -> str:
@@ -18,12 +18,5 @@ def write(doc: dict[str, Any], path: str | Path) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
-@register_format
-class JsonFormat(OutputFormat):
-    """Every result as its JSON document (SPEC §3): deterministic, no timings."""
-
-    name = "json"
-    kinds = frozenset({"probe", "check", "inspect", "trace", "compare", "fix"})
-
-    def text(self, result: Any) -> str:
-        return dumps(result.to_json())
+text_format("json", {"probe", "check", "inspect", "trace", "compare", "fix"}, lambda result: dumps(result.to_json()),
+            "Every result as its JSON document (SPEC §3): deterministic, no timings.")

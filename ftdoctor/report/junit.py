@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from typing import Any
 
 from ftdoctor.check import CheckReport
-from ftdoctor.report.formats import OutputFormat, register_format
+from ftdoctor.numbers import plain
+from ftdoctor.report.formats import text_format
 
 # XML 1.0 cannot carry most control characters, even escaped.
 _ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -29,11 +29,7 @@ def _classname(path: str) -> str:
 
 
 def _text(v: object) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v).lower()
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+    return plain(v, "-", ".6g")
 
 
 def render(report: CheckReport) -> str:
@@ -66,12 +62,4 @@ def render(report: CheckReport) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-@register_format
-class JunitFormat(OutputFormat):
-    """JUnit XML for GitLab and Jenkins: a suite per checkpoint, a case per check."""
-
-    name = "junit"
-    kinds = frozenset({"check"})
-
-    def text(self, result: Any) -> str:
-        return render(result)
+text_format("junit", {"check"}, render, "JUnit XML for GitLab and Jenkins: a suite per checkpoint, a case per check.")

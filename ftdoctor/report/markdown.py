@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftdoctor.report.formats import OutputFormat, register_format
+from ftdoctor.report.formats import text_format
 from ftdoctor.report.table import layer_rows, summary_items
 
 
@@ -32,12 +32,5 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@register_format
-class MarkdownFormat(OutputFormat):
-    """The probe report for pull-request comments and notebooks."""
-
-    name = "markdown"
-    kinds = frozenset({"probe"})
-
-    def text(self, result: Any) -> str:
-        return render(result.to_json())
+text_format("markdown", {"probe"}, lambda result: render(result.to_json()),
+            "The probe report for pull-request comments and notebooks.")

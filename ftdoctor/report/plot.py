@@ -88,6 +88,13 @@ class ProbeFile:
 _MAX_ARRAY_BYTES = 1 << 30
 
 
+# per-layer bar panels of a probe file: probe -> (row key, colour, y label, title, summary figure, its label)
+_BARS = {"change_rate": ("change_rate", "#1f77b4", "change rate", "change rate per layer (Krähenbühl Fig. 1a)",
+                         "spread", "spread max/min"),
+         "grad_norm": ("grad_norm", "#ff7f0e", "‖∇W‖ (mean over batches)", "gradient norm per layer (RIFLE Fig. 2)",
+                       "depth_ratio", "depth ratio first/head")}
+
+
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -303,20 +310,13 @@ def probe_figure(pf: ProbeFile) -> Any:
         rows = probes[name]["layers"]
         names = [r["name"] for r in rows]
         x = np.arange(len(rows))
-        if name == "change_rate":
-            vals = np.array([r["change_rate"] if r["change_rate"] is not None else np.nan for r in rows], float)
-            ax.bar(x, vals, color="#1f77b4")
+        if name in _BARS:
+            key, color, ylabel, title, summary, label = _BARS[name]
+            vals = np.array([r[key] if r[key] is not None else np.nan for r in rows], float)
+            ax.bar(x, vals, color=color)
             ax.set_yscale("log")
-            spread = cr.get("spread")
-            ax.set(ylabel="change rate", title="change rate per layer (Krähenbühl Fig. 1a)"
-                   + (f" — spread max/min = {spread:.3g}" if spread else ""))
-        elif name == "grad_norm":
-            vals = np.array([r["grad_norm"] if r["grad_norm"] is not None else np.nan for r in rows], float)
-            ax.bar(x, vals, color="#ff7f0e")
-            ax.set_yscale("log")
-            depth = gn.get("depth_ratio")
-            ax.set(ylabel="‖∇W‖ (mean over batches)", title="gradient norm per layer (RIFLE Fig. 2)"
-                   + (f" — depth ratio first/head = {depth:.3g}" if depth else ""))
+            figure = probes[name].get(summary)
+            ax.set(ylabel=ylabel, title=title + (f" — {label} = {figure:.3g}" if figure else ""))
         else:
             data = []
             for r in rows:

@@ -1,0 +1,36 @@
+"""Where ftdoctor grows: name -> plug-in registries filled by a class decorator (timm's ``register_model``).
+
+Probes, fixes, model sources, data sources and output formats each have one
+:class:`Registry`; adding one is a module with a class carrying a ``name``
+(and, where the order of asking matters, a ``priority``) and the registry's
+decorator. The CLI and the library look plug-ins up by name.
+"""
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(dict):
+    """``name -> plug-in``; :meth:`register` is the decorator. ``instances``: keep one instance of each class
+    (sources and formats are stateless) instead of the class (probes and fixes are made per run)."""
+
+    def __init__(self, what: str, *, instances: bool = False) -> None:
+        super().__init__()
+        self.what = what
+        self.instances = instances
+
+    def register(self, cls: type[T] | None = None, /, **attrs: Any) -> Any:
+        """``@register`` on a class with a ``name``, or ``@register(name=..., other=...)`` setting the class
+        attributes first (a plug-in's description in one place, its class body all behaviour)."""
+        if cls is None:
+            return lambda c: self.register(c, **attrs)
+        for key, value in attrs.items():
+            setattr(cls, key, value)
+        self[cls.name] = cls() if self.instances else cls   # type: ignore[attr-defined]
+        return cls
+
+    def ordered(self) -> list[Any]:
+        """The plug-ins by ``priority`` (lower first), then registration order."""
+        return sorted(self.values(), key=lambda p: getattr(p, "priority", 100))
