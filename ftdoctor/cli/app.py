@@ -89,13 +89,14 @@ def _interrupted(exc: BaseException) -> None:
     _fail(f"interrupted ({signame})", "nothing was written; run the command again", code)
 
 
-def main() -> None:
-    """Console entry point: run the app, map errors to SPEC exit codes."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app on ``argv`` (default ``sys.argv[1:]``), map errors to SPEC exit codes."""
     keep_freed_memory()   # large per-batch tensors reused without page faults (glibc; see allocator.py)
     from ftdoctor.outputs import start_command
     start_command()   # SIGTERM unwinds like Ctrl-C: partial outputs are rolled back
+    _state["debug"] = False
     try:
-        code = app(standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
         if code == 130:  # without standalone mode typer returns Ctrl-C as the value 130 instead of raising
             _interrupted(KeyboardInterrupt())
         if isinstance(code, int) and code:

@@ -6,8 +6,6 @@ resolves as it would for a user, and full pickled modules can be loaded back.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import sys
 from pathlib import Path
@@ -102,19 +100,8 @@ def data_flags(path: Path, n: int = 64, batch_size: int = 16) -> list[str]:
 
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run ``ftdoctor ARGS`` in-process through the real entry point; (exit code, stdout, stderr)."""
-    from ftdoctor import cli
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    argv = sys.argv
-    sys.argv = ["ftdoctor", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
+    from helpers import run_cli as run
+    return tuple(run(*args))
 
 
 def head_stats(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

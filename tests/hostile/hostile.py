@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import signal
 import stat
@@ -114,34 +113,29 @@ def watchdog(seconds: int = SECONDS):
 
 
 def run(cwd: Path, *args: object, root: Path | None = None) -> Outcome:
-    """``ftdoctor ARGS`` through the real entry point in this process, working directory ``cwd``."""
-    from ftdoctor import cli
+    """``ftdoctor ARGS`` through the real entry point in this process (the suite's one runner,
+    :func:`helpers.run_cli`), working directory ``cwd``, under a watchdog, peak memory measured."""
+    from helpers import run_cli
 
     root = root or cwd
     before = tree(root)
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    argv, old_cwd = sys.argv, os.getcwd()
+    old_cwd = os.getcwd()
     handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
-    sys.argv = ["ftdoctor", *map(str, args)]
     os.chdir(cwd)
     sys.path.insert(0, str(cwd))
     rss = _reset_peak()
     start = time.perf_counter()
     try:
-        with watchdog(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+        with watchdog():
+            result = run_cli(*args)
     finally:
         seconds = time.perf_counter() - start
         growth = max(0, _vm("VmHWM") - rss) / 1024
-        sys.argv = argv
         os.chdir(old_cwd)
         sys.path.remove(str(cwd))
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
-    return _outcome(root, before, code, out.getvalue(), err.getvalue(), seconds, growth)
+    return _outcome(root, before, result.exit_code, result.stdout, result.stderr, seconds, growth)
 
 
 def _outcome(root: Path, before: dict[str, str], code: int, out: str, err: str, seconds: float,
@@ -155,11 +149,18 @@ def _outcome(root: Path, before: dict[str, str], code: int, out: str, err: str, 
 
 HARNESS = textwrap.dedent('''
     """Run ftdoctor's entry point after arranging for a signal at one chosen moment (hostile suite)."""
-    import os, signal, sys
+    import atexit, os, signal, sys
     sys.path.insert(0, os.getcwd())
     moment, signame = sys.argv[1], sys.argv[2]
-    sig = getattr(signal, signame)
+    sig = getattr(signal, signame, None)
     fired = []
+
+    def peak():                                # this process's own peak RSS (kB), for the parent
+        with open("/proc/self/status") as f:
+            kb = next((line.split()[1] for line in f if line.startswith("VmHWM")), "0")
+        with open(os.environ["FTD_TEST_PEAK_FILE"], "w") as f:
+            f.write(kb)
+    atexit.register(peak)
 
     def fire():
         if not fired:
@@ -207,13 +208,11 @@ def run_child(cwd: Path, *args: object, harness: tuple[str, str] | None = None, 
     ``signal_after`` = (seconds, signum) from outside) and hangs; its own peak RSS is measured."""
     root = root or cwd
     before = tree(root)
-    if harness is None:
-        cmd = [sys.executable, "-m", "ftdoctor", *map(str, args)]
-    else:
-        cmd = [sys.executable, "-c", HARNESS, *harness, *map(str, args)]
-    env = {**os.environ, "PYTHONPATH": str(cwd) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-c", HARNESS, *(harness or ("none", "-")), *map(str, args)]
     out_path, err_path = root.parent / f".{root.name}.out", root.parent / f".{root.name}.err"
+    peak_path = root.parent / f".{root.name}.peak"
+    env = {**os.environ, "PYTHONPATH": str(cwd) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONDONTWRITEBYTECODE": "1", "FTD_TEST_PEAK_FILE": str(peak_path)}
     start = time.perf_counter()
     with open(out_path, "w") as fo, open(err_path, "w") as fe:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=fo, stderr=fe, env=env)
@@ -223,8 +222,7 @@ def run_child(cwd: Path, *args: object, harness: tuple[str, str] | None = None, 
         if signal_after is not None:
             sender = threading.Timer(signal_after[0], lambda: proc.poll() is None and proc.send_signal(signal_after[1]))
             sender.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
         killer.cancel()
         if sender is not None:
             sender.cancel()
@@ -232,7 +230,11 @@ def run_child(cwd: Path, *args: object, harness: tuple[str, str] | None = None, 
     out, err = out_path.read_text(), err_path.read_text()
     out_path.unlink()
     err_path.unlink()
-    return _outcome(root, before, proc.returncode, out, err, seconds, usage.ru_maxrss / 1024)
+    # The child's own VmHWM, written at exit. (Not wait4's ru_maxrss: a child spawned by vfork/fork
+    # inherits the parent's high-water mark at exec, so it would measure the test process.)
+    peak_mb = int(peak_path.read_text() or 0) / 1024 if peak_path.exists() else 0.0
+    peak_path.unlink(missing_ok=True)
+    return _outcome(root, before, proc.returncode, out, err, seconds, peak_mb)
 
 
 def assert_clean(o: Outcome, code: int, *, mentions: tuple[str, ...] = (), growth_mb: float = GROWTH_MB,

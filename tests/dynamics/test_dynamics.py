@@ -294,18 +294,13 @@ def ckpt(tmp_path_factory):
 
 def run_cli(*args, capsys, cwd):
     import os
-    import sys
-    from ftdoctor import cli
-    old_argv, old_cwd = sys.argv, os.getcwd()
-    sys.argv = ["ftdoctor", *map(str, args)]
+    from helpers import run_cli as run
+    old_cwd = os.getcwd()
     os.chdir(cwd)
     try:
-        with pytest.raises(SystemExit) as exc:
-            cli.main()
+        return tuple(run(*args))
     finally:
-        sys.argv, _ = old_argv, os.chdir(old_cwd)
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+        os.chdir(old_cwd)
 
 
 def _arch_opts():

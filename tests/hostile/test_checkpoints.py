@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import NETS_SOURCE
-from ftdoctor import cli
+from helpers import run_cli
 from ftdoctor.check import check
 from ftdoctor.checkpoint import ModelOptions
 from ftdoctor.errors import FtdoctorError
@@ -75,19 +75,15 @@ def files(tmp_path_factory):
 def run(cwd: Path, *args, capsys):
     """The real entry point in ``cwd``: (exit code, stdout, stderr, files created)."""
     before = set(p.relative_to(cwd) for p in cwd.rglob("*"))
-    old_argv, old_cwd = sys.argv, os.getcwd()
-    sys.argv = ["ftdoctor", *map(str, args)]
+    old_cwd = os.getcwd()
     os.chdir(cwd)
     try:
-        with pytest.raises(SystemExit) as exc:
-            cli.main()
+        code, out, err = run_cli(*args)
     finally:
-        sys.argv = old_argv
         os.chdir(old_cwd)
-    out, err = capsys.readouterr()
     after = set(p.relative_to(cwd) for p in cwd.rglob("*"))
     created = sorted(str(p) for p in after - before if "__pycache__" not in str(p))
-    return exc.value.code, out, err, created
+    return code, out, err, created
 
 
 def _checks(out: str) -> dict[str, dict]:

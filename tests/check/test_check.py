@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import NETS_SOURCE
-from ftdoctor import cli
+from helpers import run_cli
 from ftdoctor.check import (CheckReport, CheckResult, CheckpointVerdict, collect_checkpoints,
                             find_pyproject, planned_checks, resolve_thresholds)
 from ftdoctor.errors import FtdoctorError
@@ -58,15 +58,7 @@ def work(tmp_path, monkeypatch):
 
 def run(*args, env=None, monkeypatch=None, capsys=None):
     """The real entry point (error mapping included): (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["ftdoctor", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            cli.main()
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return tuple(run_cli(*args, env=env))
 
 
 # -- config discovery ----------------------------------------------------------------------------
