@@ -1,4 +1,4 @@
-"""Shared helpers of the fix tests: tiny user models in an importable module, data files, the CLI.
+"""Shared helpers of the fix tests: tiny user models in an importable module, data files, figures by hand.
 
 The models live in a module written to a temporary directory that is put on
 ``sys.path`` and made the working directory, so ``--arch ftd_fixnets:NAME``
@@ -7,11 +7,9 @@ resolves as it would for a user, and full pickled modules can be loaded back.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,18 +65,6 @@ class Small(nn.Module):
 IMAGE = (3, 8, 8)
 
 
-@pytest.fixture
-def nets(tmp_path_factory, monkeypatch):
-    """The module ``ftd_fixnets`` (importable here and by the loader via the working directory)."""
-    d = tmp_path_factory.mktemp("fixnets")
-    (d / "ftd_fixnets.py").write_text(NETS)
-    monkeypatch.syspath_prepend(str(d))
-    monkeypatch.chdir(d)
-    sys.modules.pop("ftd_fixnets", None)
-    import ftd_fixnets
-    return ftd_fixnets
-
-
 def make_data(path: Path, n: int = 64, num_classes: int = 5, shape=IMAGE, seed: int = 0,
               scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """An .npz data set (``x``, ``y``) of random images; returns the tensors."""
@@ -96,12 +82,6 @@ def data_options(path: Path, n: int = 64, batch_size: int = 16):
 
 def data_flags(path: Path, n: int = 64, batch_size: int = 16) -> list[str]:
     return ["--data", str(path), "--normalize", "none", "--max-samples", str(n), "--batch-size", str(batch_size)]
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """Run ``ftdoctor ARGS`` in-process through the real entry point; (exit code, stdout, stderr)."""
-    from helpers import run_cli as run
-    return tuple(run(*args))
 
 
 def head_stats(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

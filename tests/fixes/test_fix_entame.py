@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from fixhelp import data_flags, data_options, head_stats, make_data, nets, run_cli  # noqa: F401
+from fixhelp import data_flags, data_options, head_stats, make_data
+from helpers import run_cli
 from ftdoctor.checkpoint import ModelOptions, load_model
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.featurenorm import FeatureNormLinear, attach_feature_norms

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from fixhelp import brute_force_rates, data_flags, data_options, make_data, misscale_, nets, rel_change, run_cli  # noqa: F401
+from fixhelp import brute_force_rates, data_flags, data_options, make_data, misscale_, rel_change
+from helpers import run_cli
 from ftdoctor.checkpoint import ModelOptions
 from ftdoctor.diagnose import ProbeOptions, probe_model
 from ftdoctor.fixes import RescaleOptions, fix

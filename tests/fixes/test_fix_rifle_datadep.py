@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fixhelp import data_options, make_data, nets  # noqa: F401
+from fixhelp import data_options, make_data
 from ftdoctor.checkpoint import ModelOptions
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.fixes import DatadepOptions, RifleOptions, fix

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fixhelp import data_flags, make_data, nets, run_cli  # noqa: F401
+from fixhelp import data_flags, make_data
+from helpers import run_cli
 from ftdoctor.featurenorm import FeatureNormLinear, attach_feature_norms
 
 ARCH = ["--arch", "ftd_fixnets:Small"]
@@ -99,7 +100,7 @@ def test_entame_feature_norm_output_loads_in_every_format(setup, nets, tmp_path,
     src, out = tmp_path / f"in{suffix}", tmp_path / f"out{suffix}"
     write_input(kind, model, src)
     trust = ["--trust-checkpoint"] if kind == "module" else ARCH
-    stdout = _fix(src, out, flags, "entame", "--feature-norm", *trust)
+    _fix(src, out, flags, "entame", "--feature-norm", *trust)
     fixed, _ = read_back(kind, out, nets.Small(num_classes=5))
     assert isinstance(fixed.fc, FeatureNormLinear)
     for k, v in model.state_dict().items():                     # backbone bit-identical
