@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import sys
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -401,13 +400,10 @@ def test_num_classes_inferred_from_the_head(tmp_path):
 
 
 def test_resnet18_recognised_without_arch(r18_file):
-    start = time.perf_counter()
-    loaded = load_model(r18_file, ModelOptions())
-    elapsed = time.perf_counter() - start
+    loaded = load_model(r18_file, ModelOptions())   # its cost: benchmarks/recognition.py
     assert (loaded.arch, loaded.num_classes, loaded.head_key) == ("resnet18", 10, "fc")
     assert any("resnet18 recognised" in note for note in loaded.notes)
     assert_same_tensors(raw(r18_file), loaded.model.state_dict())
-    assert elapsed < 60, f"architecture matching took {elapsed:.1f}s"
 
 
 def test_vgg11_bn_recognised_without_arch(tmp_path):

@@ -18,14 +18,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 
 sys.dont_write_bytecode = True   # importing the test nets must not count as a file ftdoctor wrote
 CANARY = "pwned-canary"
-SECONDS = 30          # every case, hostile or not, ends well within this
+SECONDS = 30          # a hang guard, not a speed test: a case still running after this has hung
 GROWTH_MB = 1500      # peak memory a case may add (a bomb would add gigabytes)
 
 ARCH = ("--arch", "ftd_hostile_nets:SmallCNN")
@@ -47,7 +46,7 @@ class Outcome:
     code: int
     out: str
     err: str
-    seconds: float
+    hung: bool
     growth_mb: float
     created: list[str]
     changed: list[str]
@@ -124,27 +123,25 @@ def run(cwd: Path, *args: object, root: Path | None = None) -> Outcome:
     os.chdir(cwd)
     sys.path.insert(0, str(cwd))
     rss = _reset_peak()
-    start = time.perf_counter()
     try:
-        with watchdog():
+        with watchdog():   # a hang raises here, failing the test
             result = run_cli(*args)
     finally:
-        seconds = time.perf_counter() - start
         growth = max(0, _vm("VmHWM") - rss) / 1024
         os.chdir(old_cwd)
         sys.path.remove(str(cwd))
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
-    return _outcome(root, before, result.exit_code, result.stdout, result.stderr, seconds, growth)
+    return _outcome(root, before, result.exit_code, result.stdout, result.stderr, False, growth)
 
 
-def _outcome(root: Path, before: dict[str, str], code: int, out: str, err: str, seconds: float,
+def _outcome(root: Path, before: dict[str, str], code: int, out: str, err: str, hung: bool,
              growth: float) -> Outcome:
     after = tree(root)
     created = sorted(set(after) - set(before))
     changed = sorted(k for k in before if after.get(k) != before[k])
     canary = any(Path(k).name == CANARY for k in after) or (root / CANARY).exists()
-    return Outcome(code, out, err, seconds, growth, created, changed, canary)
+    return Outcome(code, out, err, hung, growth, created, changed, canary)
 
 
 HARNESS = textwrap.dedent('''
@@ -213,10 +210,10 @@ def run_child(cwd: Path, *args: object, harness: tuple[str, str] | None = None, 
     peak_path = root.parent / f".{root.name}.peak"
     env = {**os.environ, "PYTHONPATH": str(cwd) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONDONTWRITEBYTECODE": "1", "FTD_TEST_PEAK_FILE": str(peak_path)}
-    start = time.perf_counter()
     with open(out_path, "w") as fo, open(err_path, "w") as fe:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=fo, stderr=fe, env=env)
-        killer = threading.Timer(timeout, proc.kill)
+        killed = []
+        killer = threading.Timer(timeout, lambda: (killed.append(1), proc.kill()))
         killer.start()
         sender = None
         if signal_after is not None:
@@ -226,7 +223,7 @@ def run_child(cwd: Path, *args: object, harness: tuple[str, str] | None = None, 
         killer.cancel()
         if sender is not None:
             sender.cancel()
-    seconds = time.perf_counter() - start
+    hung = bool(killed)
     out, err = out_path.read_text(), err_path.read_text()
     out_path.unlink()
     err_path.unlink()
@@ -234,14 +231,15 @@ def run_child(cwd: Path, *args: object, harness: tuple[str, str] | None = None, 
     # inherits the parent's high-water mark at exec, so it would measure the test process.)
     peak_mb = int(peak_path.read_text() or 0) / 1024 if peak_path.exists() else 0.0
     peak_path.unlink(missing_ok=True)
-    return _outcome(root, before, proc.returncode, out, err, seconds, peak_mb)
+    return _outcome(root, before, proc.returncode, out, err, hung, peak_mb)
 
 
 def assert_clean(o: Outcome, code: int, *, mentions: tuple[str, ...] = (), growth_mb: float = GROWTH_MB,
                  child_rss_mb: float | None = None) -> None:
     """The invariants of every refused input: exit ``code``, a cause and a remedy (exit 2), no
-    traceback, no code run, no new file, every file unchanged, bounded time and memory."""
+    traceback, no code run, no new file, every file unchanged, no hang, bounded memory."""
     text = o.out + o.err
+    assert not o.hung, f"still running after {SECONDS} s: killed"
     assert o.code == code, f"exit {o.code}, wanted {code}:\n{text}"
     assert "Traceback" not in text, text
     if code == 2:
@@ -253,7 +251,6 @@ def assert_clean(o: Outcome, code: int, *, mentions: tuple[str, ...] = (), growt
     assert not o.canary, "code from the file ran: the canary exists"
     assert not o.created, f"new files: {o.created}"
     assert not o.changed, f"changed files: {o.changed}"
-    assert o.seconds < SECONDS, f"took {o.seconds:.1f} s"
     if child_rss_mb is not None:
         assert o.growth_mb < child_rss_mb, f"peak RSS {o.growth_mb:.0f} MB"
     else:

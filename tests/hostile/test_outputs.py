@@ -22,19 +22,28 @@ def data(nets_dir: Path) -> Path:
 
 
 @pytest.fixture
+def no_work(monkeypatch):
+    """Opening the model (the first work of a run) fails the test: outputs must be refused before it."""
+    import ftdoctor.session
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the run started before its outputs were checked")
+    monkeypatch.setattr(ftdoctor.session, "open_session", refuse)
+
+
+@pytest.fixture
 def reference(good_model: Path) -> Path:
     ref = good_model.with_name("ref.pt")
     ref.write_bytes(good_model.read_bytes())
     return ref
 
 
-def test_probe_outputs_onto_any_input_are_refused(good_model, nets_dir, data, reference):
+def test_probe_outputs_onto_any_input_are_refused(good_model, nets_dir, data, reference, no_work):
     base = ("probe", good_model, *ARCH, "--data", data, "--new-head", "--reference", reference, *SMALL)
     for flag in ("--output", "--hdf5"):
         for target in (good_model, reference, data):
             o = run(nets_dir, *base, flag, target)
             assert_clean(o, 2, mentions=("refusing to overwrite the input", flag))
-            assert o.seconds < 5          # before any work
     os.symlink(reference, nets_dir / "soft.json")
     os.link(reference, nets_dir / "hard.json")
     for target in ("soft.json", "hard.json"):
@@ -90,11 +99,10 @@ def test_an_output_that_is_a_directory_is_refused_before_the_run(good_model, net
         assert_clean(o, 2, mentions=("is a directory",))
 
 
-def test_a_missing_output_directory_is_refused_before_the_run(good_model, nets_dir):
+def test_a_missing_output_directory_is_refused_before_the_run(good_model, nets_dir, no_work):
     o = run(nets_dir, "probe", good_model, *ARCH, "--data", "shapes:10", "--max-samples", "1024", "--quiet",
             "--output", "nowhere/r.json")
     assert_clean(o, 2, mentions=("does not exist",))
-    assert o.seconds < 5
 
 
 def test_trace_compare_and_plot_refuse_their_inputs(good_model, nets_dir, data):

