@@ -21,7 +21,7 @@ from ftdoctor.errors import FtdoctorError
 from ftdoctor.heads import HEAD_INITS
 from ftdoctor.model import AffineLayer, find_head, is_affine, is_scripted, layer_order
 from ftdoctor.session import count_params, first_in_channels, install_new_head, model_info  # noqa: F401 (API)
-from ftdoctor.probes import ORDER, PROBES, Finding, Probe, ProbeContext, ProbeResult, Skipped
+from ftdoctor.probes import PROBES, Finding, Probe, ProbeContext, ProbeResult, Skipped
 from ftdoctor.probes.verdicts import PLACEHOLDERS, RunArgs, Suggestion
 from ftdoctor.thresholds import Thresholds
 
@@ -66,19 +66,19 @@ class ProbeOptions:
             raise FtdoctorError("--seeds K repeats the measurement over K fresh heads, so it needs --new-head",
                                 "add --new-head (the ENTAME Table 1 setting)")
         if self.probes is None:
-            names = tuple(n for n in ORDER if have_reference or not PROBES[n].needs_reference)
+            names = tuple(n for n in PROBES.names() if have_reference or not PROBES[n].needs_reference)
         else:
             unknown = [n for n in self.probes if n not in PROBES]
             if unknown:
                 raise FtdoctorError(f"unknown probe(s) {', '.join(unknown)}",
-                                    f"choose from {', '.join(ORDER)}")
-            names = tuple(n for n in ORDER if n in self.probes)
+                                    f"choose from {', '.join(PROBES.names())}")
+            names = tuple(n for n in PROBES.names() if n in self.probes)
             missing_ref = [n for n in names if PROBES[n].needs_reference and not have_reference]
             if missing_ref:
                 raise FtdoctorError(f"the {', '.join(missing_ref)} probe(s) compare against the pretrained model",
                                     "pass --reference PRETRAINED.pt (same architecture)")
         if not names:
-            raise FtdoctorError("no probe selected", f"pass --probes with some of {', '.join(ORDER)}")
+            raise FtdoctorError("no probe selected", f"pass --probes with some of {', '.join(PROBES.names())}")
         return names
 
 

@@ -32,5 +32,9 @@ class Registry(dict):
         return cls
 
     def ordered(self) -> list[Any]:
-        """The plug-ins by ``priority`` (lower first), then registration order."""
+        """The plug-ins by ``priority`` (lower first; 100 when unset), then registration order."""
         return sorted(self.values(), key=lambda p: getattr(p, "priority", 100))
+
+    def names(self) -> list[str]:
+        """The registered names in :meth:`ordered` order (reports, help texts and defaults use it)."""
+        return [p.name for p in self.ordered()]

@@ -18,7 +18,7 @@ from ftdoctor.featurenorm import FeatureNorm as FeatureNormOrig
 from ftdoctor.train import (L2SP, FeatureNorm, FeatureNormLinear, RifleSchedule, attach_head, entame_init_,
                             entame_phi_w, param_groups)
 
-from conftest import SmallCNN
+from helpers import SmallCNN
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -18,16 +18,15 @@ from torch import nn
 
 from ftdoctor.check.results import CheckpointVerdict, CheckResult
 from ftdoctor.errors import DataError, FtdoctorError
-from ftdoctor.probes import ORDER, PROBES
+from ftdoctor.probes import PROBES
 from ftdoctor.probes.drift import drift_figures
 from ftdoctor.probes.verdicts import RunArgs, Verdict, check_message
 from ftdoctor.thresholds import Thresholds
 
 
 def data_check_keys() -> tuple[str, ...]:
-    """The thresholds the data-probes judge, in report order (registered probes, ``ORDER`` first)."""
-    names = [n for n in ORDER if n in PROBES] + [n for n in PROBES if n not in ORDER]
-    return tuple(k for n in names if PROBES[n].needs_data for k in PROBES[n].thresholds)
+    """The thresholds the data-probes judge, in report order (the probes' order)."""
+    return tuple(k for n in PROBES.names() if PROBES[n].needs_data for k in PROBES[n].thresholds)
 
 
 def probe_of(key: str) -> str:

@@ -22,12 +22,12 @@ class _FixCommand(typer.core.TyperCommand):
 
     def format_help(self, ctx, formatter):  # type: ignore[override]
         from ftdoctor.fixes import FIXES
-        listing = "\n\n".join(f"**{name}** — {cls.summary} ({cls.paper})" for name, cls in FIXES.items())
+        listing = "\n\n".join(f"**{name}** — {cls.summary} ({cls.paper})" for name, cls in ((c.name, c) for c in FIXES.ordered()))
         if "Methods:" not in (self.help or ""):
             self.help = (self.help or "") + "\n\nMethods:\n\n" + listing
         for param in self.params:
             if param.name == "method":
-                param.help = "One of: " + ", ".join(FIXES) + "."
+                param.help = "One of: " + ", ".join(FIXES.names()) + "."
         return super().format_help(ctx, formatter)
 
 

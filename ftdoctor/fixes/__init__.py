@@ -15,7 +15,5 @@ from ftdoctor.fixes.entame import EntameOptions
 from ftdoctor.fixes.rescale import RescaleOptions
 from ftdoctor.fixes.rifle import RifleOptions
 
-ORDER = ("entame", "rifle", "rescale", "datadep")
-
-__all__ = ["FIXES", "ORDER", "Check", "Fix", "FixContext", "FixOutcome", "LeftAlone", "register_fix", "fix",
+__all__ = ["FIXES", "Check", "Fix", "FixContext", "FixOutcome", "LeftAlone", "register_fix", "fix",
            "FixFailed", "FixResult", "EntameOptions", "RifleOptions", "RescaleOptions", "DatadepOptions"]

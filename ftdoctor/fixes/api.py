@@ -99,7 +99,7 @@ def versions() -> dict[str, str]:
 
 
 def method_names() -> list[str]:
-    return list(FIXES)
+    return FIXES.names()
 
 
 def fix_options(method: str, flags: Mapping[str, Any]) -> Any:
@@ -109,7 +109,7 @@ def fix_options(method: str, flags: Mapping[str, Any]) -> Any:
     method's options is an error naming that method.
     """
     if method not in FIXES:
-        raise FtdoctorError(f"unknown --method {method!r}", f"use one of {', '.join(FIXES)}")
+        raise FtdoctorError(f"unknown --method {method!r}", f"use one of {', '.join(FIXES.names())}")
     mine = {f.name for f in dataclass_fields(FIXES[method].options_type)}
     given = {k: v for k, v in flags.items() if v is not None and v is not False}
     stray = [k for k in given if k not in mine]
@@ -149,7 +149,7 @@ def fix(model_path: str | Path, method: str, *, out: str | Path, data: "DataOpti
     from ftdoctor.outputs import Output, journal, sidecar_path
 
     if method not in FIXES:
-        raise FtdoctorError(f"unknown --method {method!r}", f"use one of {', '.join(FIXES)}")
+        raise FtdoctorError(f"unknown --method {method!r}", f"use one of {', '.join(FIXES.names())}")
     opts = _options_for(method, options)
     model_path, out = Path(model_path), Path(out)
     outputs = [Output(out, "-o", replace=False), Output(sidecar_path(out), "-o's sidecar", replace=False)]

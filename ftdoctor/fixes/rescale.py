@@ -176,7 +176,8 @@ class _Applied:
     measured: _Measured
 
 
-@register_fix(name="rescale", options_type=RescaleOptions, paper="Krähenbühl et al. 2016, §3.2, Alg. 2, Fig. 1a",
+@register_fix(name="rescale", priority=30,
+              options_type=RescaleOptions, paper="Krähenbühl et al. 2016, §3.2, Alg. 2, Fig. 1a",
               summary="Krähenbühl et al. §3.2 (Alg. 2): function-preserving between-layer rescaling so that every "
                       "layer's change rate is the same")
 class Rescale(Fix[RescaleOptions]):

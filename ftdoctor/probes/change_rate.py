@@ -84,7 +84,7 @@ class ChangeRateFigures(Figures):
                 "layers": [row_json(r) for r in self.layers]}
 
 
-@register_probe(name="change_rate",
+@register_probe(name="change_rate", priority=20,
                 description="Krähenbühl et al.: per-layer change rates under a random loss (Fig. 1)")
 class ChangeRateProbe(Probe):
 

@@ -49,7 +49,7 @@ class GradNormFigures(Figures):
         return {"depth_ratio": self.depth_ratio, "layers": [row_json(r) for r in self.layers]}
 
 
-@register_probe(name="grad_norm",
+@register_probe(name="grad_norm", priority=30,
                 description="RIFLE: per-layer gradient Frobenius norms of the cross-entropy (Fig. 2)",
                 needs=frozenset({"ce_grads"}))
 class GradNormProbe(Probe):

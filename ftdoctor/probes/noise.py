@@ -99,7 +99,8 @@ class NoiseFigures(Figures):
         return out
 
 
-@register_probe(name="noise", description="ENTAME: energy of the error at the head that is noise (Table 1)",
+@register_probe(name="noise", priority=10,
+                description="ENTAME: energy of the error at the head that is noise (Table 1)",
                 needs=frozenset({"head_input"}))
 class NoiseProbe(Probe):
 

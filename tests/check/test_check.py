@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NETS_SOURCE
+from helpers import NETS_SOURCE
 from helpers import run_cli
 from ftdoctor.check import (CheckReport, CheckResult, CheckpointVerdict, collect_checkpoints,
                             find_pyproject, planned_checks, resolve_thresholds)

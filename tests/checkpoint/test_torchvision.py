@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import TensorBundle
+from helpers import TensorBundle
 from ftdoctor.checkpoint import ModelOptions
 from ftdoctor.diagnose import ProbeOptions, probe_model
 from ftdoctor.inspection import inspect

@@ -17,7 +17,7 @@ from ftdoctor.errors import FtdoctorError
 from ftdoctor.heads import init_head_tensors, generator_for
 from ftdoctor.stats import paired_t_test
 
-from conftest import SmallCNN, make_bundle
+from helpers import SmallCNN, make_bundle
 
 SHAPE = (3, 16, 16)
 LAYERS = ("features.0", "features.3", "fc")

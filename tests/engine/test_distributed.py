@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import SmallCNN, make_bundle
+from helpers import SmallCNN, make_bundle
 from ftdoctor import distributed
 from ftdoctor.diagnose import ProbeOptions, probe_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import BNCNN, make_bundle
+from helpers import BNCNN, make_bundle
 from ftdoctor import engine
 from ftdoctor.engine import reference, stream
 from ftdoctor.diagnose import ProbeOptions, probe_model

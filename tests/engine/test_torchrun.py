@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import torch
 
-from conftest import SmallCNN
+from helpers import SmallCNN
 
 
 def _port() -> int:
@@ -32,8 +32,8 @@ def _numbers_close(a, b, path="") -> list[str]:
 
 def test_torchrun_two_processes_print_the_single_process_report(tmp_path):
     torch.manual_seed(0)
-    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where conftest lives
-    (tmp_path / "nets.py").write_text("import sys; sys.path.insert(0, %r)\nfrom conftest import SmallCNN\n" % tests_dir)
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # where helpers.py lives
+    (tmp_path / "nets.py").write_text("import sys; sys.path.insert(0, %r)\nfrom helpers import SmallCNN\n" % tests_dir)
     model = SmallCNN(num_classes=4)
     torch.save(model.state_dict(), tmp_path / "m.pt")
     torch.save(SmallCNN(num_classes=4).state_dict(), tmp_path / "ref.pt")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import NETS_SOURCE
+from helpers import NETS_SOURCE
 from helpers import run_cli
 from ftdoctor.check import check
 from ftdoctor.checkpoint import ModelOptions

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import SmallCNN, make_bundle
+from helpers import SmallCNN, make_bundle
 from ftdoctor.diagnose import ProbeOptions, probe_model
 from ftdoctor.model import forward_order
 from ftdoctor.rng import example_normals

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from conftest import SmallCNN, make_bundle
+from helpers import SmallCNN, make_bundle
 from ftdoctor.diagnose import ProbeOptions, probe_model
 
 

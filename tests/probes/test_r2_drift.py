@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import SmallCNN, make_bundle
+from helpers import SmallCNN, make_bundle
 from ftdoctor.diagnose import ProbeOptions, probe_model
 from ftdoctor.probes import r2 as r2_module
 

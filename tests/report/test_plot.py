@@ -15,7 +15,7 @@ from ftdoctor.errors import FtdoctorError
 from ftdoctor.report import hdf5 as hdf5_report
 from ftdoctor.report.plot import ProbeFile, TraceFile, plot, read, require_matplotlib
 
-from conftest import SmallCNN, make_bundle
+from helpers import SmallCNN, make_bundle
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
