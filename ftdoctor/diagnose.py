@@ -155,8 +155,6 @@ def reference_pairs(layers: Sequence[AffineLayer], reference: nn.Module,
     return pairs
 
 
-
-
 def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = ProbeOptions(), *,
                 reference: nn.Module | None = None, device: str | torch.device = "cpu",
                 layers: Sequence[AffineLayer] | None = None, batch_size: int | None = None,
@@ -230,12 +228,6 @@ def unreached_parameters(model: nn.Module, layers: Sequence[AffineLayer]) -> lis
             out.append(Skipped(name, "all", "its forward never ran on the data: the parent module applies "
                                             "its weight functionally (e.g. nn.MultiheadAttention.out_proj)"))
     return out
-
-
-
-
-
-
 
 
 def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: DataOptions,

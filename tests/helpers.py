@@ -114,7 +114,6 @@ NETS_SOURCE = textwrap.dedent('''
 ''')
 
 
-
 @dataclass(frozen=True)
 class CliResult:
     """What ``ftdoctor ARGS`` did: its exit code and what it printed."""

@@ -138,5 +138,4 @@ class _CallableModule(types.ModuleType):
         return check(*args, **kwargs)
 
 
-
 sys.modules[__name__].__class__ = _CallableModule

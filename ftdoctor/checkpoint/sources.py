@@ -52,8 +52,6 @@ class ModelSource:
         raise NotImplementedError
 
 
-
-
 def ordered_sources() -> list[ModelSource]:
     return MODEL_SOURCES.ordered()
 

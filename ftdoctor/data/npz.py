@@ -18,7 +18,7 @@ from ftdoctor.errors import FtdoctorError
 
 
 def npz_split(path: Path, opts: DataOptions) -> ArraySplit:
-    """Headers first (shapes, dtypes), then only the capped rows of the images: :mod:`ftdoctor.npz`."""
+    """Headers first (shapes, dtypes), then only the capped rows of the images: :mod:`ftdoctor.data.npzfile`."""
     from ftdoctor.data.npzfile import NpzArchive
     from ftdoctor.safety import MAX_IN_MEMORY_BYTES, MAX_LABEL_BYTES
 

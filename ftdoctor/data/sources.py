@@ -43,8 +43,6 @@ class DataSource:
         return [Path(data).expanduser()]
 
 
-
-
 def ordered_sources() -> list[DataSource]:
     return DATA_SOURCES.ordered()
 

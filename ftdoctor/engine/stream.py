@@ -10,7 +10,7 @@ decided by what the probes declared in :attr:`Probe.needs`:
 
 * ``grad_sq`` — Σ_n (∂ℓ_n/∂W)², per example, batched from each affine layer's
   input (forward hook) and the gradient at its output (tensor hook), no loop
-  over examples (:mod:`ftdoctor.probes.persample`). For the random loss the
+  over examples (:mod:`ftdoctor.engine.persample`). For the random loss the
   backward asks autograd only for the gradients at the outputs of the *root*
   layers — those fed by the model's input through no other affine layer — so
   it forms no weight gradient and no gradient below them (resnet18's first

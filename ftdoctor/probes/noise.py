@@ -34,8 +34,6 @@ KEYS = ("estimate_energy", "label_energy", "correct_prob", "total_energy", "nois
 _SUMS = ("zeta", "label", "kappa", "ce", "entropy", "backbone")
 
 
-
-
 def noise_figures(zeta: float, label: float, kappa: float, ce: float, entropy: float,
                   backbone: float, feature: float | None, num_classes: int) -> dict[str, float | None | str]:
     """The keys of SPEC §1.1 from the per-example means."""

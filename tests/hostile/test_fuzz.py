@@ -224,8 +224,6 @@ def _escape_site(exc: BaseException) -> tuple[str, str, int, str] | None:
     return site
 
 
-
-
 def _pid_rss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
