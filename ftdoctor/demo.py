@@ -77,9 +77,10 @@ def pretrain_source(workdir: Path, *, seed: int = 0, epochs: int = 6, console: C
     train_classifier(model, train, epochs=epochs, lr=5e-3, seed=seed, description="pretraining on shapes")
     acc = accuracy(model, test)
     path = workdir / "source.pt"
+    from ftdoctor.checkpoint.writing import torch_save
     from ftdoctor.outputs import atomic_write
     state = model.state_dict()
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch_save(state, tmp))
     if console is not None:
         console.print(f"pretrained ShapesNet on [bold]{SOURCE_TASK}[/] ({train.num_classes} classes) in "
                       f"{time.perf_counter() - t0:.0f} s: test accuracy [bold]{acc:.1%}[/] → {path}")

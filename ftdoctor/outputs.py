@@ -197,9 +197,13 @@ class Journal:
     def plan(self, outputs: Iterable[Output], inputs: Iterable[str | Path | None], force: bool) -> None:
         new_inputs = [Path(p) for p in inputs if p is not None]
         self.inputs.extend(new_inputs)
+        # What this command wrote already is complete: its later steps may read it (the demo probes the
+        # checkpoint its fix step wrote). What it planned and has not written must not be read meanwhile.
+        written = [*self.created, *(p for p, _ in self.replaced)]
+        pending = [o for o in self.planned if not any(_same_file(Path(o.path), w) for w in written)]
         # a nested call planning what its caller planned already (the CLI, then the library) adds nothing
-        fresh = [o for o in outputs if not any(_same_file(Path(o.path), p.path) for p in self.planned)]
-        self.planned = check_outputs([*self.planned, *fresh], self.inputs, force=force)
+        fresh = [o for o in outputs if not any(_same_file(Path(o.path), p.path) for p in pending)]
+        self.planned = check_outputs([*pending, *fresh], self.inputs, force=force)
 
     def install(self, tmp: Path, out: Path) -> None:
         """Move the complete ``tmp`` onto ``out``, keeping any old ``out`` aside until :meth:`commit`."""

@@ -51,6 +51,14 @@ def _source_of(fmt: str) -> str:
     return {"torchscript": "torchscript", "module": "pickled-module"}.get(fmt, "torchvision")
 
 
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through an open file. Given a path, torch names the archive's records after the file
+    (here a random temporary name), so the same weights would give other bytes, and another sha256, on
+    every run; through a file object the records are always ``archive/...``."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_state_dict(box: Container, model: nn.Module, out: Path) -> str:
     """A state dict (``torch.save`` or ``.safetensors``) in ``box``'s container; its sha256."""
     if box.format == "safetensors":
@@ -61,14 +69,14 @@ def save_state_dict(box: Container, model: nn.Module, out: Path) -> str:
         writer: Callable[[Path], None] = lambda tmp: save_file(tensors, str(tmp), metadata=metadata)
     else:
         payload = _wrap(box, _state_dict_for_save(model, box))
-        writer = lambda tmp: torch.save(payload, tmp)
+        writer = lambda tmp: torch_save(payload, tmp)
     return sha256_file(atomic_write(out, writer))
 
 
 def save_module(box: Container, model: nn.Module, out: Path) -> str:
     """A full pickled module, in ``box``'s wrapper dict if it had one; its sha256."""
     payload = _wrap(box, _on_cpu(model))
-    return sha256_file(atomic_write(out, lambda tmp: torch.save(payload, tmp)))
+    return sha256_file(atomic_write(out, lambda tmp: torch_save(payload, tmp)))
 
 
 def _wrap(box: Container, payload: Any) -> Any:
