@@ -4,12 +4,20 @@ Probes, fixes, model sources, data sources and output formats each have one
 :class:`Registry`; adding one is a module with a class carrying a ``name``
 (and, where the order of asking matters, a ``priority``) and the registry's
 decorator. The CLI and the library look plug-ins up by name.
+
+Plug-ins outside ftdoctor: a package names its plug-in modules in the ``ftdoctor.plugins`` entry-point
+group (``[project.entry-points."ftdoctor.plugins"] stripes = "my_plugins"`` in its ``pyproject.toml``);
+the ``ftdoctor`` command imports them at start (:func:`load_plugins`), so their decorators register them
+and every command, help text and printed suggestion knows them.
 """
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+PLUGIN_GROUP = "ftdoctor.plugins"
+_plugins: list[str] | None = None      # the entry points loaded, once loaded
 
 
 class Registry(dict):
@@ -38,3 +46,27 @@ class Registry(dict):
     def names(self) -> list[str]:
         """The registered names in :meth:`ordered` order (reports, help texts and defaults use it)."""
         return [p.name for p in self.ordered()]
+
+
+def load_plugins() -> list[str]:
+    """Import every module installed packages name in the :data:`PLUGIN_GROUP` entry-point group (once per
+    process); returns their names. A plug-in that fails to import is an FtdoctorError naming its package."""
+    global _plugins
+    if _plugins is not None:
+        return list(_plugins)
+    from importlib.metadata import entry_points
+
+    from ftdoctor.errors import FtdoctorError
+
+    names = []
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - any failure of foreign code is reported the same way
+            dist = getattr(getattr(ep, "dist", None), "name", None) or "its package"
+            raise FtdoctorError(f"cannot load the ftdoctor plug-in {ep.name!r} ({ep.value}) from {dist}: "
+                                f"{type(exc).__name__}: {exc}",
+                                f"fix or uninstall {dist}") from None
+        names.append(ep.name)
+    _plugins = names
+    return list(names)

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     start_command()   # SIGTERM unwinds like Ctrl-C: partial outputs are rolled back
     _state["debug"] = False
     try:
+        from ftdoctor.registry import load_plugins
+        load_plugins()   # plug-ins of installed packages register before the arguments are read
         code = app(args=argv, standalone_mode=False)
         if code == 130:  # without standalone mode typer returns Ctrl-C as the value 130 instead of raising
             _interrupted(KeyboardInterrupt())

@@ -3,12 +3,16 @@ source and output format, defined in this file, registered by one line each, run
 
 The toys are written as a user would write them in their own module: a class against the plug-in's
 interface. ``toys`` registers them (the one line each) for one test and restores the registries after.
+Last, a package installed with an ``ftdoctor.plugins`` entry point reaches the ``ftdoctor`` command itself.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import run_cli
+from helpers import NETS_SOURCE, run_cli
 from ftdoctor.checkpoint import MODEL_SOURCES, LoadedModel, ModelOptions, ModelSource, register_model_source
 from ftdoctor.checkpoint.reading import CheckpointFile
 from ftdoctor.checkpoint.sources import loaded
@@ -234,3 +238,59 @@ def test_without_the_registration_lines_the_toys_do_not_exist(toy_model, good_mo
     code, out, err = run_cli("probe", good_model, "--arch", "ftd_hostile_nets:SmallCNN", "--data", "stripes",
                              "--quiet")
     assert code == 2 and "stripes" in err and "shapes" in err, err
+
+
+PLUGIN_MODULE = '''
+import numpy as np
+from ftdoctor.data import DataSource, register_data_source
+from ftdoctor.data.arrays import ArraySplit
+
+
+@register_data_source(name="checkers", names=("checkers",))
+class Checkers(DataSource):
+    def claims(self, data):
+        return data == "checkers"
+
+    def open(self, data, opts):
+        labels = np.arange(30) % 3
+        i, j = np.mgrid[0:8, 0:8]
+        images = np.stack([(i // (k + 1) + j // (k + 1)) % 2 for k in range(3)]).astype(np.float32)[labels]
+        return ArraySplit(np.repeat(images[:, None], 3, axis=1), "NCHW", labels, 3), "checkers"
+
+    def inputs(self, data, data_root):
+        return []
+'''
+
+
+def _installed(site: Path, module: str, source: str) -> None:
+    """``module`` as an installed distribution naming it in the ``ftdoctor.plugins`` entry-point group."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[ftdoctor.plugins]\n{module} = {module}\n")
+
+
+def test_an_installed_package_s_plug_ins_reach_the_ftdoctor_command(tmp_path):
+    """The `ftdoctor` command itself (a fresh process) finds plug-ins of installed packages through the
+    ``ftdoctor.plugins`` entry points, so commands it prints that name them run as printed."""
+    site = tmp_path / "site"
+    site.mkdir()
+    _installed(site, "ftd_checkers", PLUGIN_MODULE)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    arch = ["--arch", "ftd_hostile_nets:SmallCNN"]
+    (tmp_path / "ftd_hostile_nets.py").write_text(NETS_SOURCE)
+    subprocess.run([sys.executable, "-c", "import torch, ftd_hostile_nets as n; "
+                    "torch.save(n.SmallCNN(3).state_dict(), 'three.pt')"], cwd=tmp_path, check=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "ftdoctor", "probe", "three.pt", *arch, "--data", "checkers",
+                           "--normalize", "none", "--format", "json", "--quiet"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["data"] == {"name": "checkers", "split": "train", "num_samples": 30,
+                                               "num_classes": 3}
+
+    _installed(site, "ftd_broken", "raise ImportError('needs a library that is not installed')\n")
+    done = subprocess.run([sys.executable, "-m", "ftdoctor", "probe", "three.pt", *arch, "--data", "checkers"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "cannot load the ftdoctor plug-in 'ftd_broken'" in done.stderr and "uninstall ftd_broken" in done.stderr
