@@ -22,7 +22,7 @@ class _FixCommand(typer.core.TyperCommand):
 
     def format_help(self, ctx, formatter):  # type: ignore[override]
         from ftdoctor.fixes import FIXES
-        listing = "\n\n".join(f"**{name}** — {cls.summary} ({cls.paper})" for name, cls in ((c.name, c) for c in FIXES.ordered()))
+        listing = "\n\n".join(f"**{cls.name}** — {cls.summary} ({cls.paper})" for cls in FIXES.ordered())
         if "Methods:" not in (self.help or ""):
             self.help = (self.help or "") + "\n\nMethods:\n\n" + listing
         for param in self.params:

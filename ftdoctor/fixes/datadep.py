@@ -58,10 +58,9 @@ class _Applied:
     unbiased: list[str]
 
 
-@register_fix(name="datadep", priority=40,
-              options_type=DatadepOptions, paper="Krähenbühl et al. 2016, §3.1, Alg. 1",
+@register_fix(name="datadep", options_type=DatadepOptions, paper="Krähenbühl et al. 2016, §3.1, Alg. 1",
               summary="Krähenbühl et al. §3.1 (Alg. 1): re-draw the chosen layers (default the head) so every "
-                      "output channel has mean β and unit variance on the data")
+                      "output channel has mean β and unit variance on the data", priority=40)
 class Datadep(Fix[DatadepOptions]):
     def validate(self, ctx: FixContext) -> None:
         select_layers(ctx.layers, ctx.head, self.options.layers)

@@ -76,10 +76,10 @@ class _Applied:
     feature_norm: bool
 
 
-@register_fix(name="entame", priority=10,
-              options_type=EntameOptions, paper="Varno et al. 2019 (ENTAME), §5, eqs. 20–21, Table 1",
+@register_fix(name="entame", options_type=EntameOptions, paper="Varno et al. 2019 (ENTAME), §5, eqs. 20–21, Table 1",
               summary="ENTAME §5: maximum-entropy head W ~ N(0, φ_w), b = 0 (eq. 21), optionally behind the "
-                      "parameter-free feature norm (eq. 20); the noise fraction falls to its floor 1/(C−1)")
+                      "parameter-free feature norm (eq. 20); the noise fraction falls to its floor 1/(C−1)",
+              priority=10)
 class Entame(Fix[EntameOptions]):
     def validate(self, ctx: FixContext) -> None:
         super().validate(ctx)

@@ -176,10 +176,9 @@ class _Applied:
     measured: _Measured
 
 
-@register_fix(name="rescale", priority=30,
-              options_type=RescaleOptions, paper="Krähenbühl et al. 2016, §3.2, Alg. 2, Fig. 1a",
+@register_fix(name="rescale", options_type=RescaleOptions, paper="Krähenbühl et al. 2016, §3.2, Alg. 2, Fig. 1a",
               summary="Krähenbühl et al. §3.2 (Alg. 2): function-preserving between-layer rescaling so that every "
-                      "layer's change rate is the same")
+                      "layer's change rate is the same", priority=30)
 class Rescale(Fix[RescaleOptions]):
     def _measure(self, ctx: FixContext, description: str) -> _Measured:
         from ftdoctor.diagnose import ProbeOptions, probe_model

@@ -34,10 +34,9 @@ class RifleOptions:
             raise FtdoctorError(f"unknown --init {self.init!r}", f"use one of {', '.join(INITS)}")
 
 
-@register_fix(name="rifle", priority=20,
-              options_type=RifleOptions, paper="Li et al. 2020 (RIFLE), Alg. 1, §4.6.1",
+@register_fix(name="rifle", options_type=RifleOptions, paper="Li et al. 2020 (RIFLE), Alg. 1, §4.6.1",
               summary="RIFLE Alg. 1: re-initialise the head (torch-default or kaiming-normal); the backbone is "
-                      "untouched")
+                      "untouched", priority=20)
 class Rifle(Fix[RifleOptions]):
     def before(self, ctx: FixContext) -> dict[str, torch.Tensor]:
         return snapshot(ctx.model)

@@ -84,8 +84,8 @@ class ChangeRateFigures(Figures):
                 "layers": [row_json(r) for r in self.layers]}
 
 
-@register_probe(name="change_rate", priority=20,
-                description="Krähenbühl et al.: per-layer change rates under a random loss (Fig. 1)")
+@register_probe(name="change_rate",
+                description="Krähenbühl et al.: per-layer change rates under a random loss (Fig. 1)", priority=20)
 class ChangeRateProbe(Probe):
 
     def __init__(self, ctx: ProbeContext) -> None:

@@ -58,9 +58,8 @@ def drift_figures(layers, reference_modules: dict) -> DriftFigures:
     return DriftFigures(finite_or_none(penalty), tuple(rows), tuple(new))
 
 
-@register_probe(name="drift", priority=50,
-                description="L2-SP: weight distance from the pretrained model (data-free)",
-                needs_reference=True, needs_data=False)
+@register_probe(name="drift", description="L2-SP: weight distance from the pretrained model (data-free)",
+                needs_reference=True, needs_data=False, priority=50)
 class DriftProbe(Probe):
 
     def update(self, batch: Batch) -> None:

@@ -49,9 +49,8 @@ class GradNormFigures(Figures):
         return {"depth_ratio": self.depth_ratio, "layers": [row_json(r) for r in self.layers]}
 
 
-@register_probe(name="grad_norm", priority=30,
-                description="RIFLE: per-layer gradient Frobenius norms of the cross-entropy (Fig. 2)",
-                needs=frozenset({"ce_grads"}))
+@register_probe(name="grad_norm", description="RIFLE: per-layer gradient Frobenius norms of the cross-entropy (Fig. 2)",
+                needs=frozenset({"ce_grads"}), priority=30)
 class GradNormProbe(Probe):
 
     def __init__(self, ctx: ProbeContext) -> None:

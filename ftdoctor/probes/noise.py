@@ -97,9 +97,8 @@ class NoiseFigures(Figures):
         return out
 
 
-@register_probe(name="noise", priority=10,
-                description="ENTAME: energy of the error at the head that is noise (Table 1)",
-                needs=frozenset({"head_input"}))
+@register_probe(name="noise", description="ENTAME: energy of the error at the head that is noise (Table 1)",
+                needs=frozenset({"head_input"}), priority=10)
 class NoiseProbe(Probe):
 
     def __init__(self, ctx: ProbeContext) -> None:

@@ -152,9 +152,8 @@ class R2Figures(Figures):
         return {"layers": [row_json(r) for r in self.layers]}
 
 
-@register_probe(name="r2", priority=40,
-                description="L2-SP: per-channel R² of activations against the pretrained model (Fig. 4)",
-                needs_reference=True, needs=frozenset({"outputs"}))
+@register_probe(name="r2", description="L2-SP: per-channel R² of activations against the pretrained model (Fig. 4)",
+                needs_reference=True, needs=frozenset({"outputs"}), priority=40)
 class R2Probe(Probe):
 
     def __init__(self, ctx: ProbeContext) -> None:
