@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import ftdoctor
-from ftdoctor import distributed
+from ftdoctor import distributed, forward
 from ftdoctor.engine import PassSettings, run_pass
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.heads import HEAD_INITS
@@ -168,7 +168,8 @@ def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = Prob
     if data.num_samples == 0:
         raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
     if layers is None:
-        layers, _ = layer_order(model, data.dataset[0][0][None].to(device))
+        from ftdoctor.session import example_inputs
+        layers, _ = layer_order(model, forward.to_device(example_inputs(data, 1), device))
     head = find_head(list(layers), options.head)
     ctx = ProbeContext(model=model, layers=tuple(layers), head=head, num_classes=data.num_classes,
                        seed=options.seed, reference=reference,

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from ftdoctor import forward
 
 
 @dataclass(frozen=True)
@@ -96,15 +98,13 @@ class _Collate:
     """Stack (x, y, index) items; an empty shard yields zero-length tensors shaped like the data."""
 
     def __init__(self, example: tuple) -> None:
-        self.x_shape = tuple(example[0].shape)
-        self.x_dtype = example[0].dtype
+        self.example = example[0]      # the inputs of one example: a tensor or a mapping of tensors
 
-    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, items: list) -> tuple[Any, torch.Tensor, torch.Tensor]:
         if not items:
-            return (torch.empty((0, *self.x_shape), dtype=self.x_dtype), torch.empty(0, dtype=torch.long),
-                    torch.empty(0, dtype=torch.long))
+            return forward.empty_batch(self.example), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
         xs, ys, idx = zip(*items)
-        return torch.stack(list(xs)), torch.as_tensor(ys, dtype=torch.long), torch.as_tensor(idx, dtype=torch.long)
+        return forward.stack(xs), torch.as_tensor(ys, dtype=torch.long), torch.as_tensor(idx, dtype=torch.long)
 
 
 def sharded_batches(dataset: Dataset, batch_size: int, world: World, workers: int = 0

@@ -10,12 +10,12 @@ usable by all of ftdoctor as soon as this seam can feed it:
   logits, a mapping with ``"logits"``, or an object with a ``.logits``
   attribute (Hugging Face's ``ModelOutput``).
 
-The helpers move, copy and slice inputs of either kind.
+The helpers batch, move, copy and slice inputs of either kind.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,21 @@ def clone(inputs: Inputs) -> Inputs:
     if isinstance(inputs, Mapping):
         return {k: v.clone() for k, v in inputs.items()}
     return inputs.clone()
+
+
+def stack(examples: Sequence[Inputs]) -> Inputs:
+    """Single examples batched along a new dim 0 (key by key for mappings)."""
+    first = examples[0]
+    if isinstance(first, Mapping):
+        return {k: torch.stack([e[k] for e in examples]) for k in first}
+    return torch.stack(list(examples))
+
+
+def empty_batch(example: Inputs) -> Inputs:
+    """A batch of no examples shaped like ``example`` (an empty shard under ``torchrun``)."""
+    if isinstance(example, Mapping):
+        return {k: torch.empty((0, *v.shape), dtype=v.dtype) for k, v in example.items()}
+    return torch.empty((0, *example.shape), dtype=example.dtype)
 
 
 def head(inputs: Inputs, n: int) -> Inputs:

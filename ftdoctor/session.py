@@ -103,8 +103,7 @@ def first_in_channels(model: nn.Module) -> int | None:
 
 def example_inputs(bundle: "DataBundle", n: int = 2) -> Any:
     """The first ``n`` examples' inputs, batched (read directly, without a DataLoader)."""
-    items = [bundle.dataset[i] for i in range(min(n, bundle.num_samples))]
-    return torch.stack([item[0] for item in items])
+    return forward.stack([bundle.dataset[i][0] for i in range(min(n, bundle.num_samples))])
 
 
 def find_layers(model: nn.Module, bundle: "DataBundle | None" = None, *, device: torch.device | str = "cpu",
