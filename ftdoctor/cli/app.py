@@ -35,12 +35,34 @@ _state = {"debug": False}
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=lambda value: _print_version(value))] = False,
 ) -> None:
     _state["debug"] = debug
-    if version:
+
+
+def _print_version(value: bool) -> None:
+    """``ftdoctor --version``: eager, so it answers before a command is asked for."""
+    if value:
         typer.echo(f"ftdoctor {__version__}")
         raise typer.Exit(0)
+
+
+def _plain_flags(command) -> None:
+    """Flags take no value: show no ``<bool>`` type next to them in ``--help`` (typer's default does)."""
+    for param in command.params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    make_help = command.get_help_option       # --help is made per call, not kept in params
+
+    def help_option(ctx, _make=make_help):
+        option = _make(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
 
 
 def console(stderr: bool = False):
@@ -98,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from ftdoctor.registry import load_plugins
         load_plugins()   # plug-ins of installed packages register before the arguments are read
-        code = app(args=argv, standalone_mode=False)
+        command = typer.main.get_command(app)
+        _plain_flags(command)
+        code = command(args=argv, standalone_mode=False)
         if code == 130:  # without standalone mode typer returns Ctrl-C as the value 130 instead of raising
             _interrupted(KeyboardInterrupt())
         if isinstance(code, int) and code:
