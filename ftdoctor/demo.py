@@ -115,19 +115,23 @@ def _run_demo(workdir: Path, seed: int, console: Console) -> Path:
     from ftdoctor.report import inspect_table, table
 
     console.rule("[bold]ftdoctor demo")
-    console.print(f"work directory: [bold]{workdir}[/]")
+    console.print(f"work directory: [bold]{workdir}[/] (each step's command runs from there as printed)")
     arch = "ftdoctor.zoo:ShapesNet"
 
     console.rule("1. pretrain a source model")
     source = pretrain_source(workdir, seed=seed, console=console)
 
-    console.rule(f"2. ftdoctor inspect {source.name} --arch {arch}")
+    from ftdoctor.fixes.demo_steps import step
+    step(console, "2. inspect the source model", f"ftdoctor inspect {source.name} --arch {arch}")
     inspect_table.render(inspect(source, ModelOptions(arch=arch)), console)
 
-    console.rule(f"3. ftdoctor probe {source.name} --data {TARGET_TASK} --new-head --seeds 3")
+    target = DataOptions(data=TARGET_TASK, split="train", max_samples=512, seed=seed)
+    seed_flag = f" --seed {seed}" if seed else ""
+    step(console, "3. probe it on a new task with a fresh head",
+         f"ftdoctor probe {source.name} --arch {arch} --data {TARGET_TASK} {' '.join(target.flags())} "
+         f"--new-head --seeds 3{seed_flag}")
     console.print("[dim]A fresh head for the new 5-class task, as a fine-tune begins: how much of the error "
                   "reaching the backbone is noise, how evenly the layers learn, how deep the gradients reach.[/]")
-    target = DataOptions(data=TARGET_TASK, split="train", max_samples=512, seed=seed)
     report = probe(source, model=ModelOptions(arch=arch), data=target,
                    options=ProbeOptions(new_head=True, seeds=3, seed=seed))
     doc = report.to_json()

@@ -294,5 +294,5 @@ def _probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: D
     data_info = {"name": bundle.name, "split": bundle.split, "num_samples": run.num_samples,
                  "num_classes": bundle.num_classes}
     return Report(model=model_info(loaded, head), data=data_info, settings=settings, run=run, notes=notes,
-                  run_args=RunArgs(str(model_path), model_opts.arch, data.data, options.new_head))
+                  run_args=RunArgs.of(model_path, model_opts, data, options.new_head))
 

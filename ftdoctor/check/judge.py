@@ -111,7 +111,7 @@ class _Shared:
 
     def run_args(self, path: Path) -> RunArgs:
         """What a suggested command repeats for this checkpoint."""
-        return RunArgs(str(path), self.model_opts.arch, getattr(self.data, "data", None) or "DATA", self.new_head)
+        return RunArgs.of(path, self.model_opts, self.data, self.new_head)
 
     def bundle(self, model: nn.Module) -> Any:
         from ftdoctor.session import first_in_channels, open_data

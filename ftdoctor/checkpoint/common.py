@@ -39,6 +39,21 @@ class ModelOptions:
     non_strict: bool = False
     device: str = "cpu"
 
+    def flags(self) -> tuple[str, ...]:
+        """The command-line flags that give these options (defaults left out), for printed commands."""
+        out: list[str] = []
+        if self.arch is not None:
+            out += ["--arch", self.arch]
+        if self.num_classes is not None:
+            out += ["--num-classes", str(self.num_classes)]
+        if self.trust_checkpoint:
+            out.append("--trust-checkpoint")
+        if self.non_strict:
+            out.append("--non-strict")
+        if self.device != "cpu":
+            out += ["--device", self.device]
+        return tuple(out)
+
 
 @dataclass(frozen=True)
 class Container:

@@ -61,8 +61,9 @@ PhiW = Annotated[Optional[float], typer.Option("--phi-w", min=0.0, help="entame:
                                                "(default 1e-12, or γ²λ²/C² with --lam).", rich_help_panel=DYN_PANEL)]
 Lam = Annotated[Optional[float], typer.Option("--lam", min=0.0, help="entame: λ of φ_w = γ²λ²/C² (ENTAME eq. 21).",
                                               rich_help_panel=DYN_PANEL)]
-Hdf5Out = Annotated[Optional[Path], typer.Option("-o", "--hdf5", help="HDF5 file for the curves (SPEC §3 layout).",
-                                                 rich_help_panel=OUTPUT_PANEL)]
+Hdf5Out = Annotated[Optional[Path], typer.Option(
+    "-o", "--hdf5", help="HDF5 file for the curves (/runs/METHOD/seed_S/SERIES; draw it with ftdoctor plot).",
+    rich_help_panel=OUTPUT_PANEL)]
 DynFormatOpt = Annotated[str, typer.Option("--format", help="table or json.", rich_help_panel=OUTPUT_PANEL)]
 
 

@@ -53,6 +53,19 @@ class DataOptions:
     seed: int = 0
     in_channels: int | None = None
 
+    def flags(self) -> tuple[str, ...]:
+        """The flags after ``--data DATA`` that give the same examples (defaults left out), for printed
+        commands. ``--download`` is not repeated (the data is there by then), nor ``--workers`` (speed only)."""
+        defaults = DataOptions(data=self.data)
+        out: list[str] = []
+        if self.data_root is not None:
+            out += ["--data-root", str(self.data_root)]
+        for name in ("split", "max_samples", "batch_size", "image_size", "normalize"):
+            value = getattr(self, name)
+            if value != getattr(defaults, name) and value is not None:
+                out += ["--" + name.replace("_", "-"), str(value)]
+        return tuple(out)
+
 
 @dataclass
 class DataBundle:

@@ -78,8 +78,10 @@ def demo_compare_step(source_path: Path, workdir: Path, console: Any, seed: int 
     arch = "ftdoctor.zoo:ShapesNet"
     target = "shapes:5"
     h5, png = Path(workdir) / "compare.h5", Path(workdir) / "compare.png"
-    console.rule(f"[bold]ftdoctor compare {Path(source_path).name} --arch {arch} --data {target} "
-                 f"--methods {','.join(DEMO_METHODS)} --seeds {DEMO_SEEDS} --steps {DEMO_STEPS}")
+    from ftdoctor.fixes.demo_steps import step
+    step(console, "8. fine-tune with and without ENTAME's head",
+         f"ftdoctor compare {Path(source_path).name} --arch {arch} --data {target} --methods {','.join(DEMO_METHODS)} "
+         f"--seeds {DEMO_SEEDS} --steps {DEMO_STEPS}" + (f" --seed {seed}" if seed else ""))
     console.print("[dim]Real fine-tuning from the pretrained backbone with a fresh head, per seed the same start "
                   "and the same batches for both methods: does ENTAME's maximum-entropy head learn faster in "
                   "the first steps (ENTAME Table 3)?[/]")

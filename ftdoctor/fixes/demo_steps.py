@@ -29,8 +29,11 @@ class DemoFixFigures:
     rescale_path: Path
 
 
-def _command(console: Console, text: str) -> None:
-    console.rule(f"[bold]{text}")
+def step(console: Console, title: str, command: str) -> None:
+    """A demo step's heading, then the command it runs on a line of its own (unbroken, so it copies whole)."""
+    from rich.text import Text
+    console.rule(f"[bold]{title}")
+    console.print(Text(command, style="bold"), soft_wrap=True)
 
 
 def demo_fix_steps(source_path: Path, workdir: Path, console: Console, seed: int = 0,
@@ -48,7 +51,10 @@ def demo_fix_steps(source_path: Path, workdir: Path, console: Console, seed: int
     entame_out = workdir / "target_entame.pt"
     rescale_out = workdir / "target_rescaled.pt"
 
-    _command(console, f"ftdoctor probe {source_path.name} --data {TARGET_TASK} --new-head --probes noise")
+    # the flags the library calls below are given, so the headings run as printed
+    flags = " ".join((*model.flags(), "--data", TARGET_TASK, *data.flags(), *(("--seed", str(seed)) if seed else ())))
+    step(console, "4. the noise at a He-initialised head",
+         f"ftdoctor probe {source_path.name} {flags} --new-head --probes noise")
     console.print("[dim]A He-initialised new head (ENTAME's baseline): how much of the error it sends into the "
                   "pretrained backbone is noise.[/]")
     before = probe(source_path, model=model, data=data,
@@ -57,19 +63,19 @@ def demo_fix_steps(source_path: Path, workdir: Path, console: Console, seed: int
     console.print(f"noise fraction [bold]{before['noise_fraction']:.3f}[/] (floor 1/(C−1) = {floor:.3f}), "
                   f"cross-entropy {before['cross_entropy']:.3f} (ln C = {before['max_entropy_loss']:.3f})")
 
-    _command(console, f"ftdoctor fix {source_path.name} --method entame --data {TARGET_TASK} --new-head "
-                      f"-o {entame_out.name} --force")
+    step(console, "5. fix: ENTAME's maximum-entropy head", f"ftdoctor fix {source_path.name} {flags} --method entame "
+                                                               f"--new-head -o {entame_out.name} --force")
     res = fix(source_path, "entame", out=entame_out, model=model, data=data, new_head=True, seed=seed, force=True)
     render(res, console)
 
-    _command(console, f"ftdoctor probe {entame_out.name} --data {TARGET_TASK} --probes noise")
+    step(console, "6. the noise at the fixed head", f"ftdoctor probe {entame_out.name} {flags} --probes noise")
     after = probe(entame_out, model=model, data=data,
                   options=ProbeOptions(probes=("noise",), seed=seed)).to_json()["probes"]["noise"]
     console.print(f"noise fraction [bold]{before['noise_fraction']:.3f} → {after['noise_fraction']:.3f}[/] — "
                   f"at its floor 1/(C−1) = {floor:.3f}; cross-entropy {after['cross_entropy']:.4f} = ln C")
 
-    _command(console, f"ftdoctor fix {source_path.name} --method rescale --data {TARGET_TASK} --new-head "
-                      f"-o {rescale_out.name} --force")
+    step(console, "7. fix: equal change rates (Krähenbühl)", f"ftdoctor fix {source_path.name} {flags} --method "
+                                                                  f"rescale --new-head -o {rescale_out.name} --force")
     console.print("[dim]Krähenbühl et al. §3.2: rescale layers (function-preserving) so that all of them "
                   "change at the same rate under SGD.[/]")
     res = fix(source_path, "rescale", out=rescale_out, model=model, data=data, new_head=True, seed=seed,

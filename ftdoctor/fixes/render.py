@@ -23,7 +23,7 @@ def fmt(v: float | None) -> str:
 def render(result: FixResult, console: Console, *, notes: bool = True) -> None:
     """Print what the fix did and how it checked it; works for a failed verification too."""
     o = result.outcome
-    console.print(f"[bold]ftdoctor fix --method {result.method}[/] {result.input_path} "
+    console.print(f"[bold]fix {result.method}[/] of {result.input_path} "
                   f"[dim]({result.format}, {result.arch or 'pickled module'}, head {result.head}, "
                   f"{result.data['name']} {result.data['split']}: {result.data['num_samples']} examples, "
                   f"{result.num_classes} classes)[/]")

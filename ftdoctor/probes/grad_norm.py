@@ -119,8 +119,8 @@ class GradNormProbe(Probe):
         return [bound("min_depth_ratio", figures.get("depth_ratio"), t.min_depth_ratio, "gradient depth ratio",
                       where=where, explanation="the lower layers will barely move when fine-tuning (RIFLE Fig. 2)",
                       suggestion=Suggestion("fix", ("--method", "rifle"),
-                                            after="  (re-initialise the head periodically: ftdoctor trace "
-                                                  "--method rifle)"))]
+                                            also=Suggestion("trace", ("--method", "rifle"),
+                                                            before="re-initialise the head periodically: ")))]
 
     def problems(self, result: ProbeResult) -> list[Finding]:
         bad = [r["name"] for r in result.figures["layers"]
@@ -128,7 +128,7 @@ class GradNormProbe(Probe):
         if not bad:
             return []
         return [Finding(self.name, "error", f"NaN or Inf gradients in {', '.join(bad[:5])}",
-                        Suggestion(before="check the weights and inputs for NaN/Inf (`ftdoctor inspect`)"))]
+                        Suggestion("inspect", before="check the weights and inputs for NaN/Inf: ", data=False))]
 
     @classmethod
     def summary(cls, figures: Figures) -> list[tuple[str, str]]:

@@ -220,7 +220,8 @@ class NoiseProbe(Probe):
     def problems(self, result: ProbeResult) -> list[Finding]:
         if float(self.nonfinite) > 0:
             return [Finding(self.name, "error", "the model's logits contain NaN or Inf on the data",
-                            Suggestion(before="check the weights with `ftdoctor inspect` and the input normalisation"))]
+                            Suggestion("inspect", before="check the input normalisation, and the weights: ",
+                                       data=False))]
         return []
 
     def findings(self, result: ProbeResult, thresholds: Thresholds) -> list[Finding]:

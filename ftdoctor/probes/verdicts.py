@@ -12,54 +12,67 @@ from __future__ import annotations
 import math
 import shlex
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Suggestion:
-    """What to do about a finding. ``command`` ``"fix"`` or ``"trace"`` is a command line (``args`` after the
-    model; ``--data DATA`` and, for ``fix``, ``-o FIXED.pt`` added); None is advice in words (``before``).
-    ``before`` / ``after`` are words around the command."""
+    """What to do about a finding. ``command`` (``"fix"``, ``"trace"``, ``"inspect"``) is a command line: ``args``
+    follow the model and its flags; ``fix`` and ``trace`` get ``--data`` and its flags, ``fix`` also
+    ``-o FIXED.pt``. None is advice in words (``before``). ``before`` / ``after`` are words around the command;
+    ``also`` a second suggestion printed after it."""
 
     command: str | None = None
     args: tuple[str, ...] = ()
     before: str = ""
     after: str = ""
     data: bool = True
+    also: "Suggestion | None" = None
 
 
 @dataclass(frozen=True)
 class RunArgs:
-    """The arguments a suggested command repeats from the run that suggested it."""
+    """What a suggested command repeats from the run that suggested it, so that it runs as printed: the model
+    and its flags (``--arch``, ``--trust-checkpoint``, ...), the data and its flags (``--max-samples``,
+    ``--normalize``, ...), and ``--new-head``."""
 
     model: str = "MODEL"
-    arch: str | None = None
+    model_flags: tuple[str, ...] = ()
     data: str = "DATA"
+    data_flags: tuple[str, ...] = ()
     new_head: bool = False
+
+    @classmethod
+    def of(cls, model: str | Any, model_opts: Any = None, data_opts: Any = None, new_head: bool = False) -> "RunArgs":
+        """From the path and the options of a run (``ModelOptions``, ``DataOptions``; None: not given)."""
+        return cls(str(model), model_opts.flags() if model_opts is not None else (),
+                   data_opts.data if data_opts is not None else "DATA",
+                   data_opts.flags() if data_opts is not None else (), new_head)
 
 
 PLACEHOLDERS = RunArgs()
 
 
 def render(s: Suggestion | None, run: RunArgs = PLACEHOLDERS, *, words: bool = True) -> str | None:
-    """``s`` as the text users see: the command with this run's model, ``--arch`` and data filled in
+    """``s`` as the text users see: the command with this run's model, data and their flags filled in
     (``words=False``: the command alone)."""
     if s is None:
         return None
     if s.command is None:
         return s.before
-    model = run.model if run is PLACEHOLDERS else shlex.quote(run.model)
-    parts = ["ftdoctor", s.command, model]
-    if run.arch:
-        parts += ["--arch", shlex.quote(run.arch)]
-    parts += list(s.args)
+    quote = (lambda v: v) if run is PLACEHOLDERS else shlex.quote
+    parts = ["ftdoctor", s.command, quote(run.model), *map(quote, run.model_flags), *s.args]
     if s.data and s.command in ("fix", "trace"):
-        parts += ["--data", run.data if run is PLACEHOLDERS else shlex.quote(run.data)]
+        parts += ["--data", quote(run.data), *map(quote, run.data_flags)]
     if s.command == "fix":
         if run.new_head:
             parts.append("--new-head")
         parts += ["-o", "FIXED.pt"]
     text = " ".join(parts)
-    return f"{s.before}{text}{s.after}" if words else text
+    if not words:
+        return text
+    also = f"  ({render(s.also, run)})" if s.also is not None else ""
+    return f"{s.before}{text}{s.after}{also}"
 
 
 @dataclass(frozen=True)

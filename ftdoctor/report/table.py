@@ -105,16 +105,18 @@ def render(doc: dict[str, Any], console: Console, notes: Iterable[str] = ()) -> 
         console.print(Text(f"note: {note}", style="dim"))
     findings = doc["findings"]
     parts = []
-    for f in findings:
-        t = Text()
+    for i, f in enumerate(findings, 1):
+        t = Text(f"{i} ")
         t.append(f"{f['severity']:<7} ", style=_SEVERITY_STYLE.get(f["severity"], ""))
         t.append(f"[{f['probe']}] {f['message']}")
         parts.append(t)
-        if f.get("suggestion"):
-            parts.append(Text(f"        → {f['suggestion']}", style="green"))
     for s in doc["skipped"]:
         parts.append(Text(f"skipped [{s['probe']}] {s['name']}: {s['reason']}", style="dim"))
     console.print(Panel(Group(*parts) if parts else Text("no findings"), title="findings", title_align="left"))
+    # the suggestions outside the panel, one unbroken line each, so that a command copies as it runs
+    for i, f in enumerate(findings, 1):
+        if f.get("suggestion"):
+            console.print(Text(f"{i} → {f['suggestion']}", style="green"), soft_wrap=True)
 
 
 def _render_probe(result: Any, console: Console, notes: bool) -> None:

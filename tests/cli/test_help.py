@@ -18,7 +18,7 @@ def test_version():
 def test_help_shows_no_markup_and_no_bool_labels(command):
     code, out, err = run_cli(*([command] if command else []), "--help", env={"COLUMNS": "100"})
     assert code == 0, err
-    for leak in ("<bool>", "[bold", "[/", "[dim"):
+    for leak in ("<bool>", "[bold", "[/", "[dim", "SPEC"):
         assert leak not in out, f"{leak!r} in `ftdoctor {command} --help`"
     assert "--help" in out
 
