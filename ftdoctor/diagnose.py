@@ -284,15 +284,15 @@ def _probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: D
                       batch_size=data.batch_size, workers=data.workers)
     notes.extend(run.notes)
     settings = {"probes": list(run.results), "seed": options.seed, "split": bundle.split,
-                "max_samples": data.max_samples, "batch_size": data.batch_size, "image_size": data.image_size,
+                "max_samples": data.max_samples, "subset": data.subset, "batch_size": data.batch_size,
+                "image_size": data.image_size,
                 "normalize": data.normalize, "change_rate_mode": options.change_rate_mode,
                 "change_rate_loss": options.change_rate_loss, "new_head": options.new_head,
                 "head_init": options.head_init if options.new_head else None, "seeds": options.seeds,
                 "head": head.name, "reference": str(reference) if reference is not None else None,
                 "r2_layers": list(options.r2_layers) if options.r2_layers else None,
                 "layer_order": how}
-    data_info = {"name": bundle.name, "split": bundle.split, "num_samples": run.num_samples,
-                 "num_classes": bundle.num_classes}
+    data_info = bundle.info(run.num_samples)
     return Report(model=model_info(loaded, head), data=data_info, settings=settings, run=run, notes=notes,
                   run_args=RunArgs.of(model_path, model_opts, data, options.new_head))
 

@@ -2,10 +2,16 @@
 
 Defaults, and why:
 
-* ``max_noise_fraction`` 0.5 — ENTAME Table 1 measures 0.21–0.35 at a freshly
-  He-initialised head; above 0.5 the error reaching the backbone is mostly noise.
-* ``max_excess_noise_fraction`` 0.05 — the part of the noise that maximum-entropy
-  initialisation removes; ENTAME's head brings it to 0.
+* ``max_noise_fraction`` ``"2x"`` — twice the floor 1/(C−1) that ``noise_fraction``
+  ζ/φ reaches at a maximum-entropy head (ENTAME eqs. 13–17). The floor depends
+  on the class count (1 at C = 2, 0.5 at C = 3, 0.01 at C = 101), so an absolute
+  default would fail a correctly fixed 2- or 3-class model and let a noisy
+  100-class head through; a multiple of the floor means the same at every C ≥ 2
+  (at C = 5 it is 0.5, the old absolute default). A plain number (``0.3``) is
+  an absolute bound, as before.
+* ``max_excess_noise_fraction`` 0.05 — (ζ − 1/C)/φ, the part of the noise that
+  maximum-entropy initialisation removes; 0 at a maximum-entropy head for every
+  C, so one default serves every class count.
 * ``max_change_rate_spread`` 10 — Krähenbühl et al. Fig. 1a: a well-scaled net
   has all layers within a small factor; an order of magnitude means some layers
   barely learn.
@@ -20,12 +26,35 @@ Defaults, and why:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
+class FloorMultiple:
+    """A bound written as a multiple of ``noise_fraction``'s floor 1/(C−1): ``"2x"`` in a config or a flag."""
+
+    factor: float
+
+    def of(self, floor: float) -> float:
+        return self.factor * floor
+
+    def __str__(self) -> str:
+        return f"{self.factor:g}x"
+
+
+_MULTIPLE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*[x×]\s*(?:floor)?\s*$")
+
+
+def parse_floor_multiple(text: str) -> FloorMultiple | None:
+    """``"2x"``, ``"2×"``, ``"1.5x floor"`` → :class:`FloorMultiple`; anything else None."""
+    m = _MULTIPLE.match(text)
+    return FloorMultiple(float(m.group(1))) if m else None
+
+
+@dataclass(frozen=True)
 class Thresholds:
-    max_noise_fraction: float = 0.5
+    max_noise_fraction: float | FloorMultiple | None = FloorMultiple(2.0)
     max_excess_noise_fraction: float = 0.05
     max_change_rate_spread: float = 10.0
     max_change_rate_cv: float = 5.0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ftdoctor.errors import FtdoctorError
-from ftdoctor.thresholds import Thresholds
+from ftdoctor.thresholds import Thresholds, parse_floor_multiple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,6 +115,10 @@ def _validate_value(key: str, value: Any, source: str) -> Any:
             return value
         raise FtdoctorError(f"{key} in {source} must be a whole number of classes >= 1, got {value!r}",
                             f"write e.g. {key} = 10 (or false to disable the check)")
+    if key == "max_noise_fraction" and isinstance(value, str):
+        multiple = parse_floor_multiple(value)
+        if multiple is not None:
+            return multiple
     if isinstance(value, str):
         try:
             value = float(value)
@@ -122,6 +126,10 @@ def _validate_value(key: str, value: Any, source: str) -> Any:
             pass
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
         return float(value)
+    if key == "max_noise_fraction":
+        raise FtdoctorError(f"{key} in {source} must be a multiple of the floor 1/(C-1) such as \"2x\", or a "
+                            f"finite number >= 0, got {value!r}",
+                            f'write e.g. {key} = "2x" (the default) or 0.3 (or false / off to disable the check)')
     raise FtdoctorError(f"{key} in {source} must be a finite number >= 0, got {value!r}",
                         f"write e.g. {key} = {getattr(Thresholds(), key)} (or false / off to disable the check)")
 

@@ -21,7 +21,8 @@ from ftdoctor.errors import DataError, FtdoctorError
 from ftdoctor.probes import PROBES
 from ftdoctor.probes.drift import drift_figures
 from ftdoctor.probes.verdicts import RunArgs, Verdict, check_message
-from ftdoctor.thresholds import Thresholds
+from ftdoctor.data.subset import describe
+from ftdoctor.thresholds import FloorMultiple, Thresholds
 
 
 def data_check_keys() -> tuple[str, ...]:
@@ -137,7 +138,8 @@ def _skipped(names: Iterable[str], reason: str, t: Thresholds) -> list[CheckResu
 
 
 def _threshold_of(name: str, t: Thresholds) -> Any:
-    return getattr(t, name) if name in Thresholds.keys() else None
+    value = getattr(t, name) if name in Thresholds.keys() else None
+    return str(value) if isinstance(value, FloorMultiple) else value   # "2x": resolved only with the data
 
 
 def _error_text(exc: FtdoctorError) -> str:
@@ -267,10 +269,10 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
             return done(**info)
         figures = {n: r.figures for n, r in run.results.items()}
         samples = run.num_samples
-    ran = f"{samples} examples" if names else "a batch"
+    ran = (describe(bundle.drawn.to_json() if bundle.drawn else None, samples) if names else "a batch")
     results["runs_on_data"] = CheckResult(
         "runs_on_data", True, samples, None,
-        f"ran on {ran} of {bundle.name} ({bundle.split}), {classes} classes"
+        f"ran on {bundle.name} ({bundle.split}): {ran}, {classes} classes"
         + (f", fresh {head_init} head" if new_head else ""))
     for name, figs in figures.items():      # each probe's own judgement rule (the one its findings use)
         for verdict in PROBES[name].judge(figs, t):

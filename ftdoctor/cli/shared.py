@@ -64,11 +64,16 @@ CRLoss = choices("CRLoss", "random", "ce")
 Optim = choices("Optim", "adam", "sgd")
 RifleInit = choices("RifleInit", "torch-default", "kaiming-normal")
 Method = choices("Method", "base", "warmup", "entame", "entame-fn", "rifle", "l2sp")
+Subset = choices("Subset", "stratified", "first")
 
 
 SplitOpt = Annotated[Split, typer.Option("--split", rich_help_panel=DATA_PANEL)]
-MaxSamples = Annotated[int, typer.Option("--max-samples", min=1, help="Use the first N examples of the split.",
-                                         rich_help_panel=DATA_PANEL)]
+MaxSamples = Annotated[int, typer.Option("--max-samples", min=1, help="Use N examples of the split, chosen by "
+                                         "--subset.", rich_help_panel=DATA_PANEL)]
+SubsetOpt = Annotated[Subset, typer.Option(
+    "--subset", help="How --max-samples chooses: stratified (every class in proportion, drawn with --seed) or "
+                     "first (the first N in dataset order; an ImageFolder lists them class by class).",
+    rich_help_panel=DATA_PANEL)]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, rich_help_panel=DATA_PANEL)]
 ImageSize = Annotated[Optional[int], typer.Option("--image-size", min=1, help="Resize images to S×S.",
                                                   rich_help_panel=DATA_PANEL)]
@@ -102,6 +107,7 @@ class DataFlags:
     download: bool = False
     split: Split = Split.train
     max_samples: int = 1024
+    subset: Subset = Subset.stratified
     batch_size: int = 64
     image_size: int | None = None
     normalize: Normalize = Normalize.imagenet
@@ -111,7 +117,7 @@ class DataFlags:
         from ftdoctor.data import DataOptions
         return DataOptions(data=data, data_root=str(self.data_root) if self.data_root else None,
                            download=self.download, split=self.split.value, max_samples=self.max_samples,
-                           batch_size=self.batch_size, image_size=self.image_size,
+                           subset=self.subset.value, batch_size=self.batch_size, image_size=self.image_size,
                            normalize=self.normalize.value, workers=self.workers, seed=seed)
 
 
@@ -126,7 +132,7 @@ _MODEL = ("model_opts", _build_model, [("arch", Arch, None), ("num_classes", Num
                                        ("device", Device, "cpu")])
 _DATA = ("data_flags", lambda **kw: DataFlags(**kw),
          [("data_root", DataRoot, None), ("download", Download, False), ("split", SplitOpt, Split.train),
-          ("max_samples", MaxSamples, 1024), ("batch_size", BatchSize, 64), ("image_size", ImageSize, None),
+          ("max_samples", MaxSamples, 1024), ("subset", SubsetOpt, Subset.stratified), ("batch_size", BatchSize, 64), ("image_size", ImageSize, None),
           ("normalize", NormalizeOpt, Normalize.imagenet), ("workers", Workers, 0)])
 
 

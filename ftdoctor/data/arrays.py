@@ -44,6 +44,11 @@ class ArraySplit:
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.num_classes = num_classes
 
+    def select(self, indices: np.ndarray) -> "ArraySplit":
+        """Only the rows ``indices`` (a subset keeps no copy of the rest)."""
+        return ArraySplit(np.ascontiguousarray(self.images[indices]), self.layout, self.labels.numpy()[indices],
+                          self.num_classes)
+
     def read(self, indices: Sequence[int]) -> Tensor:
         return to_chw_float(self.images[np.asarray(indices, dtype=np.int64)], self.layout)
 

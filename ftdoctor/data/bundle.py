@@ -2,8 +2,9 @@
 
 :func:`load_data` turns ``--data`` and its companion options
 (:class:`DataOptions`) into a :class:`DataBundle`: the data source that claims
-``--data`` (:mod:`.sources`) opens one split, capped to its first
-``max_samples`` items in dataset order; :class:`PreparedDataset` resizes it,
+``--data`` (:mod:`.sources`) opens one split, of which ``--max-samples`` keep a
+seeded, class-stratified subset (or the first N: :mod:`.subset`);
+:class:`PreparedDataset` resizes it,
 adapts it to the model's input channels (grey repeated to RGB, RGB averaged
 to grey) and normalises it. Item ``i`` is ``(x, y, i)`` — the index is the key
 of per-example randomness (SPEC §1.2), so figures do not depend on batch
@@ -13,7 +14,7 @@ size, order or sharding. Everything a user can get wrong raises
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ftdoctor.data.arrays import check_labels
 from ftdoctor.data.sources import names_hint, open_split
+from ftdoctor.data.subset import SUBSETS, Drawn, draw
 from ftdoctor.errors import FtdoctorError
 
 SPLITS = ("train", "test")
@@ -52,6 +54,7 @@ class DataOptions:
     workers: int = 0
     seed: int = 0
     in_channels: int | None = None
+    subset: str = "stratified"         # how --max-samples draws: stratified | first (.subset)
 
     def flags(self) -> tuple[str, ...]:
         """The flags after ``--data DATA`` that give the same examples (defaults left out), for printed
@@ -60,7 +63,7 @@ class DataOptions:
         out: list[str] = []
         if self.data_root is not None:
             out += ["--data-root", str(self.data_root)]
-        for name in ("split", "max_samples", "batch_size", "image_size", "normalize"):
+        for name in ("split", "max_samples", "subset", "batch_size", "image_size", "normalize"):
             value = getattr(self, name)
             if value != getattr(defaults, name) and value is not None:
                 out += ["--" + name.replace("_", "-"), str(value)]
@@ -82,6 +85,14 @@ class DataBundle:
     workers: int = 0
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    drawn: Drawn | None = None          # how --max-samples chose the examples
+
+    def info(self, num_samples: int | None = None) -> dict[str, Any]:
+        """The report's ``data`` block: name, split, examples (``num_samples``: those a run saw), classes,
+        and how ``--max-samples`` drew them (``subset``, :class:`~ftdoctor.data.subset.Drawn`)."""
+        return {"name": self.name, "split": self.split,
+                "num_samples": self.num_samples if num_samples is None else num_samples,
+                "num_classes": self.num_classes, "subset": self.drawn.to_json() if self.drawn else None}
 
     @property
     def labels(self) -> Tensor:
@@ -187,7 +198,8 @@ def load_data(opts: DataOptions) -> DataBundle:
     """Resolve ``opts.data`` and build the capped, transformed split (see the module doc)."""
     _check_options(opts)
     notes: list[str] = []
-    source, name = open_split(opts)
+    source, name = open_split(replace(opts, max_samples=None) if opts.subset == "stratified" else opts)
+    source, drawn = draw(source, opts.max_samples, opts.subset, opts.seed)
     count = len(source.labels)
     if count == 0:
         raise FtdoctorError(f"{name} has no samples in its {opts.split} split",
@@ -226,7 +238,7 @@ def load_data(opts: DataOptions) -> DataBundle:
                       image_shape=(out_channels, int(out_h), int(out_w)), notes=notes,
                       batch_size=opts.batch_size, workers=opts.workers,
                       mean=tuple(mean) if mean is not None else (),
-                      std=tuple(std) if std is not None else ())
+                      std=tuple(std) if std is not None else (), drawn=drawn)
 
 
 def _check_positive(value: Any, what: str, flag: str) -> None:
@@ -239,6 +251,8 @@ def _check_options(opts: DataOptions) -> None:
     _check_positive(opts.batch_size, "batch size", "--batch-size")
     if opts.max_samples is not None:
         _check_positive(opts.max_samples, "sample cap", "--max-samples")
+    if opts.subset not in SUBSETS:
+        raise FtdoctorError(f"unknown --subset {opts.subset!r}", f"use one of {', '.join(SUBSETS)}")
     if opts.image_size is not None:
         _check_positive(opts.image_size, "image size", "--image-size")
     if opts.in_channels is not None:

@@ -87,9 +87,7 @@ def _load(model_path: str | Path, model_opts: Any, data: Any, eval_split: str, e
 def _info(loaded: Any, train_bundle: Any, eval_bundle: Any, head: str | None) -> tuple[dict, dict]:
     from ftdoctor.session import model_info
     model = {**model_info(loaded, None), "head": head}
-    data = {"name": train_bundle.name, "split": train_bundle.split, "num_samples": train_bundle.num_samples,
-            "num_classes": train_bundle.num_classes, "eval_split": eval_bundle.split,
-            "eval_samples": eval_bundle.num_samples}
+    data = {**train_bundle.info(), "eval_split": eval_bundle.split, "eval_samples": eval_bundle.num_samples}
     return model, data
 
 

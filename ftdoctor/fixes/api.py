@@ -164,7 +164,7 @@ def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "
 
     fixer = FIXES[method](options)
     model_opts = model or ckpt.ModelOptions()
-    session = open_session(model_path, model_opts, data, head=head, new_head="torch-default" if new_head else None,
+    session = open_session(model_path, model_opts, data, head=head, new_head=NEW_HEAD_INIT if new_head else None,
                            seed=seed)
     loaded, net, bundle, layers, head_layer = (session.loaded, session.model, session.data, session.layers,
                                                session.head)
@@ -177,8 +177,9 @@ def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "
     if new_head:
         if isinstance(session.replaced, FeatureNormLinear):
             notes.append(f"the feature norm in front of {head_layer.name} was dropped with the old head")
-        notes.append(f"head {head_layer.name} replaced by a fresh Linear for {bundle.num_classes} classes "
-                     f"({session.outputs_before} before)")
+        notes.append(f"head {head_layer.name} replaced by a fresh {NEW_HEAD_INIT} head for {bundle.num_classes} "
+                     f"classes ({session.outputs_before} before): the head `probe --new-head --seed {seed}` measures, "
+                     "so the 'before' figures are that probe's")
 
     from ftdoctor.diagnose import weight_findings
     broken = weight_findings(net)
@@ -193,7 +194,12 @@ def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "
     start = snapshot(net)
     before = fixer.before(ctx)
     applied = fixer.apply(ctx, before)
+    refreshed = _refresh_feature_norm(ctx, start)
     outcome = fixer.verify(ctx, before, applied)
+    if refreshed:
+        outcome.changes |= refreshed
+        outcome.notes.append(f"the layers below the feature-normalised head {head_layer.name} changed, so its "
+                             "feature statistics (ENTAME eq. 20) were measured again on the data")
     stray = sorted(changed_keys(start, snapshot(net)) - outcome.changes)
     outcome.checks.append(Check("untouched_tensors_identical", after=float(len(stray)),
                                 target="0 changed outside the method's layers", passed=not stray))
@@ -203,9 +209,9 @@ def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "
     result = FixResult(
         method=method, outcome=outcome, input_path=model_path, input_sha256=loaded.sha256, format=loaded.format,
         arch=loaded.arch, head=head_layer.name, num_classes=bundle.num_classes,
-        data={"name": bundle.name, "split": bundle.split, "num_samples": bundle.num_samples,
-              "num_classes": bundle.num_classes},
+        data=bundle.info(),
         settings={"seed": seed, "new_head": new_head, "head": head, "max_samples": data.max_samples,
+                  "subset": data.subset,
                   "batch_size": data.batch_size, "image_size": data.image_size, "normalize": data.normalize,
                   "split": data.split, "device": model_opts.device},
         out=out if write else None, notes=notes)
@@ -224,6 +230,29 @@ def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "
         raise FtdoctorError(f"writing {out} failed ({type(exc).__name__}: {str(exc)[:200]}); nothing was written",
                             "check the disk space and permissions of the output directory, then run again") from None
     return result
+
+
+#: how ``fix --new-head`` draws the fresh head before the method runs: as ``probe --new-head`` does (ENTAME's
+#: He-initialised baseline), so a fix's "before" figures are that probe's
+NEW_HEAD_INIT = "kaiming"
+
+
+def _refresh_feature_norm(ctx: FixContext, start: Mapping[str, torch.Tensor]) -> set[str]:
+    """A feature-normalised head (``FeatureNormLinear``) keeps the statistics of the features that reached it;
+    when a fix changed a layer below it, they are measured again, so the written model normalises what its
+    backbone now computes. Returns the buffer keys set (none when nothing below the head changed)."""
+    from ftdoctor.fixes.passes import input_statistics
+
+    head = ctx.head
+    module = ctx.model.get_submodule(head.name) if head.name else ctx.model
+    if not isinstance(module, FeatureNormLinear):
+        return set()
+    prefix = head.name + "."
+    if not any(not k.startswith(prefix) for k in changed_keys(start, snapshot(ctx.model))):
+        return set()
+    mean, var = input_statistics(ctx.model, ctx.data, module, ctx.device, raw=True)
+    module.feature_norm.set_statistics(mean, var)
+    return {f"{prefix}feature_norm.mean", f"{prefix}feature_norm.var"}
 
 
 def _fmt(v: float | None) -> str:

@@ -132,10 +132,14 @@ def output_channel_stats(model: nn.Module, data: Any, modules: dict[str, nn.Modu
 
 @torch.no_grad()
 def input_statistics(model: nn.Module, data: Any, module: nn.Module,
-                     device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """Per-feature mean and population variance (float64) of ``module``'s input over the data."""
+                     device: torch.device | str = "cpu", *, raw: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and population variance (float64) of ``module``'s input over the data (``raw``: of
+    what reaches it before its own pre-hooks run, e.g. a ``FeatureNormLinear``'s normalisation)."""
     captured: list[Tensor] = []
-    handle = module.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach()))
+    if raw:
+        handle = module.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach()), prepend=True)
+    else:
+        handle = module.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach()))
 
     def features() -> Iterator[Tensor]:
         with evaluating(model), progress.task("feature statistics", data.num_samples, "examples") as bar:

@@ -6,6 +6,7 @@ import math
 from rich.console import Console
 from rich.table import Table
 
+from ftdoctor.data.subset import describe
 from ftdoctor.fixes.api import FixResult
 
 
@@ -25,7 +26,8 @@ def render(result: FixResult, console: Console, *, notes: bool = True) -> None:
     o = result.outcome
     console.print(f"[bold]fix {result.method}[/] of {result.input_path} "
                   f"[dim]({result.format}, {result.arch or 'pickled module'}, head {result.head}, "
-                  f"{result.data['name']} {result.data['split']}: {result.data['num_samples']} examples, "
+                  f"{result.data['name']} {result.data['split']}: "
+                  f"{describe(result.data.get('subset'), result.data['num_samples'])}, "
                   f"{result.num_classes} classes)[/]")
     params = ", ".join(f"{k}={v}" for k, v in o.parameters.items() if v is not None)
     if params:

@@ -40,6 +40,7 @@ from ftdoctor.errors import FtdoctorError
 from ftdoctor.fixes.base import Check, Fix, FixContext, FixOutcome, LeftAlone, layer_keys, register_fix
 from ftdoctor.fixes.passes import max_logit_change, subset
 from ftdoctor.fixes.scale_graph import ScalePlan, plan_rescale
+from ftdoctor.probes.head import is_max_entropy
 
 SOLVERS = ("joint", "paper")
 LOGIT_TOLERANCE = 1e-4
@@ -188,8 +189,17 @@ class Rescale(Fix[RescaleOptions]):
         fig = run.results["change_rate"].figures
         rates = {l["name"]: float(l["change_rate"]) for l in fig["layers"]
                  if l["change_rate"] is not None and l["change_rate"] > 0}
-        return _Measured(rates=rates, layers=fig["layers"], spread=fig["spread"], log_std=fig["log_std"],
-                         skipped={s.name: s.reason for s in run.skipped})
+        skipped = {s.name: s.reason for s in run.skipped}
+        spread, log_std = fig["spread"], fig["log_std"]
+        if is_max_entropy(fig.get("head_kind")):
+            # ENTAME's head learns first by design (~1e-6 weights): equalising the backbone to it would shrink
+            # the backbone by that much; the backbone is equalised among itself and the head left as it is
+            rates.pop(ctx.head.name, None)
+            spread = fig.get("backbone_spread")
+            log_std = float(np.std(np.log(list(rates.values())))) if rates else None
+            skipped[ctx.head.name] = (f"the {fig['head_kind']} head: it learns first by design (ENTAME §5), so the "
+                                      "backbone is equalised among itself")
+        return _Measured(rates=rates, layers=fig["layers"], spread=spread, log_std=log_std, skipped=skipped)
 
     def before(self, ctx: FixContext) -> _Before:
         plan = plan_rescale(ctx.model, ctx.layers, ctx.head)
@@ -233,7 +243,8 @@ class Rescale(Fix[RescaleOptions]):
             Check("log_std", before=m0.log_std, after=m1.log_std, target="0 = flat (Fig. 1a)"),
             Check("rounds", after=float(applied.rounds), target=f"≤ {opts.rounds}"),
         ]
-        left = [LeftAlone(n, r) for n, r in before.plan.blocked.items()]
+        left = [LeftAlone(n, m0.skipped.get(n, r) if n == ctx.head.name else r)
+                for n, r in before.plan.blocked.items()]
         left += [LeftAlone(n, f"no change rate: {r}") for n, r in m1.skipped.items()
                  if n in before.plan.sinks]
         after_by_name = {l["name"]: l for l in m1.layers}

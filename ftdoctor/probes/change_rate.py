@@ -29,6 +29,7 @@ from ftdoctor.engine.sums import Float64Sum, sum_of_squares
 from ftdoctor.numbers import fmt
 from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeContext, ProbeResult, finite_or_none,
                                   register_probe, row_json)
+from ftdoctor.probes.head import ORDINARY, HeadWatch, is_max_entropy, left_out
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 
@@ -51,6 +52,10 @@ def rate_figures(g2: torch.Tensor, weight: torch.Tensor) -> dict[str, float | No
     column_cv = _cv(float((cols / w2).mean()), float((cols / w2).sqrt().mean()))
     return {"change_rate": finite_or_none(rate), "cv": None if cv is None else finite_or_none(cv),
             "column_cv": None if column_cv is None else finite_or_none(column_cv)}
+
+
+def _spread(rates: list[float]) -> float | None:
+    return finite_or_none(max(rates) / min(rates)) if rates else None
 
 
 def _cv(mean_sq: float, mean: float) -> float | None:
@@ -78,18 +83,23 @@ class ChangeRateFigures(Figures):
     spread: float | None               # max/min change rate (Fig. 1a)
     log_std: float | None              # std of ln change rate
     layers: tuple[LayerRate, ...]
+    head: str = ""                     # the head's name
+    head_kind: str = ORDINARY          # ordinary | max-entropy | feature-normalised max-entropy (probes.head)
+    backbone_spread: float | None = None   # spread without the head
 
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "loss": self.loss, "spread": self.spread, "log_std": self.log_std,
+                "head": self.head, "head_kind": self.head_kind, "backbone_spread": self.backbone_spread,
                 "layers": [row_json(r) for r in self.layers]}
 
 
 @register_probe(name="change_rate",
                 description="Krähenbühl et al.: per-layer change rates under a random loss (Fig. 1)", priority=20)
-class ChangeRateProbe(Probe):
+class ChangeRateProbe(HeadWatch, Probe):
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
+        self.watch_head()
         self.mode = ctx.change_rate_mode
         self.loss = ctx.change_rate_loss
         if ctx.scripted and self.mode == "exact" and self.loss == "random":
@@ -131,6 +141,7 @@ class ChangeRateProbe(Probe):
     def update(self, batch: Batch) -> None:
         if self.mode == "exact" and batch.size == 0:
             return
+        self.see_logits(batch.logits)
         for i, layer in enumerate(self.layers):
             key = self._key(layer.name)
             if self.mode == "exact":
@@ -151,7 +162,7 @@ class ChangeRateProbe(Probe):
         if self._result is not None:     # compute() turns the sums into means in place: once only
             return self._result
         n = float(self.count)
-        layers, arrays, rates = [], {}, []
+        layers, arrays, rates, body = [], {}, [], []
         for i, layer in enumerate(self.layers):
             if self.mode == "exact" and float(self.missing[i]) > 0:
                 reason = persample.supports(layer.module) or (
@@ -170,11 +181,12 @@ class ChangeRateProbe(Probe):
             arrays[f"{layer.name}/grad_sq_mean"] = np.ascontiguousarray(g2.cpu().numpy())
             if fig["change_rate"] is not None and fig["change_rate"] > 0:
                 rates.append(fig["change_rate"])
-        spread = max(rates) / min(rates) if rates else None
+                if layer.name != self.ctx.head.name:
+                    body.append(fig["change_rate"])
         log_std = float(np.std(np.log(rates))) if rates else None
         self._result = ProbeResult(figures=ChangeRateFigures(
-            self.mode, self.loss, None if spread is None else finite_or_none(spread), log_std, tuple(layers)),
-            arrays=arrays)
+            self.mode, self.loss, _spread(rates), log_std, tuple(layers), self.ctx.head.name, self.head_kind(),
+            _spread(body)), arrays=arrays)
         return self._result
 
     thresholds = ("max_change_rate_spread", "max_change_rate_cv")
@@ -182,20 +194,29 @@ class ChangeRateProbe(Probe):
 
     @classmethod
     def judge(cls, figures: Figures, t: Thresholds) -> list[Verdict]:
+        """Spread over all layers (Fig. 1a) — over the backbone when the head is a maximum-entropy one
+        (:mod:`ftdoctor.probes.head`) — and the largest within-layer cv (Fig. 1b)."""
         out = []
-        layers = [l for l in figures["layers"] if l.get("change_rate") is not None]
+        kind, head = figures.get("head_kind", ORDINARY), figures.get("head", "")
+        body = is_max_entropy(kind)
+        layers = [l for l in figures["layers"] if l.get("change_rate") is not None
+                  and not (body and l["name"] == head)]
         if t.max_change_rate_spread is not None:
-            where = ""
+            parts = []
             if layers:
                 fast = max(layers, key=lambda l: l["change_rate"])
                 slow = min(layers, key=lambda l: l["change_rate"])
-                where = f" (fastest {fast['name']}, slowest {slow['name']})"
-            out.append(bound("max_change_rate_spread", figures.get("spread"), t.max_change_rate_spread,
-                             "change-rate spread", where=where,
+                parts.append(f"fastest {fast['name']}, slowest {slow['name']}")
+            if body:
+                parts.append(left_out(kind, head))
+            where = f" ({'; '.join(parts)})" if parts else ""
+            out.append(bound("max_change_rate_spread", figures.get("backbone_spread" if body else "spread"),
+                             t.max_change_rate_spread,
+                             "change-rate spread of the backbone" if body else "change-rate spread", where=where,
                              explanation="layers learn at very different speeds (Krähenbühl et al. Fig. 1a)",
                              suggestion=Suggestion("fix", ("--method", "rescale"))))
         if t.max_change_rate_cv is not None:
-            cvs = [l for l in figures["layers"] if l.get("cv") is not None]
+            cvs = [l for l in figures["layers"] if l.get("cv") is not None and not (body and l["name"] == head)]
             worst = max(cvs, key=lambda l: l["cv"]) if cvs else None
             above = [l["name"] for l in cvs if l["cv"] > t.max_change_rate_cv]
             out.append(bound("max_change_rate_cv", worst["cv"] if worst else None, t.max_change_rate_cv,
@@ -210,5 +231,9 @@ class ChangeRateProbe(Probe):
 
     @classmethod
     def summary(cls, figures: Figures) -> list[tuple[str, str]]:
-        return [("change-rate spread (Krähenbühl)", f"{fmt(figures.get('spread'))}  (log std "
-                 f"{fmt(figures.get('log_std'))}; {figures.get('mode')}, {figures.get('loss')} loss)")]
+        items = [("change-rate spread (Krähenbühl)", f"{fmt(figures.get('spread'))}  (log std "
+                  f"{fmt(figures.get('log_std'))}; {figures.get('mode')}, {figures.get('loss')} loss)")]
+        if is_max_entropy(figures.get("head_kind")):
+            items.append(("  of the backbone", f"{fmt(figures.get('backbone_spread'))}  (judged: the "
+                          f"{figures.get('head_kind')} head learns first by design, ENTAME §5)"))
+        return items

@@ -22,6 +22,7 @@ from ftdoctor.engine.sums import Float64Sum, sum_of_squares
 from ftdoctor.numbers import fmt
 from ftdoctor.probes.base import (Batch, Column, Figures, Finding, Probe, ProbeContext, ProbeResult, finite_or_none,
                                   register_probe, row_json)
+from ftdoctor.probes.head import ORDINARY, HeadWatch, is_max_entropy, left_out
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.thresholds import Thresholds
 
@@ -44,17 +45,24 @@ class LayerGradNorm:
 class GradNormFigures(Figures):
     depth_ratio: float | None         # first layer's grad_norm / the head's
     layers: tuple[LayerGradNorm, ...]
+    head: str = ""
+    head_kind: str = ORDINARY         # ordinary | max-entropy | feature-normalised max-entropy (probes.head)
+    backbone_depth_ratio: float | None = None   # first layer's grad_norm / the deepest layer below the head's
+    backbone_top: str | None = None   # that deepest layer below the head
 
     def to_json(self) -> dict[str, Any]:
-        return {"depth_ratio": self.depth_ratio, "layers": [row_json(r) for r in self.layers]}
+        return {"depth_ratio": self.depth_ratio, "head": self.head, "head_kind": self.head_kind,
+                "backbone_depth_ratio": self.backbone_depth_ratio, "backbone_top": self.backbone_top,
+                "layers": [row_json(r) for r in self.layers]}
 
 
 @register_probe(name="grad_norm", description="RIFLE: per-layer gradient Frobenius norms of the cross-entropy (Fig. 2)",
                 needs=frozenset({"ce_grads"}), priority=30)
-class GradNormProbe(Probe):
+class GradNormProbe(HeadWatch, Probe):
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
+        self.watch_head()
         self.layers = list(ctx.layers)
         # every state is built from the all-reduced batch gradient: identical on every process
         self.add_state("batches", torch.zeros((), dtype=torch.float64), "replicated")
@@ -73,6 +81,7 @@ class GradNormProbe(Probe):
 
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
+        self.see_logits(batch.logits)
         for layer in self.layers:
             k = self._key(layer.name)
             gw, gb = batch.ce_grads[layer.name]
@@ -105,16 +114,32 @@ class GradNormProbe(Probe):
             r["to_head"] = (finite_or_none(r["grad_norm"] / head_gn)
                             if head_gn and r["grad_norm"] is not None else None)
         depth = rows[0]["to_head"] if rows else None
-        return ProbeResult(figures=GradNormFigures(depth, tuple(LayerGradNorm(**r) for r in rows)), arrays=arrays)
+        below = [r for r in rows if r["name"] != self.ctx.head.name]
+        top = below[-1] if below else None
+        body = (finite_or_none(below[0]["grad_norm"] / top["grad_norm"])
+                if top and top["grad_norm"] and below[0]["grad_norm"] is not None else None)
+        return ProbeResult(figures=GradNormFigures(depth, tuple(LayerGradNorm(**r) for r in rows), self.ctx.head.name,
+                                                   self.head_kind(), body, top["name"] if top else None),
+                           arrays=arrays)
 
     thresholds = ("min_depth_ratio",)
     columns = (Column("grad norm", "grad_norm", bar=True), Column("to head", "to_head"))
 
     @classmethod
     def judge(cls, figures: Figures, t: Thresholds) -> list[Verdict]:
+        """First layer against the head (Fig. 2) — against the deepest layer below the head when the head is a
+        maximum-entropy one (:mod:`ftdoctor.probes.head`), whose tiny weights shrink every backbone gradient
+        alike; re-drawing that head (RIFLE) would throw ENTAME's away, so then the remedy is ``rescale``."""
         if t.min_depth_ratio is None:
             return []
         layers = figures["layers"]
+        kind, head = figures.get("head_kind", ORDINARY), figures.get("head", "")
+        if is_max_entropy(kind):
+            where = f" ({layers[0]['name']} / {figures.get('backbone_top')}; {left_out(kind, head)})" if layers else ""
+            return [bound("min_depth_ratio", figures.get("backbone_depth_ratio"), t.min_depth_ratio,
+                          "gradient depth ratio of the backbone", where=where,
+                          explanation="the lower layers will barely move when fine-tuning (RIFLE Fig. 2)",
+                          suggestion=Suggestion("fix", ("--method", "rescale")))]
         where = f" ({layers[0]['name']} / head)" if layers else ""
         return [bound("min_depth_ratio", figures.get("depth_ratio"), t.min_depth_ratio, "gradient depth ratio",
                       where=where, explanation="the lower layers will barely move when fine-tuning (RIFLE Fig. 2)",
@@ -132,4 +157,9 @@ class GradNormProbe(Probe):
 
     @classmethod
     def summary(cls, figures: Figures) -> list[tuple[str, str]]:
-        return [("depth ratio (RIFLE)", fmt(figures.get("depth_ratio")))]
+        items = [("depth ratio (RIFLE)", fmt(figures.get("depth_ratio")))]
+        if is_max_entropy(figures.get("head_kind")):
+            items.append(("  of the backbone", f"{fmt(figures.get('backbone_depth_ratio'))}  (to "
+                          f"{figures.get('backbone_top')}; judged: the {figures.get('head_kind')} head learns "
+                          f"first by design, ENTAME §5)"))
+        return items

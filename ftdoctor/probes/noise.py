@@ -12,7 +12,7 @@ every key is then the mean over heads with a Student-t ``*_ci95`` half-width.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,11 +25,15 @@ from ftdoctor.numbers import fmt
 from ftdoctor.probes.base import Batch, Figures, Finding, Probe, ProbeContext, ProbeResult, register_probe
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
 from ftdoctor.stats import ci95_half_width
-from ftdoctor.thresholds import Thresholds
+from ftdoctor.thresholds import FloorMultiple, Thresholds
 
 KEYS = ("estimate_energy", "label_energy", "correct_prob", "total_energy", "noise_fraction",
-        "excess_noise_fraction", "max_entropy_noise_fraction", "cross_entropy", "max_entropy_loss",
-        "mean_entropy", "backbone_error_energy", "feature_energy")
+        "excess_noise_fraction", "uniform_noise_fraction", "max_entropy_noise_fraction", "cross_entropy",
+        "max_entropy_loss", "mean_entropy", "label_fit", "backbone_error_energy", "feature_energy")
+
+#: a head whose label fit (κ − 1/C)/(1 − 1/C) reaches this predicts the labels: it is not a fresh head, and
+#: ζ/φ measures its confidence rather than noise (ENTAME's reading holds at a fresh head, Table 1)
+TRAINED_LABEL_FIT = 0.25
 
 _SUMS = ("zeta", "label", "kappa", "ce", "entropy", "backbone")
 
@@ -43,18 +47,20 @@ def noise_figures(zeta: float, label: float, kappa: float, ce: float, entropy: f
         "estimate_energy": zeta, "label_energy": label, "correct_prob": kappa, "total_energy": phi,
         "max_entropy_noise_fraction": 1.0 / (c - 1) if c > 1 else None,
         "cross_entropy": ce, "max_entropy_loss": math.log(c), "mean_entropy": entropy,
+        "label_fit": (kappa - 1.0 / c) / (1.0 - 1.0 / c) if c > 1 else None,
         "backbone_error_energy": backbone, "feature_energy": feature,
     }
+    fractions = ("noise_fraction", "excess_noise_fraction", "uniform_noise_fraction")
     if not math.isfinite(phi):
-        fig["noise_fraction"] = None
-        fig["excess_noise_fraction"] = None
+        fig.update(dict.fromkeys(fractions))
         fig["reason"] = "the model's outputs on the data are NaN or Inf"
     elif phi > 0.0:
+        # ζ/φ = (1/C)/φ + (ζ − 1/C)/φ: the part any output has (uniform ŷ has ζ = 1/C) plus the excess
         fig["noise_fraction"] = zeta / phi
         fig["excess_noise_fraction"] = (zeta - 1.0 / c) / phi
+        fig["uniform_noise_fraction"] = (1.0 / c) / phi
     else:
-        fig["noise_fraction"] = None
-        fig["excess_noise_fraction"] = None
+        fig.update(dict.fromkeys(fractions))
         fig["reason"] = "total error energy is 0 (every prediction is exactly right)"
     # JSON has no NaN/Inf: a figure a non-finite model spoils is null
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fig.items()}
@@ -76,6 +82,9 @@ class NoiseFigures(Figures):
     mean_entropy: float | None
     backbone_error_energy: float | None
     feature_energy: float | None
+    uniform_noise_fraction: float | None = None   # (1/C)/φ: noise_fraction = this + excess_noise_fraction
+    label_fit: float | None = None     # (κ − 1/C)/(1 − 1/C): 0 at chance, 1 when every label is certain
+    head_state: str = "as loaded"      # "fresh" (--new-head) or "as loaded"
     reason: str | None = None          # why the fractions are undefined
     seeds: int | None = None           # heads averaged over (--seeds), else None
     ci95: tuple[tuple[str, float | None], ...] = ()
@@ -83,15 +92,16 @@ class NoiseFigures(Figures):
     def to_json(self) -> dict[str, Any]:
         if self.seeds:
             ci = dict(self.ci95)
-            out: dict[str, Any] = {"seeds": self.seeds}
+            out: dict[str, Any] = {"seeds": self.seeds, "head_state": self.head_state}
             for key in KEYS:
                 out[key] = getattr(self, key)
                 out[f"{key}_ci95"] = ci.get(key)
             return out
         order = ("estimate_energy", "label_energy", "correct_prob", "total_energy", "max_entropy_noise_fraction",
-                 "cross_entropy", "max_entropy_loss", "mean_entropy", "backbone_error_energy", "feature_energy",
-                 "noise_fraction", "excess_noise_fraction")
+                 "cross_entropy", "max_entropy_loss", "mean_entropy", "label_fit", "backbone_error_energy",
+                 "feature_energy", "noise_fraction", "uniform_noise_fraction", "excess_noise_fraction")
         out = {key: getattr(self, key) for key in order}
+        out["head_state"] = self.head_state
         if self.reason is not None:
             out["reason"] = self.reason
         return out
@@ -175,7 +185,7 @@ class NoiseProbe(Probe):
             figures = per_seed[0]
             if w.dim() != 2:
                 self.skip(self.ctx.head.name, "backbone_error_energy needs a Linear head")
-            return ProbeResult(figures=NoiseFigures(**figures))
+            return ProbeResult(figures=NoiseFigures(**figures, head_state=self.head_state))
         means: dict[str, Any] = {}
         ci: list[tuple[str, float | None]] = []
         arrays: dict[str, np.ndarray] = {}
@@ -188,18 +198,38 @@ class NoiseProbe(Probe):
             means[key] = float(np.mean(vals))
             ci.append((key, ci95_half_width([float(v) for v in vals])))
             arrays[f"per_seed/{key}"] = np.asarray(vals, dtype=np.float64)
-        return ProbeResult(figures=NoiseFigures(**means, seeds=self.seeds, ci95=tuple(ci)), arrays=arrays)
+        return ProbeResult(figures=NoiseFigures(**means, seeds=self.seeds, ci95=tuple(ci), head_state=self.head_state),
+                           arrays=arrays)
+
+    @property
+    def head_state(self) -> str:
+        return "fresh" if self.ctx.new_head else "as loaded"
 
     thresholds = ("max_noise_fraction", "max_excess_noise_fraction")
 
     @classmethod
+    def trained(cls, figures: Figures) -> bool:
+        """The head as loaded predicts these labels (label fit ≥ :data:`TRAINED_LABEL_FIT`): ζ/φ is then its
+        confidence, not ENTAME's noise, which is a fresh head's (a fresh head's fit is ≈ 0)."""
+        fit = figures.get("label_fit")
+        return figures.get("head_state") != "fresh" and fit is not None and fit >= TRAINED_LABEL_FIT
+
+    @classmethod
     def judge(cls, figures: Figures, t: Thresholds) -> list[Verdict]:
+        """ζ/φ against ``max_noise_fraction`` (a multiple of the floor 1/(C−1) by default) and (ζ − 1/C)/φ
+        against ``max_excess_noise_fraction``; not judged on a head that already predicts the labels."""
         out = []
+        floor = figures.get("max_entropy_noise_fraction")
         for key, figure, what in (("max_noise_fraction", "noise_fraction", "noise fraction"),
                                   ("max_excess_noise_fraction", "excess_noise_fraction", "excess noise fraction")):
             threshold = getattr(t, key)
             if threshold is None:
                 continue
+            relative = isinstance(threshold, FloorMultiple)
+            if relative:
+                if floor is None:
+                    continue
+                threshold = threshold.of(floor)
             value, phi = figures.get(figure), figures.get("total_energy")
             if value is None and isinstance(phi, (int, float)) and phi == 0:
                 # φ = 0: every prediction is exactly right, so there is no error and no noise in it
@@ -208,13 +238,19 @@ class NoiseProbe(Probe):
             elif value is None and not (isinstance(phi, (int, float)) and math.isfinite(phi)):
                 out.append(Verdict(key, False, None, threshold,
                                    f"{what} could not be measured: the model's outputs on the data are NaN or Inf"))
+            elif cls.trained(figures):
+                out.append(Verdict(key, None, value, threshold,
+                                   f"{what} {fmt(value)} not judged: the head predicts these labels (label fit "
+                                   f"{fmt(figures.get('label_fit'))} >= {TRAINED_LABEL_FIT:g}), so ζ/φ is its "
+                                   f"confidence; ENTAME's noise is read at a fresh head (--new-head)"))
             else:
-                floor = figures.get("max_entropy_noise_fraction")
-                where = f" (floor 1/(C-1) = {floor:.4g})" if key == "max_noise_fraction" and floor is not None else ""
-                out.append(bound(key, value, threshold, what, where=where,
-                                 explanation="the head's first updates send mostly noise into the backbone "
-                                             "(ENTAME Table 1)",
-                                 suggestion=Suggestion("fix", ("--method", "entame"))))
+                v = bound(key, value, threshold, what,
+                          explanation="the head's first updates send mostly noise into the backbone "
+                                      "(ENTAME Table 1)",
+                          suggestion=Suggestion("fix", ("--method", "entame")))
+                if relative:
+                    v = replace(v, message=f"{v.message} (= {getattr(t, key)} the floor 1/(C-1) = {floor:.4g})")
+                out.append(v)
         return out
 
     def problems(self, result: ProbeResult) -> list[Finding]:
@@ -225,22 +261,25 @@ class NoiseProbe(Probe):
         return []
 
     def findings(self, result: ProbeResult, thresholds: Thresholds) -> list[Finding]:
-        """One finding for both fractions: above the floor (a warning) or near it (info)."""
+        """One finding for both fractions: above their bounds (a warning), near the floor (info), or not judged
+        on a trained head (info)."""
         problems = self.problems(result)
         if problems:
             return problems
         f = result.figures
-        nf, excess = f.get("noise_fraction"), f.get("excess_noise_fraction")
-        floor = f.get("max_entropy_noise_fraction")
-        if nf is None or excess is None:
+        verdicts = [v for v in self.judge(f, thresholds) if v.value is not None]
+        failed = [v for v in verdicts if v.passed is False]
+        if failed:
+            return [Finding(self.name, "warning", "; ".join(v.message for v in failed) + ": the head's first "
+                            "updates send mostly noise into the backbone (ENTAME Table 1)",
+                            Suggestion("fix", ("--method", "entame")))]
+        if verdicts and verdicts[0].passed is None:
+            return [Finding(self.name, "info", verdicts[0].message, None)]
+        nf, floor = f.get("noise_fraction"), f.get("max_entropy_noise_fraction")
+        if nf is None or floor is None or not verdicts:
             return []
-        verdicts = self.judge(f, thresholds)
-        if any(v.passed is False for v in verdicts):
-            return [Finding(self.name, "warning",
-                            f"noise fraction {nf:.3f} is above its maximum-entropy floor {floor:.3f} "
-                            f"(excess {excess:.3f}): the head's first updates send mostly noise into the backbone "
-                            f"(ENTAME Table 1)", Suggestion("fix", ("--method", "entame")))]
-        return [Finding(self.name, "info", f"noise fraction {nf:.3f} is near its floor {floor:.3f}", None)]
+        return [Finding(self.name, "info", f"noise fraction {nf:.3f} is within its bounds (floor 1/(C-1) = "
+                        f"{floor:.3f})", None)]
 
     @classmethod
     def summary(cls, figures: Figures) -> list[tuple[str, str]]:
@@ -248,11 +287,17 @@ class NoiseProbe(Probe):
             half = figures.get(f"{key}_ci95")
             return fmt(figures.get(key)) + (f" ± {fmt(half)}" if half is not None else "")
         floor = fmt(figures.get("max_entropy_noise_fraction"))
-        items = [("noise fraction (ENTAME)",
-                  f"{with_ci('noise_fraction')}  (floor {floor}, excess {with_ci('excess_noise_fraction')})"),
-                 ("cross-entropy", f"{with_ci('cross_entropy')}  (ln C = {fmt(figures.get('max_entropy_loss'))})"),
-                 ("correct-class probability", with_ci("correct_prob")),
-                 ("error energy into the backbone", with_ci("backbone_error_energy"))]
+        items = [("noise fraction ζ/φ (ENTAME)",
+                  f"{with_ci('noise_fraction')} = uniform part (1/C)/φ {with_ci('uniform_noise_fraction')} + excess "
+                  f"(ζ−1/C)/φ {with_ci('excess_noise_fraction')}; floor 1/(C−1) = {floor} at uniform output")]
+        if cls.trained(figures):
+            items.append(("  on this head", f"the head predicts these labels (label fit {fmt(figures.get('label_fit'))}"
+                          "): ζ/φ is its confidence, not noise — ENTAME's noise is a fresh head's (--new-head)"))
+        items += [("cross-entropy", f"{with_ci('cross_entropy')}  (ln C = {fmt(figures.get('max_entropy_loss'))})"),
+                  ("correct-class probability", f"{with_ci('correct_prob')}  (label fit {with_ci('label_fit')}: "
+                                                "0 at chance, 1 certain)"),
+                  ("error energy into the backbone", with_ci("backbone_error_energy"))]
         if figures.get("seeds"):
-            items.append(("fresh heads (seeds)", str(figures["seeds"])))
+            items.append(("fresh heads (seeds)", f"{figures['seeds']}: every figure is their mean ± 95% CI; the "
+                                                 "first is the head --new-head alone installs"))
         return items

@@ -19,7 +19,7 @@ def _value(c: CheckResult) -> str:
 
 
 def _threshold(c: CheckResult) -> str:
-    return plain(c.threshold, "", "g")
+    return plain(c.threshold, "", ".4g")
 
 
 def render(report: CheckReport, console: Console) -> None:

@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ftdoctor.numbers import fmt
+from ftdoctor.data.subset import describe
 from ftdoctor.report.formats import OutputFormat, register_format
 
 _BLOCKS = " ▏▎▍▌▋▊▉█"
@@ -84,7 +85,7 @@ def render(doc: dict[str, Any], console: Console, notes: Iterable[str] = ()) -> 
     m, d = doc["model"], doc["data"]
     title = (f"[bold]{m['path']}[/] — {m['arch'] or 'model'} ({m['format']}), {m['num_params']:,} params, "
              f"head [bold]{m['head']}[/] → {m['num_classes']} classes; data {d['name']} "
-             f"({d['split']}, {d['num_samples']} examples)")
+             f"({d['split']}, {describe(d.get('subset'), d['num_samples'])})")
     header, rows = layer_rows(doc, bars=True)
     if rows:
         table = Table(title=title, title_justify="left", show_lines=False, header_style="bold")

@@ -287,7 +287,8 @@ def test_an_installed_package_s_plug_ins_reach_the_ftdoctor_command(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["data"] == {"name": "checkers", "split": "train", "num_samples": 30,
-                                               "num_classes": 3}
+                                               "num_classes": 3,
+                                               "subset": {"mode": "all", "kept": 30, "total": 30, "seed": None}}
 
     _installed(site, "ftd_broken", "raise ImportError('needs a library that is not installed')\n")
     done = subprocess.run([sys.executable, "-m", "ftdoctor", "probe", "three.pt", *arch, "--data", "checkers"],

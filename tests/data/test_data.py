@@ -33,7 +33,7 @@ def _imagenet(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- shapes / fake
 
 def test_shapes_bundle_matches_the_renderer_with_imagenet_normalisation() -> None:
-    bundle = load_data(DataOptions("shapes:5", split="test", max_samples=200, batch_size=32))
+    bundle = load_data(DataOptions("shapes:5", split="test", subset="first", max_samples=200, batch_size=32))
     assert (bundle.name, bundle.split, bundle.num_samples, bundle.num_classes) == ("shapes:5", "test", 200, 5)
     assert bundle.image_shape == (3, 32, 32) and bundle.notes == []
     x, y, idx = _all_batches(bundle)
@@ -45,7 +45,7 @@ def test_shapes_bundle_matches_the_renderer_with_imagenet_normalisation() -> Non
 
 
 def test_loader_items_carry_their_dataset_index_under_shuffle() -> None:
-    bundle = load_data(DataOptions("shapes", max_samples=100, normalize="none"))
+    bundle = load_data(DataOptions("shapes", subset="first", max_samples=100, normalize="none"))
     x, y, idx = _all_batches(bundle, batch_size=16, shuffle=True, seed=5)
     assert sorted(idx.tolist()) == list(range(100)) and not torch.equal(idx, torch.arange(100))
     raw, labels = shapes.render(idx)
@@ -56,14 +56,14 @@ def test_loader_items_carry_their_dataset_index_under_shuffle() -> None:
 
 
 def test_single_item_access_matches_the_loader() -> None:
-    bundle = load_data(DataOptions("shapes", max_samples=10))
+    bundle = load_data(DataOptions("shapes", subset="first", max_samples=10))
     x, y, idx = _all_batches(bundle)
     xi, yi, i = bundle.dataset[7]
     assert i == 7 and yi == int(y[7]) and torch.equal(xi, x[7])
 
 
-def test_max_samples_takes_the_first_items_in_dataset_order() -> None:
-    capped = load_data(DataOptions("shapes", max_samples=50, normalize="none"))
+def test_subset_first_takes_the_first_items_in_dataset_order() -> None:
+    capped = load_data(DataOptions("shapes", subset="first", max_samples=50, normalize="none"))
     full = load_data(DataOptions("shapes", max_samples=None, normalize="none"))
     assert capped.num_samples == 50 and full.num_samples == shapes.SPLIT_SIZES["train"]
     assert torch.equal(_all_batches(capped)[0], torch.stack([full.dataset[i][0] for i in range(50)]))
@@ -80,7 +80,7 @@ def test_default_cap_is_1024_and_loader_is_fast() -> None:
 
 
 def test_image_size_resizes_like_interpolate() -> None:
-    bundle = load_data(DataOptions("shapes", max_samples=8, image_size=48, normalize="none"))
+    bundle = load_data(DataOptions("shapes", subset="first", max_samples=8, image_size=48, normalize="none"))
     assert bundle.image_shape == (3, 48, 48)
     x = _all_batches(bundle)[0]
     expected = F.interpolate(shapes.render(range(8))[0], size=(48, 48), mode="bilinear",
@@ -89,7 +89,7 @@ def test_image_size_resizes_like_interpolate() -> None:
 
 
 def test_dataset_normalisation_gives_zero_mean_unit_std_per_channel() -> None:
-    bundle = load_data(DataOptions("shapes", max_samples=300, normalize="dataset"))
+    bundle = load_data(DataOptions("shapes", subset="first", max_samples=300, normalize="dataset"))
     x = _all_batches(bundle)[0].double()
     torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.double), atol=1e-5, rtol=0)
     torch.testing.assert_close(x.std(dim=(0, 2, 3), correction=0), torch.ones(3, dtype=torch.double),
@@ -111,12 +111,12 @@ def test_fake_is_deterministic_with_fixed_sizes() -> None:
     x3, _, _ = _all_batches(load_data(DataOptions("fake", seed=1, max_samples=None, normalize="none")))
     assert not torch.equal(x1, x3)
     assert not torch.equal(x1[:256], _all_batches(test)[0])
-    capped = load_data(DataOptions("fake", max_samples=10, normalize="none"))
+    capped = load_data(DataOptions("fake", subset="first", max_samples=10, normalize="none"))
     assert torch.equal(_all_batches(capped)[0], x1[:10])  # the cap does not reshuffle
 
 
 def test_fake_image_size_sets_the_generated_size() -> None:
-    bundle = load_data(DataOptions("fake", image_size=20, max_samples=4))
+    bundle = load_data(DataOptions("fake", image_size=20, subset="first", max_samples=4))
     assert bundle.image_shape == (3, 20, 20) and _all_batches(bundle)[0].shape == (4, 3, 20, 20)
 
 
@@ -135,14 +135,14 @@ def test_grey_to_rgb_repeats_the_channel_with_a_note(tmp_path: Path) -> None:
 
 
 def test_rgb_to_grey_averages_with_a_note() -> None:
-    bundle = load_data(DataOptions("shapes", max_samples=4, normalize="none", in_channels=1))
+    bundle = load_data(DataOptions("shapes", subset="first", max_samples=4, normalize="none", in_channels=1))
     assert bundle.image_shape == (1, 32, 32) and "averaged" in bundle.notes[0]
     torch.testing.assert_close(_all_batches(bundle)[0], shapes.render(range(4))[0].mean(1, keepdim=True))
 
 
 def test_other_channel_mismatch_is_an_error() -> None:
     with pytest.raises(FtdoctorError, match="3 channels but the model's first layer takes 4"):
-        load_data(DataOptions("shapes", max_samples=4, in_channels=4))
+        load_data(DataOptions("shapes", subset="first", max_samples=4, in_channels=4))
 
 
 # --------------------------------------------------------------------------- torchvision sets
@@ -183,7 +183,7 @@ def test_cifar10_in_the_real_pickle_format_loads_through_torchvision(tmp_path: P
     expected = torch.from_numpy(data.reshape(-1, 3, 32, 32)).float() / 255
     torch.testing.assert_close(x[:4], expected)
     assert y[:4].tolist() == labels
-    test = load_data(DataOptions("cifar10", data_root=str(tmp_path), split="test", max_samples=3))
+    test = load_data(DataOptions("cifar10", data_root=str(tmp_path), split="test", subset="first", max_samples=3))
     assert test.num_samples == 3
 
 
@@ -266,7 +266,7 @@ def test_npz_round_trip_nchw_float(tmp_path: Path) -> None:
     x = np.random.default_rng(3).normal(size=(7, 3, 4, 4)).astype(np.float32)
     path = tmp_path / "f.npz"
     np.savez(path, x=x, y=np.arange(7, dtype=np.int64) % 2)
-    bundle = load_data(DataOptions(str(path), normalize="none", max_samples=5))
+    bundle = load_data(DataOptions(str(path), normalize="none", subset="first", max_samples=5))
     assert bundle.num_samples == 5 and bundle.num_classes == 2
     assert torch.equal(_all_batches(bundle)[0], torch.from_numpy(x[:5]))
 
@@ -304,7 +304,7 @@ def test_labels_out_of_range_of_a_stated_class_count(tmp_path: Path) -> None:
     with pytest.raises(FtdoctorError, match="label 5 is out of range for 3 classes"):
         load_data(DataOptions(str(path)))
     # checks run on the capped labels only
-    assert load_data(DataOptions(str(path), max_samples=2)).num_classes == 3
+    assert load_data(DataOptions(str(path), subset="first", max_samples=2)).num_classes == 3
 
 
 def test_empty_dataset_is_an_error(tmp_path: Path) -> None:
@@ -343,7 +343,7 @@ def test_h5_round_trip_nhwc_uint8_with_test_split(tmp_path: Path) -> None:
     path = tmp_path / "d.h5"
     _write_h5(path, images=images, labels=np.arange(12) % 4, test_images=test_images,
               test_labels=np.array([1, 2, 3]))
-    bundle = load_data(DataOptions(str(path), normalize="none", max_samples=9, batch_size=4))
+    bundle = load_data(DataOptions(str(path), normalize="none", subset="first", max_samples=9, batch_size=4))
     assert (bundle.num_samples, bundle.num_classes, bundle.image_shape) == (9, 4, (3, 5, 5))
     x, y, _ = _all_batches(bundle, shuffle=True, seed=1)  # shuffled: non-contiguous reads
     order = _all_batches(bundle, shuffle=True, seed=1)[2].numpy()
@@ -456,7 +456,8 @@ def test_empty_image_folder_is_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("options, message", [
     (dict(batch_size=0), "batch size"),
-    (dict(max_samples=0), "sample cap"),
+    (dict(subset="first", max_samples=0), "sample cap"),
+    (dict(subset="random"), "unknown --subset"),
     (dict(image_size=0), "image size"),
     (dict(image_size=-3), "image size"),
     (dict(split="val"), "unknown split"),
