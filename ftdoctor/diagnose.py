@@ -114,7 +114,8 @@ class Report:
                 "model": self.model, "data": self.data, "settings": self.settings,
                 "probes": {name: res.figures.to_json() for name, res in self.run.results.items()},
                 "skipped": [s.to_json() for s in self.run.skipped],
-                "findings": [f.to_json(self.run_args) for f in self.run.findings]}
+                "findings": [f.to_json(self.run_args) for f in self.run.findings],
+                "notes": [*self.notes, *self.run.notes]}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """HDF5 arrays keyed by path below ``/probes``."""

@@ -29,6 +29,7 @@ from ftdoctor.model import AffineLayer, find_head, is_scripted, layer_order, new
 
 if TYPE_CHECKING:
     from ftdoctor.checkpoint import LoadedModel, ModelOptions
+    from ftdoctor.checkpoint.sources import InputSize
     from ftdoctor.data import DataBundle, DataOptions
 
 
@@ -64,7 +65,7 @@ def open_session(model_path: str | Path, model_opts: "ModelOptions", data_opts: 
     device = torch.device(model_opts.device)
     bundle = None
     if data_opts is not None:
-        bundle = open_data(loaded.model, data_opts)
+        bundle = open_data(loaded.model, data_opts, model_input_size(loaded))
         notes.extend(bundle.notes)
     layers, order = find_layers(loaded.model, bundle, device=device, image_size=image_size)
     session = Session(loaded, bundle, layers, order, find_head(layers, head), device, notes=notes)
@@ -82,15 +83,45 @@ def open_session(model_path: str | Path, model_opts: "ModelOptions", data_opts: 
     return session
 
 
-def open_data(model: nn.Module, opts: "DataOptions") -> "DataBundle":
-    """``--data`` loaded for ``model``: grey and RGB adapted to its first convolution's input channels."""
+def open_data(model: nn.Module, opts: "DataOptions", size: "InputSize | None" = None) -> "DataBundle":
+    """``--data`` loaded for ``model``: grey and RGB adapted to its first convolution's input channels; resized
+    to the size the model needs (``size``, :func:`model_input_size`) when the data's own does not fit it and
+    ``--image-size`` is not given (a given one that does not fit is an error that says why)."""
     from ftdoctor.data import load_data
 
     channels = first_in_channels(model)
     bundle = load_data(replace(opts, in_channels=channels) if channels and opts.in_channels is None else opts)
     if bundle.num_samples == 0:
         raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
+    height, width = bundle.image_shape[1:]
+    if size is not None and not size.fits(height, width):
+        if opts.image_size is not None:
+            fits = (f"--image-size {size.exact}" if size.exact is not None
+                    else f"--image-size {size.pretrained} (or at least {size.minimum})")
+            raise InputSizeError(f"{size.why}, but --image-size {opts.image_size} gives {height}×{width} images",
+                                f"drop --image-size (ftdoctor then resizes to {size.pretrained}×{size.pretrained}) "
+                                f"or pass {fits}")
+        bundle.resize(size.pretrained)
+        bundle.notes.append(f"images resized from {height}×{width} to {size.pretrained}×{size.pretrained}: "
+                            f"{size.why}; --image-size chooses another size")
     return bundle
+
+
+class InputSizeError(FtdoctorError):
+    """``--image-size`` gives images the model cannot take."""
+
+
+def model_input_size(loaded: "LoadedModel") -> "InputSize | None":
+    """The image size the loaded model needs (its model source's rule; else an ``image_size`` attribute
+    as torchvision's VisionTransformer has, which is exact), or None when any size will do."""
+    from ftdoctor.checkpoint.sources import InputSize, input_size
+
+    size = input_size(loaded)
+    exact = getattr(loaded.model, "image_size", None)
+    if size is None and isinstance(exact, int) and not isinstance(exact, bool):
+        size = InputSize(pretrained=exact, exact=exact,
+                         why=f"the model takes {exact}×{exact} images only (its image_size)")
+    return size
 
 
 def first_in_channels(model: nn.Module) -> int | None:

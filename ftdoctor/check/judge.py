@@ -106,7 +106,7 @@ class _Shared:
     data: Any
     reference: str | Path | None
     model_opts: Any
-    bundles: dict[int | None, Any] = field(default_factory=dict)
+    bundles: dict[Any, Any] = field(default_factory=dict)
     references: dict[str | None, nn.Module] = field(default_factory=dict)
     new_head: bool = False
 
@@ -114,12 +114,15 @@ class _Shared:
         """What a suggested command repeats for this checkpoint."""
         return RunArgs.of(path, self.model_opts, self.data, self.new_head)
 
-    def bundle(self, model: nn.Module) -> Any:
-        from ftdoctor.session import first_in_channels, open_data
-        channels = first_in_channels(model)
-        if channels not in self.bundles:
-            self.bundles[channels] = open_data(model, self.data)
-        return self.bundles[channels]
+    def bundle(self, loaded: Any) -> Any:
+        """The data as this checkpoint's model takes it (its input channels and size); shared by the
+        checkpoints that take it alike."""
+        from ftdoctor.session import first_in_channels, model_input_size, open_data
+        size = model_input_size(loaded)
+        key = (first_in_channels(loaded.model), size)
+        if key not in self.bundles:
+            self.bundles[key] = open_data(loaded.model, self.data, size)
+        return self.bundles[key]
 
     def reference_model(self, loaded: Any) -> nn.Module:
         from ftdoctor.session import load_reference
@@ -152,7 +155,7 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
     """Run the planned checks on one checkpoint; only configuration problems raise."""
     from ftdoctor import checkpoint as ckpt
     from ftdoctor.model import find_head
-    from ftdoctor.session import find_layers, install_new_head, with_head
+    from ftdoctor.session import InputSizeError, find_layers, install_new_head, with_head
 
     t = thresholds
     results: dict[str, CheckResult] = {}
@@ -185,7 +188,11 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
     order_error: str | None = None
     bundle = None
     if "runs_on_data" in plan:
-        bundle = shared.bundle(net)
+        try:
+            bundle = shared.bundle(loaded)
+        except InputSizeError as exc:   # this model cannot take --image-size: its failure, not the data's
+            results["runs_on_data"] = CheckResult("runs_on_data", False, None, None, _error_text(exc))
+            return done(**info)
         try:
             layers, _ = find_layers(net, bundle, device=device)
         except DataError:

@@ -9,6 +9,7 @@ decorated with :func:`register_model_source`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -47,9 +48,38 @@ class ModelSource:
         """The model with its weights (on the CPU; :func:`load_model` moves it and sets ``eval()``)."""
         raise NotImplementedError
 
+    def input_size(self, arch: str | None, model: nn.Module) -> "InputSize | None":
+        """The image size ``arch`` needs or was pretrained at, when the data's own size may not fit it."""
+        return None
+
     def save(self, loaded: LoadedModel, model: nn.Module, out: Path) -> str:
         """Write ``model`` to ``out`` the way ``loaded`` was stored; return the file's sha256."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class InputSize:
+    """What image size a model takes: ``exact`` (it runs at no other, e.g. a ViT's position embeddings),
+    or at least ``minimum``; ``pretrained`` is the size its weights were trained at (what ftdoctor resizes
+    to when the data does not fit); ``why`` says so in words."""
+
+    pretrained: int
+    minimum: int = 1
+    exact: int | None = None
+    why: str = ""
+
+    def fits(self, height: int, width: int) -> bool:
+        if self.exact is not None:
+            return height == width == self.exact
+        return min(height, width) >= self.minimum
+
+
+def input_size(loaded: LoadedModel) -> InputSize | None:
+    """The :class:`InputSize` of a loaded model, from the source that built it (None: any size will do)."""
+    for source in ordered_sources():
+        if source.name == loaded.source:
+            return source.input_size(loaded.arch, loaded.model)
+    return None
 
 
 def ordered_sources() -> list[ModelSource]:

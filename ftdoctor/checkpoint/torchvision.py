@@ -18,7 +18,7 @@ from ftdoctor.checkpoint.builders import (
 )
 from ftdoctor.checkpoint.common import LoadedModel, ModelOptions, _key, _listing
 from ftdoctor.checkpoint.reading import CheckpointFile
-from ftdoctor.checkpoint.sources import ModelSource, loaded, register_model_source
+from ftdoctor.checkpoint.sources import InputSize, ModelSource, loaded, register_model_source
 from ftdoctor.checkpoint.state_dict import model_from_state_dict
 from ftdoctor.checkpoint.writing import save_state_dict
 from ftdoctor.errors import FtdoctorError
@@ -143,6 +143,30 @@ class TorchvisionSource(ModelSource):
         builders = None if plan == "match" else plan
         model, builder, box = model_from_state_dict(ckpt, opts, notes, builders=builders, match=match_torchvision)
         return loaded(ckpt, model, box.format, builder.name, box, opts, notes, self.name)
+
+    def input_size(self, arch: str | None, model: nn.Module) -> InputSize | None:
+        """From the metadata of torchvision's own weights for ``arch`` (nothing is downloaded): their
+        ``min_size`` and crop size; a ViT's ``image_size`` is exact (its position embeddings fix it)."""
+        import torchvision
+
+        if arch is None or not self.accepts_arch(arch):
+            return None
+        try:
+            weights = torchvision.models.get_model_weights(arch).DEFAULT
+        except (ValueError, AttributeError, KeyError):
+            return None
+        keywords = getattr(weights.transforms, "keywords", {}) or {}
+        crop = int(keywords.get("crop_size", 224))
+        minimum = int(min(weights.meta.get("min_size", (1, 1))))
+        exact = getattr(model, "image_size", None)
+        exact = int(exact) if isinstance(exact, int) else None
+        if exact is None and minimum <= 1:
+            return None                       # a convolutional net that runs at any size
+        if exact is not None:
+            why = f"{arch} takes {exact}×{exact} images only (its position embeddings fix the size)"
+        else:
+            why = f"{arch} needs images of at least {minimum}×{minimum} (its pretrained weights take {crop}×{crop})"
+        return InputSize(pretrained=exact or crop, minimum=minimum, exact=exact, why=why)
 
     def save(self, loaded: LoadedModel, model: nn.Module, out: Path) -> str:
         return save_state_dict(loaded.container, model, out)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -30,12 +31,13 @@ def write_sidecar(out: Path, record: dict) -> Path:
     return path
 
 
-def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force: bool = False) -> str:
+def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force: bool = False,
+               notes: list[str] | None = None) -> str:
     """Write ``model`` to ``out`` in ``loaded``'s format and container; return the file's sha256.
 
-    A state dict keeps its wrapper dict (other entries untouched), key names,
-    prefix and stored dtypes; a safetensors file keeps its metadata; a full
-    pickled module stays one. TorchScript cannot be written back.
+    A state dict keeps its wrapper dict (other entries untouched, but for a head of another class count:
+    :mod:`.retarget`, which says what it changed in ``notes``), key names, prefix and stored dtypes; a
+    safetensors file keeps its metadata; a full pickled module stays one. TorchScript cannot be written back.
     """
     from ftdoctor.checkpoint.sources import MODEL_SOURCES
 
@@ -43,7 +45,24 @@ def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force:
     source = MODEL_SOURCES[loaded.source or _source_of(loaded.format)]
     if loaded.format != "torchscript":
         check_output_path(loaded.path, out, force)
+    box = loaded.container
+    classes = _head_outputs(model, loaded.head_key)
+    if box.wrapper is not None and classes is not None and classes != loaded.num_classes:
+        from ftdoctor.checkpoint.retarget import retarget
+
+        wrapper, said = retarget(box.wrapper, loaded.num_classes, classes)
+        loaded = replace(loaded, container=replace(box, wrapper=wrapper))
+        if notes is not None:
+            notes.extend(said)
     return source.save(loaded, model, out)
+
+
+def _head_outputs(model: nn.Module, head_key: str | None) -> int | None:
+    try:
+        weight = (model.get_submodule(head_key) if head_key else model).weight
+    except (AttributeError, RuntimeError):   # not there, or a ScriptModule (no get_submodule)
+        return None
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
 
 
 def _source_of(fmt: str) -> str:

@@ -87,6 +87,14 @@ class DataBundle:
     std: tuple[float, ...] = ()
     drawn: Drawn | None = None          # how --max-samples chose the examples
 
+    def resize(self, size: int) -> None:
+        """Resize every image to ``size``×``size`` from now on (the model needs that size)."""
+        from ftdoctor.safety import check_batch_bytes
+
+        check_batch_bytes(self.batch_size, (self.image_shape[0], size, size), f"images from {self.name}")
+        self.dataset.resize_to = (size, size)
+        self.image_shape = (self.image_shape[0], size, size)
+
     def info(self, num_samples: int | None = None) -> dict[str, Any]:
         """The report's ``data`` block: name, split, examples (``num_samples``: those a run saw), classes,
         and how ``--max-samples`` drew them (``subset``, :class:`~ftdoctor.data.subset.Drawn`)."""

@@ -70,12 +70,13 @@ def compare_model(template: nn.Module, train_bundle: Any, eval_bundle: Any, opti
 def _load(model_path: str | Path, model_opts: Any, data: Any, eval_split: str, eval_samples: int
           ) -> tuple[Any, Any, Any, list[str]]:
     from ftdoctor import checkpoint as ckpt
-    from ftdoctor.session import open_data
+    from ftdoctor.session import model_input_size, open_data
     model_opts = model_opts or ckpt.ModelOptions()
     loaded = ckpt.load_model(model_path, model_opts)
     notes = list(loaded.notes)
-    train_bundle = open_data(loaded.model, data)
-    eval_bundle = open_data(loaded.model, replace(data, split=eval_split, max_samples=eval_samples))
+    size = model_input_size(loaded)
+    train_bundle = open_data(loaded.model, data, size)
+    eval_bundle = open_data(loaded.model, replace(data, split=eval_split, max_samples=eval_samples), size)
     notes.extend(train_bundle.notes)
     if eval_bundle.num_classes != train_bundle.num_classes:
         raise FtdoctorError(f"the {eval_split} split has {eval_bundle.num_classes} classes but the "
@@ -134,9 +135,10 @@ def _trace(model_path: str | Path, model: Any, data: Any, options: TraceOptions,
     if options.method == "entame-fn":
         notes.append(f"the head {layers_head} normalises its input first (ENTAME eq. 20): a saved checkpoint "
                      f"carries the buffers {layers_head}.feature_norm.mean/var")
+    if save is not None:
+        sha = ckpt.save_model(loaded, tuned, Path(save), force=force, notes=notes)
     result = TraceResult(minfo, dinfo, settings, run, tuple(notes))
     if save is not None:
-        sha = ckpt.save_model(loaded, tuned, Path(save), force=force)
         ckpt.write_sidecar(Path(save), {
             "command": "trace", "method": options.method, "parameters": settings, "seed": options.seed,
             "input": {"path": str(loaded.path), "sha256": loaded.sha256}, "output": {"sha256": sha},

@@ -25,10 +25,12 @@ from ftdoctor.fixes.base import Check, Fix, FixContext, FixOutcome, layer_keys, 
 from ftdoctor.fixes.passes import input_statistics
 from ftdoctor.heads import ENTAME_PHI_W, entame_phi_w, generator_for, init_head_
 from ftdoctor.model import AffineLayer
+from ftdoctor.probes.noise import TRAINED_LABEL_FIT
 
 TOLERANCE = 1e-3
 NOISE_KEYS = ("noise_fraction", "excess_noise_fraction", "max_entropy_noise_fraction", "cross_entropy",
-              "max_entropy_loss", "estimate_energy", "backbone_error_energy", "feature_energy")
+              "max_entropy_loss", "estimate_energy", "correct_prob", "label_fit", "backbone_error_energy",
+              "feature_energy")
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,12 @@ class Entame(Fix[EntameOptions]):
                   after=after.get("excess_noise_fraction"), target="0"),
         ]
         notes = []
+        fit = before.get("label_fit")
+        if fit is not None and fit >= TRAINED_LABEL_FIT:
+            notes.append(f"warning: the head {ctx.head.name} predicted these labels (label fit {fit:.3g}, correct-class "
+                         f"probability {before.get('correct_prob'):.3g}); ENTAME replaced it with a maximum-entropy "
+                         "head, discarding what it had learned. That is right at the start of a fine-tune on a new "
+                         "task (--new-head); to keep a trained head, do not apply entame to it")
         if applied.feature_norm:
             notes.append(f"{applied.head.name} is now a FeatureNormLinear: its input is z-normalised "
                          f"(ENTAME eq. 20; buffers {applied.head.name}.feature_norm.mean/.var, set from the data). "

@@ -5,6 +5,7 @@ import math
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ftdoctor.data.subset import describe
 from ftdoctor.fixes.api import FixResult
@@ -62,9 +63,11 @@ def render(result: FixResult, console: Console, *, notes: bool = True) -> None:
         console.print("[bold]left alone:[/]")
         for item in o.left_alone:
             console.print(f"  {item.name}: {item.reason}", soft_wrap=True)
-    if notes:
-        for n in list(result.notes) + list(o.notes):
-            console.print(f"[dim]note: {n}[/]", soft_wrap=True)
+    for n in list(result.notes) + list(o.notes):
+        if n.startswith("warning: "):      # shown even with --quiet
+            console.print(Text(n, style="yellow"), soft_wrap=True)
+        elif notes:
+            console.print(Text(f"note: {n}", style="dim"), soft_wrap=True)
     if result.out is not None and result.output_sha256:
         console.print(f"[green]wrote[/] {result.out} ({result.format}, sha256 {result.output_sha256[:12]}…) "
                       f"and {result.sidecar.name if result.sidecar else 'no sidecar'}")

@@ -48,3 +48,49 @@ def test_inspect_and_probe_every_architecture(arch, tmp_path, monkeypatch):
     if arch.startswith("vits"):
         assert any(s.name.endswith("in_proj_weight") for s in run.skipped)
         assert any(s.name.endswith("out_proj") for s in run.skipped)
+
+
+# --------------------------------------------------------------------------- input sizes
+
+def test_recognised_architectures_bring_their_input_size():
+    from ftdoctor.checkpoint.torchvision import TorchvisionSource
+    import torchvision
+
+    source = TorchvisionSource()
+    with torch.device("meta"):
+        vit, swin, r18 = (torchvision.models.get_model(n) for n in ("vit_b_16", "swin_t", "resnet18"))
+    size = source.input_size("vit_b_16", vit)
+    assert (size.exact, size.pretrained) == (224, 224) and not size.fits(32, 32) and size.fits(224, 224)
+    size = source.input_size("swin_t", swin)
+    assert size.exact is None and size.pretrained == 224 and not size.fits(32, 32) and size.fits(256, 256)
+    assert source.input_size("resnet18", r18) is None            # a convolutional net runs at any size
+
+
+TINY_VIT = '''
+from torchvision.models.vision_transformer import VisionTransformer
+def tiny_vit(num_classes=10):
+    return VisionTransformer(image_size=64, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32,
+                             mlp_dim=64, num_classes=num_classes)
+'''
+
+
+def test_a_model_of_fixed_input_size_gets_its_size_and_a_mismatch_is_explained(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from helpers import run_cli
+
+    (tmp_path / "ftd_tvit.py").write_text(TINY_VIT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import ftd_tvit
+    torch.manual_seed(0)
+    torch.save(ftd_tvit.tiny_vit(5).state_dict(), tmp_path / "v.pt")
+    sys.modules.pop("ftd_tvit", None)
+    args = ["probe", "v.pt", "--arch", "ftd_tvit:tiny_vit", "--data", "shapes:5", "--max-samples", "8",
+            "--probes", "noise"]
+    code, out, err = run_cli(*args, "--format", "json")
+    assert code == 0, err
+    assert any("resized from 32×32 to 64×64" in n for n in json.loads(out)["notes"])
+    code, out, err = run_cli(*args, "--image-size", "32")
+    assert code == 2 and "takes 64×64 images only" in err and "--image-size 64" in err and "Wrong" not in err

@@ -1,0 +1,81 @@
+"""A training checkpoint fixed with ``--new-head`` reloads in its own framework (``checkpoint.retarget``)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftdoctor.checkpoint.retarget import retarget
+from helpers import run_cli
+
+LIT = '''
+import torch
+from torch import nn
+import pytorch_lightning as pl
+from ftdoctor.zoo import ShapesNet
+
+
+class LitShapes(pl.LightningModule):
+    def __init__(self, num_classes=10, lr=1e-3):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = ShapesNet(num_classes=num_classes)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+def shapesnet(num_classes=10):
+    return ShapesNet(num_classes=num_classes)
+'''
+
+
+def test_retarget_sets_class_counts_and_drops_optimizer_state():
+    wrapper = {"state_dict": None, "epoch": 3, "num_classes": 10,
+               "hyper_parameters": {"num_classes": 10, "lr": 0.1, "net": {"n_classes": 10, "width": 10}},
+               "optimizer_states": [{"state": {}}], "lr_schedulers": [{}]}
+    out, notes = retarget(wrapper, 10, 5)
+    assert out["num_classes"] == 5 and out["hyper_parameters"]["num_classes"] == 5
+    assert out["hyper_parameters"]["net"] == {"n_classes": 5, "width": 10}          # only class-count names
+    assert "optimizer_states" not in out and "lr_schedulers" not in out and out["epoch"] == 3
+    assert wrapper["hyper_parameters"]["num_classes"] == 10 and "optimizer_states" in wrapper   # a copy
+    assert any("hyper_parameters.num_classes" in n for n in notes) and any("dropped" in n for n in notes)
+    out, notes = retarget({"state_dict": None, "hyper_parameters": {"width": 3}}, 10, 5)
+    assert any("load_from_checkpoint(path, num_classes=5)" in n for n in notes)
+
+
+def test_a_lightning_checkpoint_fixed_with_a_new_head_loads_with_load_from_checkpoint(tmp_path, monkeypatch):
+    pl = pytest.importorskip("pytorch_lightning")
+    (tmp_path / "ftd_lit.py").write_text(LIT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("ftd_lit", None)
+    import ftd_lit
+
+    torch.manual_seed(0)
+    module = ftd_lit.LitShapes(num_classes=10)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    trainer.save_checkpoint(tmp_path / "lit.ckpt")
+    raw = torch.load(tmp_path / "lit.ckpt", weights_only=False)
+    assert raw["optimizer_states"] and raw["hyper_parameters"]["num_classes"] == 10
+
+    code, out, err = run_cli("fix", "lit.ckpt", "--arch", "ftd_lit:shapesnet", "--trust-checkpoint", "--method",
+                             "entame", "--data", "shapes:5", "--max-samples", "64", "--new-head", "-o", "fixed.ckpt")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "hyper_parameters.num_classes from 10 to 5" in text and "dropped optimizer_states" in text
+    fixed = ftd_lit.LitShapes.load_from_checkpoint(tmp_path / "fixed.ckpt")     # Lightning's own loader
+    assert fixed.hparams.num_classes == 5 and fixed.model.classifier[2].out_features == 5
+    saved = torch.load(tmp_path / "fixed.ckpt", weights_only=False)
+    assert "optimizer_states" not in saved and saved["epoch"] == raw["epoch"]
