@@ -73,6 +73,61 @@ def layer_rows(doc: dict[str, Any], bars: bool = False) -> tuple[list[str], list
     return header, out
 
 
+_NAME_MIN = 16          # a layer name folds to no less than this many characters
+
+
+def _width(header: list[str], rows: list[list[str]], name_min: int = _NAME_MIN) -> int:
+    """Characters a table of these cells takes (rich's default box: 3 per column and one more), the first
+    column folded down to ``name_min``; no other column is ever narrower than its widest cell or header."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    widths[0] = min(widths[0], name_min)
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def fitted_tables(doc: dict[str, Any], width: int) -> list[tuple[list[str], list[list[str]]]]:
+    """The per-layer table as it fits ``width`` columns, numbers never cut: with log bars if they fit, else
+    without them, else without the kind column; layer names whole if they fit, else folded; else the
+    number columns stacked in several tables, each repeating the layer names."""
+    with_bars = layer_rows(doc, bars=True)
+    if not with_bars[1]:
+        return []
+    header, rows = layer_rows(doc, bars=False)
+    no_kind = ([header[0], *header[2:]], [[r[0], *r[2:]] for r in rows])
+    for name_min in (10**6, _NAME_MIN):          # whole layer names first, folded ones next
+        for h, r in (with_bars, (header, rows), no_kind):
+            if _width(h, r, name_min) <= width:
+                return [(h, r)]
+    header, rows = no_kind
+    tables: list[tuple[list[str], list[list[str]]]] = []
+
+    def cut(cols: list[int]) -> tuple[list[str], list[list[str]]]:
+        return [header[i] for i in cols], [[r[i] for i in cols] for r in rows]
+
+    columns: list[int] = []
+    for j in range(1, len(header)):
+        if columns and _width(*cut([0, *columns, j])) > width:
+            tables.append(cut([0, *columns]))
+            columns = []
+        columns.append(j)
+    tables.append(cut([0, *columns]))
+    return tables
+
+
+def skipped_lines(skipped: list[dict[str, str]], shown: int = 3) -> list[str]:
+    """One line per (probe, reason): how many layers, the first ``shown`` of them by name."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for s in skipped:
+        groups.setdefault((s["probe"], s["reason"]), []).append(s["name"])
+    out = []
+    for (probe, reason), names in groups.items():
+        if len(names) == 1:
+            out.append(f"skipped [{probe}] {names[0]}: {reason}")
+            continue
+        listed = ", ".join(names[:shown]) + (f", … ({len(names) - shown} more)" if len(names) > shown else "")
+        out.append(f"skipped [{probe}] {len(names)} layers ({listed}): {reason}")
+    return out
+
+
 def summary_items(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """The summary panel: each probe's own lines (``Probe.summary``), in report order."""
     from ftdoctor.probes import PROBES
@@ -86,14 +141,20 @@ def render(doc: dict[str, Any], console: Console, notes: Iterable[str] = ()) -> 
     title = (f"[bold]{m['path']}[/] — {m['arch'] or 'model'} ({m['format']}), {m['num_params']:,} params, "
              f"head [bold]{m['head']}[/] → {m['num_classes']} classes; data {d['name']} "
              f"({d['split']}, {describe(d.get('subset'), d['num_samples'])})")
-    header, rows = layer_rows(doc, bars=True)
-    if rows:
-        table = Table(title=title, title_justify="left", show_lines=False, header_style="bold")
-        for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
-        for r in rows:
-            table.add_row(*r)
-        console.print(table)
+    tables = fitted_tables(doc, console.width)
+    if tables:
+        for i, (header, rows) in enumerate(tables):
+            table = Table(title=title if i == 0 else None, title_justify="left", show_lines=False,
+                          header_style="bold")
+            for j, h in enumerate(header):
+                if j == 0:       # the layer name folds onto a second line rather than push a number out
+                    table.add_column(h, overflow="fold", min_width=min(_NAME_MIN, max(len(r[0]) for r in rows)))
+                else:
+                    table.add_column(h, justify="left" if h == "kind" else "right", no_wrap=True,
+                                     min_width=max([len(h)] + [len(r[j]) for r in rows]))
+            for r in rows:
+                table.add_row(*r)
+            console.print(table)
     else:
         console.print(title)
     summary = Table.grid(padding=(0, 2))
@@ -111,8 +172,8 @@ def render(doc: dict[str, Any], console: Console, notes: Iterable[str] = ()) -> 
         t.append(f"{f['severity']:<7} ", style=_SEVERITY_STYLE.get(f["severity"], ""))
         t.append(f"[{f['probe']}] {f['message']}")
         parts.append(t)
-    for s in doc["skipped"]:
-        parts.append(Text(f"skipped [{s['probe']}] {s['name']}: {s['reason']}", style="dim"))
+    for line in skipped_lines(doc["skipped"]):
+        parts.append(Text(line, style="dim"))
     console.print(Panel(Group(*parts) if parts else Text("no findings"), title="findings", title_align="left"))
     # the suggestions outside the panel, one unbroken line each, so that a command copies as it runs
     for i, f in enumerate(findings, 1):
