@@ -44,12 +44,16 @@ def check(
                            "how will this backbone fine-tune?).", rich_help_panel=PROBE_PANEL)] = False,
     head_init: Annotated[HeadInit, typer.Option("--head-init", help="How --new-head initialises the head.",
                                                 rich_help_panel=PROBE_PANEL)] = HeadInit.kaiming,
-    max_noise_fraction: _threshold("max_noise_fraction", "noise: ζ/φ (default 0.5).") = None,
-    max_excess_noise_fraction: _threshold("max_excess_noise_fraction", "noise: (ζ − 1/C)/φ (default 0.05).") = None,
-    max_change_rate_spread: _threshold("max_change_rate_spread", "change_rate: max/min over layers (default 10).")
-    = None,
+    max_noise_fraction: _threshold("max_noise_fraction", "noise: ζ/φ, at least its floor 1/(C−1); Nx (e.g. 2x) is N times "
+                                   "the floor, a number is absolute (default 2x: 2 at C=2, 0.5 at C=5, 0.02 at "
+                                   "C=101).") = None,
+    max_excess_noise_fraction: _threshold("max_excess_noise_fraction", "noise: (ζ − 1/C)/φ, 0 at a maximum-entropy "
+                                          "head for every C (default 0.05).") = None,
+    max_change_rate_spread: _threshold("max_change_rate_spread", "change_rate: max/min over layers; over the "
+                                       "backbone under a maximum-entropy head (default 10).") = None,
     max_change_rate_cv: _threshold("max_change_rate_cv", "change_rate: worst within-layer cv (default 5).") = None,
-    min_depth_ratio: _threshold("min_depth_ratio", "grad_norm: first layer / head (default 0.01).") = None,
+    min_depth_ratio: _threshold("min_depth_ratio", "grad_norm: first layer / head; / the deepest layer below a "
+                                                   "maximum-entropy head (default 0.01).") = None,
     min_r2_median: _threshold("min_r2_median", "r2: lowest per-layer median, needs --reference (default 0.5).")
     = None,
     max_drift_rel: _threshold("max_drift_rel", "drift: largest ‖W−W⁰‖/‖W⁰‖, needs --reference, no data "

@@ -99,7 +99,8 @@ class NpzArchive:
                 if limit is not None and wanted > limit:
                     raise FtdoctorError(f"{what} declares {human_bytes(wanted)} to read, more than ftdoctor "
                                         f"reads for it ({human_bytes(limit)})",
-                                        "pass a smaller --max-samples, or store a smaller array")
+                                        "pass --subset first with a --max-samples that fits (only those "
+                                        "first rows are then read), or store a smaller array")
                 if head.fortran and take < count:
                     if head.nbytes > MAX_WHOLE_BYTES:
                         raise FtdoctorError(f"{what} is stored in Fortran order and declares "

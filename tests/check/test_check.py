@@ -423,3 +423,20 @@ def test_library_call_is_ftdoctor_check(work):
     assert isinstance(report, CheckReport) and report.exit_code == 1
     assert [v.passed for v in report.checkpoints] == [True, False]
     assert report.checkpoints[1].failures[0].name == "require_finite"
+
+
+def test_max_noise_fraction_takes_a_multiple_of_the_floor(tmp_path):
+    from ftdoctor.check.config import resolve_thresholds
+    from ftdoctor.errors import FtdoctorError
+    from ftdoctor.thresholds import FloorMultiple, Thresholds
+
+    assert Thresholds().max_noise_fraction == FloorMultiple(2.0)
+    cfg = tmp_path / "f.toml"
+    cfg.write_text('[tool.ftdoctor.check]\nmax_noise_fraction = "1.5x"\n')
+    assert resolve_thresholds(cfg).thresholds.max_noise_fraction == FloorMultiple(1.5)
+    flags = resolve_thresholds(cfg, overrides={"max_noise_fraction": "3×"}).thresholds
+    assert flags.max_noise_fraction == FloorMultiple(3.0)
+    assert resolve_thresholds(cfg, overrides={"max_noise_fraction": "0.4"}).thresholds.max_noise_fraction == 0.4
+    with pytest.raises(FtdoctorError) as err:
+        resolve_thresholds(cfg, overrides={"max_noise_fraction": "two"})
+    assert '"2x"' in err.value.remedy
