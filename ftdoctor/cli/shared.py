@@ -75,7 +75,8 @@ SubsetOpt = Annotated[Subset, typer.Option(
                      "first (the first N in dataset order; an ImageFolder lists them class by class).",
     rich_help_panel=DATA_PANEL)]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, rich_help_panel=DATA_PANEL)]
-ImageSize = Annotated[Optional[int], typer.Option("--image-size", min=1, help="Resize images to S×S.",
+ImageSize = Annotated[Optional[int], typer.Option("--image-size", min=1, help="Resize images to S×S (default: the data's own size, or the "
+                                                  "size the model needs: a ViT's image_size, 224 for Swin).",
                                                   rich_help_panel=DATA_PANEL)]
 NormalizeOpt = Annotated[Normalize, typer.Option(
     "--normalize", help="imagenet mean/std, the data's own per-channel statistics, or none.",
