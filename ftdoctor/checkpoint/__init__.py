@@ -11,6 +11,7 @@ source              recognises                                               mod
 ==================  =======================================================  ========================
 ``torchscript``     a TorchScript archive (needs ``--trust-checkpoint``)     :mod:`.torchscript`
 ``pickled-module``  a full pickled ``nn.Module`` (``--trust-checkpoint``)    :mod:`.pickled`
+``timm``            a state dict with ``--arch timm:NAME`` (timm installed)  :mod:`.timm`
 ``import-path``     a state dict with ``--arch pkg.module:callable``         :mod:`.importpath`
 ``torchvision``     a state dict with ``--arch NAME``, or recognised by its  :mod:`.torchvision`
                     keys and shapes (candidates built on ``meta``)
@@ -24,7 +25,7 @@ dtypes), atomically, through the source that read it.
 """
 from __future__ import annotations
 
-from ftdoctor.checkpoint import importpath, pickled, torchscript, torchvision  # noqa: F401,E402  (registration)
+from ftdoctor.checkpoint import importpath, pickled, timm, torchscript, torchvision  # noqa: F401,E402  (registration)
 from ftdoctor.checkpoint.common import (
                                         AFFINE_TYPES,
                                         STRIPPED_PREFIXES,

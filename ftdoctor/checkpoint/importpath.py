@@ -55,7 +55,7 @@ class ImportPathSource(ModelSource):
     """A state dict of a model built by ``pkg.module:callable`` (called with ``num_classes=C`` if it takes it)."""
 
     def accepts_arch(self, arch: str) -> bool:
-        return ":" in arch
+        return ":" in arch and not arch.startswith("timm:")
 
     def check_arch(self, arch: str) -> None:
         import_builder(arch)

@@ -1,0 +1,100 @@
+"""timm models by ``--arch timm:NAME``: built offline, probed, fixed and reloaded in timm."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import run_cli
+
+timm = pytest.importorskip("timm")
+
+SMALL = {  # tiny variants of three families, random weights (nothing is downloaded)
+    "convnext_atto": {},
+    "vit_tiny_patch16_224": {"img_size": 64},
+    "efficientnet_b0": {},
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("timm")
+    out = {}
+    for name, kw in SMALL.items():
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10, **kw)
+        path = root / f"{name}.pt"
+        torch.save(model.state_dict(), path)
+        out[name] = path
+    return out
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_probe_fix_check_and_reload_in_timm(checkpoints, name, tmp_path):
+    path, arch = checkpoints[name], ["--arch", f"timm:{name}"]
+    data = ["--data", "shapes:5", "--max-samples", "16", "--batch-size", "8"]
+    code, out, err = run_cli("probe", str(path), *arch, *data, "--new-head", "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    measured = {l["name"] for l in report["probes"]["change_rate"]["layers"]}
+    if name.startswith("vit"):
+        assert "blocks.0.attn.qkv" in measured and "blocks.1.mlp.fc2" in measured   # timm's qkv Linear
+    fixed = tmp_path / "fixed.pt"
+    code, out, err = run_cli("fix", str(path), *arch, *data, "--method", "entame", "--new-head", "-o", str(fixed))
+    assert code == 0, err
+    code, out, err = run_cli("check", str(fixed), *arch, *data, "--format", "json")
+    assert code in (0, 1), err
+    verdict = {c["name"]: c for c in json.loads(out)["checkpoints"][0]["checks"]}
+    assert verdict["max_noise_fraction"]["passed"] and verdict["max_excess_noise_fraction"]["passed"]
+    model = timm.create_model(name, pretrained=False, num_classes=5, **SMALL[name])   # timm's own loader
+    model.load_state_dict(torch.load(fixed, weights_only=True), strict=True)
+
+
+def test_a_vit_gets_its_image_size_from_the_position_embedding(checkpoints):
+    code, out, err = run_cli("probe", str(checkpoints["vit_tiny_patch16_224"]), "--arch", "timm:vit_tiny_patch16_224",
+                             "--data", "shapes", "--max-samples", "8", "--probes", "noise", "--format", "json")
+    assert code == 0, err
+    notes = " ".join(json.loads(out)["notes"])
+    assert "img_size=64" in notes and "resized from 32×32 to 64×64" in notes
+
+
+def test_an_unknown_timm_name_says_what_is_close(checkpoints):
+    code, out, err = run_cli("inspect", str(checkpoints["convnext_atto"]), "--arch", "timm:convnext_atoo")
+    assert code == 2 and "timm has no model 'convnext_atoo'" in err and "timm:convnext_atto" in err
+
+
+def test_per_example_squares_of_a_timm_vit_equal_a_per_example_loop():
+    """Every affine layer of a timm ViT (patch embedding, qkv, projections, MLP, head) in float64."""
+    from ftdoctor.engine.persample import grad_sq_sum
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=2)
+    model = model.double().eval()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    captured: dict[str, list[torch.Tensor]] = {}
+
+    def hook(name):
+        def fn(module, inputs, out):
+            captured[name] = [inputs[0].detach()]
+            out.register_hook(lambda grad: captured[name].append(grad))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    out = model(x)
+    eta = torch.randn_like(out)
+    (eta * out).sum().backward()
+    for h in handles:
+        h.remove()
+    want = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        (eta[i:i + 1] * model(x[i:i + 1])).sum().backward()
+        for n, m in layers.items():
+            want[n] += m.weight.grad ** 2
+    assert "blocks.0.attn.qkv" in layers
+    for n, m in layers.items():
+        got, _ = grad_sq_sum(m, *captured[n])
+        assert ((got - want[n]).abs().max() / want[n].abs().max()).item() < 1e-5, n
