@@ -168,6 +168,9 @@ def _torch_load(path: Path, trust: bool, notes: list[str]) -> Any:
                 "(or pass --trust-checkpoint if it is a pickle from a source you trust)",
             ) from None
         if not trust:
+            inert = _inert_load(path, notes)
+            if inert is not None:
+                return inert
             raise FtdoctorError(
                 f"{path} is a pickle that asks for {_listing(unsafe)}; unpickling it could run arbitrary code, "
                 "so it was not loaded",
@@ -179,6 +182,29 @@ def _torch_load(path: Path, trust: bool, notes: list[str]) -> Any:
 
     notes.append(f"loaded with --trust-checkpoint: fully unpickled (needs {_listing(unsafe, 3)})")
     return _trusted_load(path)
+
+
+def _inert_load(path: Path, notes: list[str]) -> Any:
+    """A training checkpoint whose extras name code (a Lightning ``.ckpt``'s hyper-parameters, an optimizer):
+    read with those globals as inert placeholders (:mod:`.inert`), nothing from the file run. None when what
+    it holds is not a state dict beside such extras (a pickled module needs ``--trust-checkpoint``)."""
+    from ftdoctor.checkpoint.inert import PickleModule, placeholders_in
+
+    try:
+        with _quiet():
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=PickleModule)
+    except Exception:  # noqa: BLE001 - anything unusual: the refusal with its remedy stands
+        return None
+    try:
+        key, payload = _find_payload(path, obj, [])
+    except FtdoctorError:
+        return None
+    if not _is_state_dict(payload):
+        return None
+    names = placeholders_in(obj)
+    notes.append(f"read without running anything from the file: {_listing(names, 4)} kept as inert placeholders "
+                 "(not imported, not run) and written back as they were")
+    return obj
 
 
 def torch_is_safe(version: str | None = None) -> bool:

@@ -74,8 +74,13 @@ def torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` through an open file. Given a path, torch names the archive's records after the file
     (here a random temporary name), so the same weights would give other bytes, and another sha256, on
     every run; through a file object the records are always ``archive/...``."""
+    from ftdoctor.checkpoint.inert import PickleModule, placeholders_in
+
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        if placeholders_in(obj):      # entries read as inert placeholders go back as the globals they were
+            torch.save(obj, f, pickle_module=PickleModule)
+        else:
+            torch.save(obj, f)
 
 
 def save_state_dict(box: Container, model: nn.Module, out: Path) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from ftdoctor.data.arrays import (ArraySplit, as_labels, capped, check_image_shape, file_classes, image_layout,
                                   stated_classes)
@@ -44,12 +45,45 @@ def npz_split(path: Path, opts: DataOptions) -> ArraySplit:
         all_labels = [labels] + [as_labels(archive.read(k, limit=MAX_LABEL_BYTES), f"{path}:{k}") for k in other]
         stated = stated_classes(archive.read("num_classes", limit=64) if "num_classes" in names else None,
                                  f"{path}:num_classes")
+        classes = file_classes(all_labels, stated, str(path))
+        if opts.max_samples is None and len(labels) > 0:
+            # uncapped: a subset may be drawn (data.subset) -- then only its rows are decompressed
+            return LazyNpzSplit(path, x_key, layout, labels, classes)
         cap = capped(len(labels), opts.max_samples)
         images = archive.read(x_key, cap, limit=MAX_IN_MEMORY_BYTES)
+    return ArraySplit(_finite(images, path, x_key), layout, labels[:cap], classes)
+
+
+def _finite(images: np.ndarray, path: Path, key: str) -> np.ndarray:
     if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
-        raise FtdoctorError(f"{path}:{x_key} holds NaN or infinite values",
-                            "clean the images before probing")
-    return ArraySplit(images, layout, labels[:cap], file_classes(all_labels, stated, str(path)))
+        raise FtdoctorError(f"{path}:{key} holds NaN or infinite values", "clean the images before probing")
+    return images
+
+
+class LazyNpzSplit:
+    """An ``.npz`` split whose images are decompressed only when asked: the rows of a drawn subset
+    (:meth:`select`, streamed), or all of them at the first :meth:`read`."""
+
+    def __init__(self, path: Path, key: str, layout: str, labels: np.ndarray, num_classes: int) -> None:
+        self.path, self.key, self.layout = path, key, layout
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.num_classes = num_classes
+        self._all: ArraySplit | None = None
+
+    def _rows(self, at: np.ndarray | None) -> np.ndarray:
+        from ftdoctor.data.npzfile import NpzArchive
+        from ftdoctor.safety import MAX_IN_MEMORY_BYTES
+
+        with NpzArchive(self.path) as archive:
+            return _finite(archive.read(self.key, limit=MAX_IN_MEMORY_BYTES, at=at), self.path, self.key)
+
+    def select(self, indices: np.ndarray) -> ArraySplit:
+        return ArraySplit(self._rows(np.asarray(indices)), self.layout, self.labels.numpy()[indices], self.num_classes)
+
+    def read(self, indices: Any) -> Any:
+        if self._all is None:
+            self._all = ArraySplit(self._rows(None), self.layout, self.labels.numpy(), self.num_classes)
+        return self._all.read(indices)
 
 
 @register_data_source(name="npz", priority=60, suffixes=(".npz",))

@@ -83,13 +83,17 @@ class NpzArchive:
         except Exception as exc:  # noqa: BLE001 - a damaged member
             raise FtdoctorError(f"cannot read the array {name!r} of {self.path}: {exc}", _REMEDY) from None
 
-    def read(self, name: str, rows: int | None = None, *, limit: int | None = None) -> np.ndarray:
-        """Member ``name``, or only its first ``rows`` rows; more than ``limit`` bytes is refused."""
+    def read(self, name: str, rows: int | None = None, *, limit: int | None = None,
+             at: np.ndarray | None = None) -> np.ndarray:
+        """Member ``name``, or only its first ``rows`` rows, or only the rows ``at`` (ascending: streamed, so
+        only those rows are held); more than ``limit`` bytes is refused."""
         what = f"{self.path}:{name}"
         try:
             with self._open(name) as f:
                 head = _read_header(f, what)
                 count = int(head.shape[0]) if head.shape else 1
+                if at is not None and head.shape and not head.fortran:
+                    return _read_rows(f, head, count, np.asarray(at, dtype=np.int64), limit, what)
                 take = count if rows is None or not head.shape else min(rows, count)
                 wanted = head.row_bytes * take
                 held = self._zip.getinfo(name + ".npy").file_size - f.tell()
@@ -112,6 +116,32 @@ class NpzArchive:
             raise
         except Exception as exc:  # noqa: BLE001 - a damaged member (bad CRC, truncated deflate stream)
             raise FtdoctorError(f"cannot read the array {name!r} of {self.path}: {exc}", _REMEDY) from None
+
+
+_CHUNK_BYTES = 16 << 20
+
+
+def _read_rows(f: BinaryIO, head: Header, count: int, at: np.ndarray, limit: int | None, what: str) -> np.ndarray:
+    """Rows ``at`` (ascending) of a C-order array, streamed in chunks of ~16 MB: memory is the rows kept."""
+    if at.size and (at.min() < 0 or at.max() >= count):
+        raise FtdoctorError(f"{what}: row index out of range", _REMEDY)
+    wanted = head.row_bytes * int(at.size)
+    if limit is not None and wanted > limit:
+        raise FtdoctorError(f"{what} declares {human_bytes(wanted)} to read, more than ftdoctor reads for it "
+                            f"({human_bytes(limit)})", "pass a smaller --max-samples, or store a smaller array")
+    per_chunk = max(1, _CHUNK_BYTES // max(1, head.row_bytes))
+    parts, done = [], 0
+    last = int(at[-1]) + 1 if at.size else 0
+    while done < last:
+        n = min(per_chunk, last - done)
+        block = _from_bytes(_read_exact(f, head.row_bytes * n, what), head, n)
+        lo, hi = np.searchsorted(at, [done, done + n])
+        if hi > lo:
+            parts.append(np.array(block[at[lo:hi] - done]))
+        done += n
+    if parts:
+        return np.concatenate(parts)
+    return _from_bytes(bytearray(), head, 0)
 
 
 def _read_header(f: BinaryIO, what: str) -> Header:

@@ -17,7 +17,7 @@ from ftdoctor.zoo import ShapesNet
 
 
 class LitShapes(pl.LightningModule):
-    def __init__(self, num_classes=10, lr=1e-3):
+    def __init__(self, num_classes=10, lr=1e-3, loss=None):
         super().__init__()
         self.save_hyperparameters()
         self.model = ShapesNet(num_classes=num_classes)
@@ -26,7 +26,8 @@ class LitShapes(pl.LightningModule):
         return self.model(x)
 
     def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+        loss = self.hparams.loss or nn.CrossEntropyLoss()
+        return loss(self(batch[0]), batch[1])
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
@@ -78,3 +79,56 @@ def test_a_lightning_checkpoint_fixed_with_a_new_head_loads_with_load_from_check
     assert fixed.hparams.num_classes == 5 and fixed.model.classifier[2].out_features == 5
     saved = torch.load(tmp_path / "fixed.ckpt", weights_only=False)
     assert "optimizer_states" not in saved and saved["epoch"] == raw["epoch"]
+
+
+def test_a_lightning_checkpoint_with_objects_in_its_hyper_parameters_needs_no_trust(tmp_path, monkeypatch):
+    """Its loss module makes weights_only refuse the file; it is read with that object inert (nothing from the
+    file runs), fixed, and written back with the object as it was: Lightning reloads it, loss included."""
+    pl = pytest.importorskip("pytorch_lightning")
+    (tmp_path / "ftd_lit2.py").write_text(LIT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("ftd_lit2", None)
+    import ftd_lit2
+
+    torch.manual_seed(0)
+    module = ftd_lit2.LitShapes(num_classes=10, loss=torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    trainer.save_checkpoint(tmp_path / "lit.ckpt")
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "lit.ckpt", weights_only=True)       # what used to force --trust-checkpoint
+
+    code, out, err = run_cli("fix", "lit.ckpt", "--arch", "ftd_lit2:shapesnet", "--method", "entame",
+                             "--data", "shapes:5", "--max-samples", "64", "--new-head", "-o", "fixed.ckpt")
+    assert code == 0, err
+    text = " ".join((out + err).split())
+    assert "read without running anything from the file" in text and "CrossEntropyLoss" in text
+    fixed = ftd_lit2.LitShapes.load_from_checkpoint(tmp_path / "fixed.ckpt", weights_only=False)
+    assert fixed.hparams.num_classes == 5 and fixed.model.classifier[2].out_features == 5
+    assert isinstance(fixed.hparams.loss, torch.nn.CrossEntropyLoss) and fixed.hparams.loss.label_smoothing == 0.1
+
+
+def test_code_in_a_checkpoint_extra_never_runs(tmp_path):
+    """A reduce that would call os.system stays inert: the marker file is never created."""
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    from ftdoctor.zoo import ShapesNet
+    torch.save({"state_dict": ShapesNet(num_classes=5).state_dict(), "callbacks": {"x": Evil()}},
+               tmp_path / "evil.ckpt")
+    for args in (("inspect", str(tmp_path / "evil.ckpt"), "--arch", "ftdoctor.zoo:ShapesNet"),
+                 ("fix", str(tmp_path / "evil.ckpt"), "--arch", "ftdoctor.zoo:ShapesNet", "--method", "rifle",
+                  "--data", "shapes:5", "--max-samples", "16", "-o", str(tmp_path / "out.ckpt"))):
+        code, out, err = run_cli(*args)
+        assert code == 0, err
+        assert not (tmp_path / "PWNED").exists()
+    from ftdoctor.checkpoint.inert import PickleModule
+    back = torch.load(tmp_path / "out.ckpt", weights_only=False, pickle_module=PickleModule)
+    assert "posix.system" in repr(back["callbacks"]["x"]) or "os.system" in repr(back["callbacks"]["x"])
+    assert not (tmp_path / "PWNED").exists()

@@ -78,3 +78,16 @@ def test_the_report_says_how_the_examples_were_drawn(sorted_folder, tmp_path):
     code, out, err = run_cli("probe", str(ckpt), *arch, "--data", str(sorted_folder), "--max-samples", "20",
                              "--probes", "noise")
     assert "20 of 100 examples, every class in proportion" in " ".join(out.split())
+
+
+def test_an_npz_subset_decompresses_the_drawn_rows(tmp_path):
+    """Image i holds the value i: the rows read are exactly the drawn ones (streamed, not the whole array)."""
+    n = 300
+    x = np.broadcast_to(np.arange(n, dtype=np.float32)[:, None, None, None], (n, 3, 4, 4)).copy()
+    y = np.repeat(np.arange(3), 100)                                  # sorted by class
+    np.savez_compressed(tmp_path / "d.npz", x=x, y=y)
+    bundle = load_data(DataOptions(data=str(tmp_path / "d.npz"), max_samples=30, normalize="none"))
+    images = bundle.dataset.prepare(list(range(30)), normalize=False)
+    picked = images[:, 0, 0, 0].long().tolist()
+    assert picked == sorted(picked) and np.bincount(y[picked], minlength=3).tolist() == [10, 10, 10]
+    assert bundle.labels.tolist() == y[picked].tolist()

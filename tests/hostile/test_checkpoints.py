@@ -60,6 +60,7 @@ def files(tmp_path_factory):
     (d / "corrupt.safetensors").write_bytes((10**12).to_bytes(8, "little") + b"{not json")
     (d / "empty.pt").write_bytes(b"")
     torch.save({"state_dict": good.state_dict(), "evil": Evil()}, d / "evil.pt")
+    torch.save(Evil(), d / "evil_alone.pt")
     nan = nets.SmallCNN(10)
     nan.load_state_dict(good.state_dict())
     with torch.no_grad():
@@ -96,7 +97,7 @@ def _checks(out: str) -> dict[str, dict]:
     ("corrupt.pt", "not a readable checkpoint"),
     ("corrupt.safetensors", "safetensors"),
     ("empty.pt", "empty"),
-    ("evil.pt", "--trust-checkpoint"),
+    ("evil_alone.pt", "--trust-checkpoint"),
 ])
 def test_unloadable_is_a_failed_loadable_check_and_a_probe_error(files, capsys, name, fragment):
     code, out, err, created = run(files, "check", name, "good.pt", *ARCH, "--format", "json", capsys=capsys)
@@ -113,9 +114,13 @@ def test_unloadable_is_a_failed_loadable_check_and_a_probe_error(files, capsys, 
 
 
 def test_malicious_pickle_names_its_globals_and_runs_nothing(files, capsys):
-    code, out, err, created = run(files, "check", "evil.pt", *ARCH, "--format", "json", capsys=capsys)
+    code, out, err, created = run(files, "check", "evil_alone.pt", *ARCH, "--format", "json", capsys=capsys)
     msg = _checks(out)["loadable"]["message"]
     assert code == 1 and "open" in msg and "--trust-checkpoint" in msg
+    assert not (files / MARKER).exists() and created == []
+    # beside a state dict, the same object is read inert: the weights are judged, nothing runs
+    code, out, err, created = run(files, "check", "evil.pt", *ARCH, "--format", "json", capsys=capsys)
+    assert code == 0 and _checks(out)["loadable"]["passed"] is True
     assert not (files / MARKER).exists() and created == []
 
 

@@ -15,10 +15,20 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_malicious_checkpoint_pickle_is_refused_naming_the_global(good_model, nets_dir, legacy):
+def test_a_malicious_extra_beside_a_state_dict_runs_nothing(good_model, nets_dir, legacy):
+    """The extra is read as an inert placeholder (never called): the weights are used, the global is named."""
     evil = nets_dir / "evil.pt"
     torch.save({"state_dict": torch.load(good_model), "x": Evil(nets_dir / CANARY)}, evil,
                _use_new_zipfile_serialization=not legacy)
+    assert_clean(run(nets_dir, "probe", evil, *ARCH, "--data", "shapes:10", *SMALL), 0)
+    assert_clean(run(nets_dir, "inspect", evil, *ARCH), 0, mentions=("open", "inert"))
+    assert_clean(run(nets_dir, "check", evil, *ARCH), 0, mentions=("loadable",))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_malicious_pickle_without_a_state_dict_is_refused_naming_the_global(nets_dir, legacy):
+    evil = nets_dir / "evil.pt"
+    torch.save(Evil(nets_dir / CANARY), evil, _use_new_zipfile_serialization=not legacy)
     for command in (("probe", evil, *ARCH, "--data", "shapes:10", *SMALL), ("inspect", evil, *ARCH)):
         o = run(nets_dir, *command)
         assert_clean(o, 2, mentions=("open", "--trust-checkpoint"))
