@@ -19,7 +19,7 @@ from ftdoctor import distributed, forward
 from ftdoctor.engine import PassSettings, run_pass
 from ftdoctor.errors import FtdoctorError
 from ftdoctor.heads import HEAD_INITS
-from ftdoctor.model import AffineLayer, find_head, is_affine, is_scripted, layer_order
+from ftdoctor.model import AffineLayer, find_head, is_affine, is_scripted, layer_order, measured_layers
 from ftdoctor.session import count_params, first_in_channels, install_new_head, model_info  # noqa: F401 (API)
 from ftdoctor.probes import PROBES, Finding, Probe, ProbeContext, ProbeResult, Skipped
 from ftdoctor.probes.verdicts import PLACEHOLDERS, RunArgs, Suggestion
@@ -168,18 +168,22 @@ def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = Prob
     names = options.validate(reference is not None)
     if data.num_samples == 0:
         raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
+    from ftdoctor.session import example_inputs
+    example = forward.to_device(example_inputs(data, 1), device)
     if layers is None:
-        from ftdoctor.session import example_inputs
-        layers, _ = layer_order(model, forward.to_device(example_inputs(data, 1), device))
+        layers, _ = layer_order(model, example)
     head = find_head(list(layers), options.head)
+    measured = measured_layers(model, layers, example) if any(
+        PROBES[n].measures_norms for n in names) else list(layers)
     ctx = ProbeContext(model=model, layers=tuple(layers), head=head, num_classes=data.num_classes,
+                       measured=tuple(measured),
                        seed=options.seed, reference=reference,
                        reference_layers=tuple(reference_pairs(layers, reference, options.r2_layers))
                        if reference is not None else (), scripted=is_scripted(model),
                        new_head=options.new_head, head_init=options.head_init, seeds=options.seeds,
                        change_rate_mode=options.change_rate_mode, change_rate_loss=options.change_rate_loss)
     probes: list[Probe] = []
-    skipped: list[Skipped] = unreached_parameters(model, layers)
+    skipped: list[Skipped] = unreached_parameters(model, measured)
     for n in names:
         p = PROBES[n](ctx)
         why = p.unavailable()
@@ -195,7 +199,7 @@ def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = Prob
         world = distributed.world()
         batches = distributed.sharded_batches(data.dataset, batch_size or getattr(data, "batch_size", 64), world,
                                               workers=workers)
-        run_pass(model, batches, data_probes, list(layers), head, data.num_classes, settings,
+        run_pass(model, batches, data_probes, list(measured), head, data.num_classes, settings,
                  reference=reference if any(p.needs_reference and p.needs_data for p in probes) else None,
                  reference_pairs=ctx.reference_layers, device=device, total=data.num_samples,
                  description=description, all_reduce=distributed.all_reduce_sum if world.distributed else None)

@@ -103,6 +103,47 @@ def forward_order(model: nn.Module, example: Tensor) -> list[AffineLayer]:
     return [AffineLayer(n, modules[n]) for n in order]
 
 
+def measured_layers(model: nn.Module, layers: Sequence[AffineLayer], example: Tensor | None) -> list[AffineLayer]:
+    """``layers`` (the affine ones) with the embedding and normalisation layers whose per-example squares the
+    engine forms (:mod:`ftdoctor.engine.norm_squares`), in forward order on ``example``: what the change-rate
+    and gradient-norm probes measure. A subclass with its own forward (timm's ``LayerNorm``) is measured
+    when, on the example, it computes its base class's function. Without an example, or for TorchScript,
+    ``layers`` alone."""
+    from ftdoctor.engine.norm_squares import NORM_TYPES, supports_norm, verify_forward
+
+    if example is None or is_scripted(model) or not any(isinstance(m, NORM_TYPES) for m in model.modules()):
+        return list(layers)
+    affine = {l.name for l in layers}
+    order: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name or not (name in affine or isinstance(module, NORM_TYPES)):
+            continue
+
+        def hook(mod: nn.Module, args: tuple, out: object, _name: str = name) -> None:
+            if _name in order:
+                return
+            if isinstance(mod, NORM_TYPES) and supports_norm(mod) is not None:
+                if not (args and isinstance(args[0], Tensor) and isinstance(out, Tensor)
+                        and verify_forward(mod, args[0], out) and supports_norm(mod) is None):
+                    return
+            order.append(_name)
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), _preserved_mode(model):
+            model.eval()
+            forward.logits(model, example)
+    except Exception:  # noqa: BLE001 - the affine order stands; embeddings and norms are then not measured
+        return list(layers)
+    finally:
+        for h in handles:
+            h.remove()
+    modules = dict(model.named_modules())
+    found = [AffineLayer(n, modules[n]) for n in order]
+    missing = [l for l in layers if l.name not in order]       # an affine layer this pass did not see
+    return found + missing if missing else found
+
+
 def dummy_inputs(model: nn.Module, image_size: int | None = None) -> Iterator[Tensor]:
     """Plausible single-example inputs for a model, for finding the layer order without data."""
     layers = registered_affine_layers(model)

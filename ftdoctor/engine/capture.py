@@ -112,7 +112,9 @@ class Capture:
             if self.want_grad_sq and isinstance(out, Tensor) and out.requires_grad:
                 # taken now: an in-place op after the layer would move the tensor's own edge
                 edge = get_gradient_edge(out)
-                if self.input_leaf is not None and self._is_root(edge.node):
+                # a root: reads the input, or reads nothing differentiable (token ids into an embedding)
+                if self.input_leaf is not None and (not (isinstance(x, Tensor) and x.requires_grad)
+                                                    or self._is_root(edge.node)):
                     self.root_edges.append(edge)
                 self._stops.add(edge.node)
                 if name not in self.unsupported and x is not None:

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ftdoctor.engine.conv_squares import _conv
+from ftdoctor.engine.norm_squares import NORM_TYPES, norm_grad_sq_sum, supports_norm
 from ftdoctor.engine.tiles import _added, _bmm_chunked, _choose, _chunks, _pairs_into, _per_chunk, _Scratch
 
 __all__ = ["Method", "computation_dtype", "grad_sq_sum", "supports"]
@@ -60,6 +61,8 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 def supports(module: nn.Module) -> str | None:
     """``None`` if :func:`grad_sq_sum` handles ``module``, else the reason it does not."""
+    if isinstance(module, NORM_TYPES):
+        return supports_norm(module)
     if isinstance(module, _TRANSPOSED) or getattr(module, "transposed", False):
         return "ConvTranspose not supported"
     if isinstance(module, _CONVS):
@@ -118,6 +121,11 @@ def grad_sq_sum(
     reason = supports(module)
     if reason is not None:
         raise TypeError(f"grad_sq_sum: {reason}")
+    if isinstance(module, NORM_TYPES):          # embeddings and normalisation layers: norm_squares
+        w, b = norm_grad_sq_sum(module, x, g)
+        if out is not None:
+            return out.add_(w.to(out.dtype)), b
+        return w, b
     if method not in ("auto", "pairs", "bmm", "conv"):
         raise ValueError(f"grad_sq_sum: unknown method {method!r}")
     with torch.no_grad():

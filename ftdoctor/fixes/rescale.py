@@ -187,19 +187,22 @@ class Rescale(Fix[RescaleOptions]):
         run = probe_model(ctx.model, data, ProbeOptions(probes=("change_rate",), head=ctx.head.name, seed=ctx.seed),
                           device=ctx.device, layers=list(ctx.layers), description=description)
         fig = run.results["change_rate"].figures
-        rates = {l["name"]: float(l["change_rate"]) for l in fig["layers"]
+        affine = {l.name for l in ctx.layers}      # embeddings and norms are measured but not rescaled
+        rows = [l for l in fig["layers"] if l["name"] in affine]
+        rates = {l["name"]: float(l["change_rate"]) for l in rows
                  if l["change_rate"] is not None and l["change_rate"] > 0}
         skipped = {s.name: s.reason for s in run.skipped}
-        spread, log_std = fig["spread"], fig["log_std"]
+        spread = max(rates.values()) / min(rates.values()) if rates else None
+        log_std = float(np.std(np.log(list(rates.values())))) if rates else None
         if is_max_entropy(fig.get("head_kind")):
             # ENTAME's head learns first by design (~1e-6 weights): equalising the backbone to it would shrink
             # the backbone by that much; the backbone is equalised among itself and the head left as it is
             rates.pop(ctx.head.name, None)
-            spread = fig.get("backbone_spread")
+            spread = max(rates.values()) / min(rates.values()) if rates else None
             log_std = float(np.std(np.log(list(rates.values())))) if rates else None
             skipped[ctx.head.name] = (f"the {fig['head_kind']} head: it learns first by design (ENTAME §5), so the "
                                       "backbone is equalised among itself")
-        return _Measured(rates=rates, layers=fig["layers"], spread=spread, log_std=log_std, skipped=skipped)
+        return _Measured(rates=rates, layers=rows, spread=spread, log_std=log_std, skipped=skipped)
 
     def before(self, ctx: FixContext) -> _Before:
         plan = plan_rescale(ctx.model, ctx.layers, ctx.head)

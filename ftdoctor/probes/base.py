@@ -117,6 +117,12 @@ class ProbeContext:
     seeds: int = 1                    # fresh heads to average over (--seeds, with --new-head)
     change_rate_mode: str = "exact"   # exact | batch
     change_rate_loss: str = "random"  # random | ce
+    measured: tuple[AffineLayer, ...] = ()   # layers plus embeddings and norms, forward order (measures_norms)
+
+    @property
+    def measured_layers(self) -> tuple[AffineLayer, ...]:
+        """What a probe with ``measures_norms`` measures: ``measured``, or the affine layers alone."""
+        return self.measured or self.layers
 
 
 class Probe:
@@ -129,6 +135,8 @@ class Probe:
     # What the engine must measure per batch for this probe:
     #   "head_input", "ce_grads", "rand_grads", "grad_sq", "outputs"
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: also measure embeddings and normalisation layers (``ProbeContext.measured_layers``), not only affine ones
+    measures_norms: ClassVar[bool] = False
 
     def __init__(self, ctx: ProbeContext) -> None:
         self.ctx = ctx

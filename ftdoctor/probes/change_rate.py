@@ -11,6 +11,10 @@ expected squared gradient ``G²_k = E_n[(∂ℓ_n/∂W_k)²]`` over the weights'
 * ``cv`` = std/mean of ``c_{k,e}``; ``column_cv`` the same over input columns
 * ``spread`` = max/min of the rates; ``log_std`` = std of their logs (0 = flat, Fig. 1a)
 
+Embeddings and normalisation layers are measured too (:mod:`ftdoctor.engine.norm_squares`, beyond BackPACK);
+an embedding counts as an affine layer (of a one-hot input), a norm layer's row is reported but left out of
+``spread``, ``log_std`` and the cv judgement (``role`` = ``norm``).
+
 ``exact`` mode sums per-example squares (batched); ``batch`` mode squares the
 batch gradient and divides by the batch size — unbiased because the η_n are
 independent with zero mean, so the cross terms vanish in expectation.
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from ftdoctor.engine import persample
+from ftdoctor.engine.norm_squares import role
 from ftdoctor.engine.sums import Float64Sum, sum_of_squares
 from ftdoctor.numbers import fmt
 from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeContext, ProbeResult, finite_or_none,
@@ -74,6 +79,7 @@ class LayerRate:
     change_rate: float | None
     cv: float | None
     column_cv: float | None
+    role: str = "affine"               # affine | embedding | norm (engine.norm_squares.role: norms not judged)
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class ChangeRateFigures(Figures):
 @register_probe(name="change_rate",
                 description="Krähenbühl et al.: per-layer change rates under a random loss (Fig. 1)", priority=20)
 class ChangeRateProbe(HeadWatch, Probe):
+    measures_norms = True
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
@@ -108,7 +115,7 @@ class ChangeRateProbe(HeadWatch, Probe):
             self.notes.append("change_rate: a TorchScript model runs no Python hooks, so its per-example "
                               "squares cannot be formed; measured with the batch estimate (mode batch) instead")
         self.needs = frozenset({"grad_sq"}) if self.mode == "exact" else frozenset({"rand_grads"})
-        self.layers = list(ctx.layers)
+        self.layers = list(ctx.measured_layers)
         # exact: per-example squares of this process's examples (summed across processes);
         # batch: squares of the all-reduced global batch gradient (already identical everywhere)
         reduce = "sum" if self.mode == "exact" else "replicated"
@@ -177,9 +184,9 @@ class ChangeRateProbe(HeadWatch, Probe):
             fig = rate_figures(g2, layer.weight)
             if fig["change_rate"] is None:
                 self.skip(layer.name, "its weight is all zeros (or the rate is not finite): no change rate")
-            layers.append(LayerRate(layer.name, layer.kind, **fig))
+            layers.append(LayerRate(layer.name, layer.kind, **fig, role=role(layer.module)))
             arrays[f"{layer.name}/grad_sq_mean"] = np.ascontiguousarray(g2.cpu().numpy())
-            if fig["change_rate"] is not None and fig["change_rate"] > 0:
+            if fig["change_rate"] is not None and fig["change_rate"] > 0 and role(layer.module) != "norm":
                 rates.append(fig["change_rate"])
                 if layer.name != self.ctx.head.name:
                     body.append(fig["change_rate"])
@@ -200,7 +207,7 @@ class ChangeRateProbe(HeadWatch, Probe):
         kind, head = figures.get("head_kind", ORDINARY), figures.get("head", "")
         body = is_max_entropy(kind)
         layers = [l for l in figures["layers"] if l.get("change_rate") is not None
-                  and not (body and l["name"] == head)]
+                  and not (body and l["name"] == head) and l.get("role", "affine") != "norm"]
         if t.max_change_rate_spread is not None:
             parts = []
             if layers:
@@ -216,7 +223,8 @@ class ChangeRateProbe(HeadWatch, Probe):
                              explanation="layers learn at very different speeds (Krähenbühl et al. Fig. 1a)",
                              suggestion=Suggestion("fix", ("--method", "rescale"))))
         if t.max_change_rate_cv is not None:
-            cvs = [l for l in figures["layers"] if l.get("cv") is not None and not (body and l["name"] == head)]
+            cvs = [l for l in figures["layers"] if l.get("cv") is not None and not (body and l["name"] == head)
+                   and l.get("role", "affine") != "norm"]
             worst = max(cvs, key=lambda l: l["cv"]) if cvs else None
             above = [l["name"] for l in cvs if l["cv"] > t.max_change_rate_cv]
             out.append(bound("max_change_rate_cv", worst["cv"] if worst else None, t.max_change_rate_cv,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ftdoctor.engine.norm_squares import role
 from ftdoctor.engine.sums import Float64Sum, sum_of_squares
 from ftdoctor.numbers import fmt
 from ftdoctor.probes.base import (Batch, Column, Figures, Finding, Probe, ProbeContext, ProbeResult, finite_or_none,
@@ -39,6 +40,7 @@ class LayerGradNorm:
     relative: float | None
     bias_grad_norm: float | None
     to_head: float | None
+    role: str = "affine"              # affine | embedding | norm (norms are not the depth ratio's first layer)
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,12 @@ class GradNormFigures(Figures):
 @register_probe(name="grad_norm", description="RIFLE: per-layer gradient Frobenius norms of the cross-entropy (Fig. 2)",
                 needs=frozenset({"ce_grads"}), priority=30)
 class GradNormProbe(HeadWatch, Probe):
+    measures_norms = True
 
     def __init__(self, ctx: ProbeContext) -> None:
         super().__init__(ctx)
         self.watch_head()
-        self.layers = list(ctx.layers)
+        self.layers = list(ctx.measured_layers)
         # every state is built from the all-reduced batch gradient: identical on every process
         self.add_state("batches", torch.zeros((), dtype=torch.float64), "replicated")
         for layer in self.layers:
@@ -101,7 +104,8 @@ class GradNormProbe(HeadWatch, Probe):
             gn = float(getattr(self, k + "norm")) / nb
             full = math.sqrt(sum_of_squares(self.state(k + "sum"))) / nb
             wn = math.sqrt(sum_of_squares(layer.weight))
-            rows.append({"name": layer.name, "kind": layer.kind, "grad_norm": finite_or_none(gn),
+            rows.append({"name": layer.name, "kind": layer.kind, "role": role(layer.module),
+                         "grad_norm": finite_or_none(gn),
                          "full_grad_norm": finite_or_none(full), "weight_norm": finite_or_none(wn),
                          "relative": finite_or_none(gn / wn) if wn > 0 else None,
                          "bias_grad_norm": (finite_or_none(float(getattr(self, k + "bnorm")) / nb)
@@ -113,8 +117,9 @@ class GradNormProbe(HeadWatch, Probe):
         for r in rows:
             r["to_head"] = (finite_or_none(r["grad_norm"] / head_gn)
                             if head_gn and r["grad_norm"] is not None else None)
-        depth = rows[0]["to_head"] if rows else None
-        below = [r for r in rows if r["name"] != self.ctx.head.name]
+        counted = [r for r in rows if r["role"] != "norm"]
+        depth = counted[0]["to_head"] if counted else None
+        below = [r for r in counted if r["name"] != self.ctx.head.name]
         top = below[-1] if below else None
         body = (finite_or_none(below[0]["grad_norm"] / top["grad_norm"])
                 if top and top["grad_norm"] and below[0]["grad_norm"] is not None else None)
@@ -132,7 +137,7 @@ class GradNormProbe(HeadWatch, Probe):
         alike; re-drawing that head (RIFLE) would throw ENTAME's away, so then the remedy is ``rescale``."""
         if t.min_depth_ratio is None:
             return []
-        layers = figures["layers"]
+        layers = [l for l in figures["layers"] if l.get("role", "affine") != "norm"]
         kind, head = figures.get("head_kind", ORDINARY), figures.get("head", "")
         if is_max_entropy(kind):
             where = f" ({layers[0]['name']} / {figures.get('backbone_top')}; {left_out(kind, head)})" if layers else ""

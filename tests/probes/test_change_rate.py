@@ -189,3 +189,56 @@ def test_layers_after_a_keyword_called_stem_are_measured():
     for name in ("after", "side", "fc"):
         got = torch.as_tensor(res.arrays[f"{name}/grad_sq_mean"])
         assert ((got - truth[name]).abs().max() / truth[name].abs().max()).item() < 1e-5, name
+
+
+class NormNet(nn.Module):
+    """An embedding (of tokens read off the image, padding included), a LayerNorm over it, a conv with a
+    GroupNorm: the layers beyond BackPACK that the engine measures too."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.emb = nn.Embedding(13, 6, padding_idx=0)
+        self.ln = nn.LayerNorm(6)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(10, c)
+        with torch.no_grad():
+            for norm in (self.ln, self.gn):
+                norm.weight.normal_()
+                norm.bias.normal_()
+
+    def forward(self, x):
+        ids = (x[:, 0, 0, :].abs() * 10).long() % 13
+        t = self.ln(self.emb(ids)).mean(1)
+        h = torch.relu(self.gn(self.conv(x))).mean((2, 3))
+        return self.fc(torch.cat([t, h], 1))
+
+
+@pytest.mark.parametrize("loss", ["random", "ce"])
+def test_embeddings_and_norm_layers_match_a_per_example_loop(loss):
+    from ftdoctor.model import measured_layers
+
+    torch.manual_seed(0)
+    model = NormNet().double().eval()
+    bundle = make_bundle((3, 5, 5), n=20, num_classes=4, batch_size=8)
+    bundle.x = bundle.x.double()
+    layers = measured_layers(model, forward_order(model, bundle.x[:1]), bundle.x[:1])
+    assert [l.name for l in layers] == ["emb", "ln", "conv", "gn", "fc"]
+    acc = {l.name: torch.zeros_like(l.weight, dtype=torch.float64) for l in layers}
+    for n in range(bundle.num_samples):
+        logits = model(bundle.x[n:n + 1])
+        if loss == "random":
+            ell = (example_normals(3, torch.tensor([n]), logits.shape[1]).to(logits.dtype) * logits).sum()
+        else:
+            ell = F.cross_entropy(logits, bundle.y[n:n + 1])
+        for l, g in zip(layers, torch.autograd.grad(ell, [l.weight for l in layers])):
+            acc[l.name] += g.double() ** 2
+    res = ours(model, bundle, seed=3, change_rate_loss=loss)
+    for name, total in acc.items():
+        g2 = total / bundle.num_samples
+        got = torch.as_tensor(res.arrays[f"{name}/grad_sq_mean"])
+        assert ((got - g2).abs().max() / g2.abs().max()).item() < 1e-5, name
+    rows = {l["name"]: l for l in res.figures["layers"]}
+    assert (rows["emb"]["role"], rows["ln"]["role"], rows["gn"]["role"]) == ("embedding", "norm", "norm")
+    counted = [rows[n]["change_rate"] for n in ("emb", "conv", "fc")]    # norms reported, not in the spread
+    assert math.isclose(res.figures["spread"], max(counted) / min(counted), rel_tol=1e-12)
