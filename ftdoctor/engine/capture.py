@@ -38,6 +38,7 @@ class Capture:
         self._dead: set[Node] = set()      # nodes known not to reach the input past no affine output
         self._owner = threading.get_ident()   # hooks fired on another thread are not this pass's
         self.unsupported: dict[str, str] = {}
+        self.batch_size: int | None = None   # examples in this forward (set per batch by the stream)
         self._handles: list = []
         if grad_sq:
             for layer in self.layers:
@@ -117,7 +118,11 @@ class Capture:
                                                     or self._is_root(edge.node)):
                     self.root_edges.append(edge)
                 self._stops.add(edge.node)
-                if name not in self.unsupported and x is not None:
+                # a layer called on something not batched like the examples (BERT's position embeddings,
+                # broadcast over the batch) has no per-example gradient in its own output gradient
+                batched = (self.batch_size is None or (isinstance(x, Tensor) and x.dim() > 0
+                                                       and x.shape[0] == self.batch_size))
+                if name not in self.unsupported and x is not None and batched:
                     self.inputs[name] = x.detach()
                     out.register_hook(self._grad_hook(name, module))
         return hook

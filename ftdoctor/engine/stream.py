@@ -152,6 +152,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
             x = forward.to_device(x, device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             cap.clear()
+            cap.batch_size = int(y.shape[0])
             batch = Batch(x=x, y=y, index=idx, logits=torch.empty(0, num_classes, device=device),
                           global_size=int(global_size))
             rand_g: Sequence[Tensor | None] | None = None

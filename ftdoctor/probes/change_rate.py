@@ -173,8 +173,9 @@ class ChangeRateProbe(HeadWatch, Probe):
         for i, layer in enumerate(self.layers):
             if self.mode == "exact" and float(self.missing[i]) > 0:
                 reason = persample.supports(layer.module) or (
-                    "its per-example gradient could not be formed (used more than once per forward, "
-                    "or not on the path to the logits)")
+                    "its per-example gradient could not be formed (used more than once per forward, applied "
+                    "to something shared by the whole batch, as BERT's position embeddings are, or not on "
+                    "the path to the logits)")
                 self.skip(layer.name, reason)
                 continue
             # the sum becomes the mean, no float64 copy; clamped: squares added in place by the

@@ -1,0 +1,80 @@
+"""A Hugging Face BERT-style text classifier through the library (keyword inputs, ``.logits`` output):
+exact per-example squares of every measured layer — word embeddings, LayerNorms, attention and MLP
+Linears over tokens, the head — equal a per-example autograd loop, padded positions contributing nothing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import TensorBundle
+from ftdoctor.diagnose import ProbeOptions, probe_model
+from ftdoctor.rng import example_normals
+
+transformers = pytest.importorskip("transformers")
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> None:
+        self.ids, self.mask, self.y = ids, mask, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}, int(self.y[i]), i
+
+
+class TokenBundle(TensorBundle):
+    def __init__(self, ids, mask, y, num_classes, batch_size):
+        super().__init__(ids.float(), y, num_classes, batch_size)
+        self.ids, self.mask = ids, mask
+
+    @property
+    def dataset(self):
+        return _Tokens(self.ids, self.mask, self.y)
+
+
+def tiny_bert(num_labels: int = 3):
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=num_labels,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).double().eval()
+
+
+def test_a_text_classifier_s_squares_equal_a_per_example_loop():
+    model = tiny_bert()
+    n, length = 12, 10
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (n, length), generator=g)
+    lengths = torch.randint(4, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = ids * mask                                     # [PAD] = 0 after each sentence
+    y = torch.randint(0, 3, (n,), generator=g)
+    bundle = TokenBundle(ids, mask, y, 3, batch_size=5)
+    run = probe_model(model, bundle, ProbeOptions(probes=("change_rate", "grad_norm"), seed=3))
+    rows = {l["name"]: l for l in run.results["change_rate"].figures["layers"]}
+    names = list(rows)
+    skipped = {s.name: s.reason for s in run.skipped}
+    # broadcast over the batch: its per-example gradients are not in its own output's gradient
+    assert "bert.embeddings.position_embeddings" not in rows
+    assert "shared by the whole batch" in skipped["bert.embeddings.position_embeddings"]
+    assert names[0] == "bert.embeddings.word_embeddings" and rows[names[0]]["role"] == "embedding"
+    assert "bert.encoder.layer.0.attention.self.query" in rows and "bert.embeddings.LayerNorm" in rows
+    assert run.results["grad_norm"].figures["layers"][0]["name"] == "bert.embeddings.word_embeddings"
+    modules = dict(model.named_modules())
+    acc = {k: torch.zeros_like(modules[k].weight) for k in names}
+    for i in range(n):
+        logits = model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits
+        ell = (example_normals(3, torch.tensor([i]), 3).to(logits.dtype) * logits).sum()
+        for k, grad in zip(names, torch.autograd.grad(ell, [modules[k].weight for k in names], allow_unused=True)):
+            if grad is not None:
+                acc[k] += grad ** 2
+    for k in names:
+        want = acc[k] / n
+        got = torch.as_tensor(run.results["change_rate"].arrays[f"{k}/grad_sq_mean"])
+        scale = want.abs().max().clamp_min(1e-300)
+        assert ((got - want).abs().max() / scale).item() < 1e-5, k
+    # padded positions contribute nothing: the [PAD] row's squares are zero
+    pad = torch.as_tensor(run.results["change_rate"].arrays["bert.embeddings.word_embeddings/grad_sq_mean"])[0]
+    assert float(pad.abs().max()) == 0.0
