@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -83,22 +83,12 @@ def forward_order(model: nn.Module, example: Tensor) -> list[AffineLayer]:
     if is_scripted(model):
         return registered_affine_layers(model)
     order: list[str] = []
-    seen: set[str] = set()
-    handles = []
-    for name, module in model.named_modules():
-        if name and is_affine(module):
-            def hook(mod: nn.Module, args: tuple, out: object, _name: str = name) -> None:
-                if _name not in seen:
-                    seen.add(_name)
-                    order.append(_name)
-            handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad(), _preserved_mode(model):
-            model.eval()
-            forward.logits(model, example)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def seen(name: str, mod: nn.Module, args: tuple, out: object) -> None:
+        if name not in order:
+            order.append(name)
+
+    _hooked_forward(model, example, [n for n, m in model.named_modules() if n and is_affine(m)], seen)
     modules = dict(model.named_modules())
     return [AffineLayer(n, modules[n]) for n in order]
 
@@ -115,33 +105,41 @@ def measured_layers(model: nn.Module, layers: Sequence[AffineLayer], example: Te
         return list(layers)
     affine = {l.name for l in layers}
     order: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        if not name or not (name in affine or isinstance(module, NORM_TYPES)):
-            continue
 
-        def hook(mod: nn.Module, args: tuple, out: object, _name: str = name) -> None:
-            if _name in order:
+    def seen(name: str, mod: nn.Module, args: tuple, out: object) -> None:
+        if name in order:
+            return
+        if isinstance(mod, NORM_TYPES) and supports_norm(mod) is not None:
+            if not (args and isinstance(args[0], Tensor) and isinstance(out, Tensor)
+                    and verify_forward(mod, args[0], out) and supports_norm(mod) is None):
                 return
-            if isinstance(mod, NORM_TYPES) and supports_norm(mod) is not None:
-                if not (args and isinstance(args[0], Tensor) and isinstance(out, Tensor)
-                        and verify_forward(mod, args[0], out) and supports_norm(mod) is None):
-                    return
-            order.append(_name)
-        handles.append(module.register_forward_hook(hook))
+        order.append(name)
+
+    names = [n for n, m in model.named_modules() if n and (n in affine or isinstance(m, NORM_TYPES))]
     try:
-        with torch.no_grad(), _preserved_mode(model):
-            model.eval()
-            forward.logits(model, example)
+        _hooked_forward(model, example, names, seen)
     except Exception:  # noqa: BLE001 - the affine order stands; embeddings and norms are then not measured
         return list(layers)
-    finally:
-        for h in handles:
-            h.remove()
     modules = dict(model.named_modules())
     found = [AffineLayer(n, modules[n]) for n in order]
     missing = [l for l in layers if l.name not in order]       # an affine layer this pass did not see
     return found + missing if missing else found
+
+
+def _hooked_forward(model: nn.Module, example: Tensor, names: list[str],
+                    seen: Callable[[str, nn.Module, tuple, object], None]) -> None:
+    """One eval-mode forward of ``example`` without gradients, ``seen(name, module, args, out)`` called
+    as each named module runs; the model's modes and hooks are left as they were."""
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(
+        lambda mod, args, out, _n=n: seen(_n, mod, args, out)) for n in names]
+    try:
+        with torch.no_grad(), _preserved_mode(model):
+            model.eval()
+            forward.logits(model, example)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def dummy_inputs(model: nn.Module, image_size: int | None = None) -> Iterator[Tensor]:
