@@ -42,6 +42,8 @@ unusable dataset or reference raise :class:`~ftdoctor.errors.FtdoctorError`
 """
 from __future__ import annotations
 
+import dataclasses
+
 import sys
 import types
 from pathlib import Path
@@ -103,6 +105,7 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
                             "add --data DATA, or drop --new-head")
     if reference is not None and not Path(reference).is_file():
         raise FtdoctorError(f"reference checkpoint {reference} not found", "pass an existing file to --reference")
+    resolved = None
     if thresholds is None:
         resolved = resolve_thresholds(config, overrides=overrides)
         thresholds, config = resolved.thresholds, resolved.source
@@ -114,7 +117,8 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
     with journal([Output(Path(output), "--output")] if output is not None else [], inputs):
         plan = planned_checks(thresholds, with_data=data is not None, with_reference=reference is not None)
         shared = _Shared(data=data, reference=reference, model_opts=model_opts, new_head=new_head)
-        verdicts = tuple(judge(p, model_opts=model_opts, thresholds=thresholds, shared=shared, plan=plan,
+        verdicts = tuple(judge(p, model_opts=_model_for(p, model_opts, resolved), thresholds=thresholds,
+                               shared=shared, plan=plan,
                                head=head, new_head=new_head, head_init=head_init, seed=seed,
                                image_size=image_size or getattr(data, "image_size", None))
                          for p in files)
@@ -127,6 +131,14 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
             load_formats()
             get_format(output_format, "check").write(report, Path(output))
     return report
+
+
+def _model_for(path: Path, model_opts: Any, resolved: Any) -> Any:
+    """``--arch`` wins; without it, the architecture ``[tool.ftdoctor.check.arch]`` maps this path to."""
+    if model_opts.arch is not None or resolved is None:
+        return model_opts
+    arch = resolved.arch_for(Path(path))
+    return model_opts if arch is None else dataclasses.replace(model_opts, arch=arch)
 
 
 class _CallableModule(types.ModuleType):

@@ -27,10 +27,27 @@ OFF = "off"
 
 @dataclass(frozen=True)
 class ResolvedThresholds:
-    """Thresholds and where they came from (``source`` is a file path, or None for the defaults)."""
+    """Thresholds and where they came from (``source`` is a file path, or None for the defaults), and the
+    ``[tool.ftdoctor.check.arch]`` table: (glob, architecture) pairs for checkpoints that cannot be
+    recognised, in the file's order."""
 
     thresholds: Thresholds
     source: str | None
+    archs: tuple[tuple[str, str], ...] = ()
+
+    def arch_for(self, path: Path) -> str | None:
+        """The architecture the first matching glob names for ``path`` (matched as given, relative to the
+        config file's directory, and by file name), or None."""
+        import fnmatch
+
+        base = Path(self.source).resolve().parent if self.source else None
+        forms = [path.as_posix(), path.name]
+        if base is not None:
+            try:
+                forms.append(path.resolve().relative_to(base).as_posix())
+            except ValueError:
+                pass
+        return next((arch for glob, arch in self.archs if any(fnmatch.fnmatch(f, glob) for f in forms)), None)
 
 
 def valid_keys() -> list[str]:
@@ -144,6 +161,24 @@ def resolve_thresholds(config: str | Path | None = None, *, cwd: str | Path | No
     else:
         source = find_pyproject(cwd)
         table = config_table(source, explicit=False) if source is not None else {}
+    table = dict(table)
+    archs = _arch_table(table.pop("arch", {}), str(source))
     values = validate_settings(table, str(source))
     values.update(validate_settings(dict(overrides or {}), "the command line"))
-    return ResolvedThresholds(replace(Thresholds(), **values), str(source) if source is not None else None)
+    return ResolvedThresholds(replace(Thresholds(), **values), str(source) if source is not None else None, archs)
+
+
+def _arch_table(table: Any, source: str) -> tuple[tuple[str, str], ...]:
+    """``[tool.ftdoctor.check.arch]``: ``"GLOB" = "ARCH"`` pairs, every architecture checked now."""
+    if not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+        raise FtdoctorError(f"tool.ftdoctor.check.arch in {source} must map globs to architecture names",
+                            'write e.g. [tool.ftdoctor.check.arch] then "exports/timm/*.pt" = "timm:convnext_atto"')
+    from ftdoctor.checkpoint import check_arch
+
+    for glob, arch in table.items():
+        try:
+            check_arch(arch)
+        except FtdoctorError as exc:
+            raise FtdoctorError(f"{source}: tool.ftdoctor.check.arch {glob!r} = {arch!r}: {exc.cause}",
+                                exc.remedy) from None
+    return tuple(table.items())

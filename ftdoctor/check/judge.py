@@ -110,9 +110,9 @@ class _Shared:
     references: dict[str | None, nn.Module] = field(default_factory=dict)
     new_head: bool = False
 
-    def run_args(self, path: Path) -> RunArgs:
+    def run_args(self, path: Path, model_opts: Any = None) -> RunArgs:
         """What a suggested command repeats for this checkpoint."""
-        return RunArgs.of(path, self.model_opts, self.data, self.new_head)
+        return RunArgs.of(path, model_opts or self.model_opts, self.data, self.new_head)
 
     def bundle(self, loaded: Any) -> Any:
         """The data as this checkpoint's model takes it (its input channels and size); shared by the
@@ -225,7 +225,7 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
         else:
             reference = shared.reference_model(loaded)
             verdict = PROBES["drift"].judge(drift_figures(layers, dict(reference.named_modules())), t)[0]
-            results["max_drift_rel"] = as_result(verdict, shared.run_args(path))
+            results["max_drift_rel"] = as_result(verdict, shared.run_args(path, model_opts))
 
     if "runs_on_data" not in plan:
         return done(**info)
@@ -284,5 +284,5 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
     for name, figs in figures.items():      # each probe's own judgement rule (the one its findings use)
         for verdict in PROBES[name].judge(figs, t):
             if verdict.key in data_checks:
-                results[verdict.key] = as_result(verdict, shared.run_args(path))
+                results[verdict.key] = as_result(verdict, shared.run_args(path, model_opts))
     return done(**info)

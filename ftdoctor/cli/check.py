@@ -81,7 +81,8 @@ def check(
     loaded (corrupt, truncated, unsafe pickle) is a failed `loadable` check, exit 1, reported in every
     format; bad config or flags, no matching checkpoint or an empty directory exit 2. Thresholds: the
     \\[tool.ftdoctor.check] table of the nearest pyproject.toml above the working directory, or --config;
-    flags win.
+    flags win. Checkpoints that cannot be recognised get an architecture from its \\[tool.ftdoctor.check.arch]
+    table ("GLOB" = "ARCH"; --arch wins).
 
     Example: ftdoctor check 'exports/**/*.pt' --data shapes:10 --format junit --output ftdoctor.xml
     """

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -440,3 +441,31 @@ def test_max_noise_fraction_takes_a_multiple_of_the_floor(tmp_path):
     with pytest.raises(FtdoctorError) as err:
         resolve_thresholds(cfg, overrides={"max_noise_fraction": "two"})
     assert '"2x"' in err.value.remedy
+
+
+def test_a_mixed_folder_maps_globs_to_architectures(tmp_path, monkeypatch):
+    """torchvision is recognised by itself; the timm and the import-path checkpoints get their architecture
+    from [tool.ftdoctor.check.arch]; --arch would win over both."""
+    timm = pytest.importorskip("timm")
+    import torchvision
+
+    from ftdoctor.zoo import ShapesNet
+
+    for sub in ("tv", "timm", "own"):
+        (tmp_path / "exports" / sub).mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "exports/tv/r18.pt")
+    torch.save(timm.create_model("convnext_atto", pretrained=False, num_classes=10).state_dict(),
+               tmp_path / "exports/timm/convnext.pt")
+    torch.save(ShapesNet(num_classes=10).state_dict(), tmp_path / "exports/own/shapes.pt")
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.ftdoctor.check]\nexpect_num_classes = 10\n\n[tool.ftdoctor.check.arch]\n'
+        '"exports/timm/*.pt" = "timm:convnext_atto"\n"exports/own/*" = "ftdoctor.zoo:ShapesNet"\n')
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("check", "exports", "--format", "json")
+    assert code == 0, out + err
+    archs = {Path(c["path"]).name: c["arch"] for c in json.loads(out)["checkpoints"]}
+    assert archs == {"r18.pt": "resnet18", "convnext.pt": "timm:convnext_atto", "shapes.pt": "ftdoctor.zoo:ShapesNet"}
+    (tmp_path / "pyproject.toml").write_text('[tool.ftdoctor.check.arch]\n"exports/timm/*.pt" = "timm:convnext_atoo"\n')
+    code, out, err = run_cli("check", "exports")
+    assert code == 2 and "convnext_atoo" in err and "timm:convnext_atto" in err
