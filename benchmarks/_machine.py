@@ -8,6 +8,8 @@ machine, not the code. ``OMP_WAIT_POLICY=PASSIVE`` (overridable from the environ
 """
 from __future__ import annotations
 
+import argparse
+
 import os
 import platform
 
@@ -60,3 +62,14 @@ def tensor_bundle(x, y, num_classes: int, batch_size: int) -> Bundle:
     from torch.utils.data import TensorDataset
 
     return Bundle(TensorDataset(x, y, torch.arange(len(y))), num_classes, batch_size)
+
+
+def start(parser: "argparse.ArgumentParser") -> "argparse.Namespace":
+    """Every benchmark's start: add ``--threads``, parse, set torch's threads, print the machine header."""
+    import torch
+
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(header(args.threads))
+    return args

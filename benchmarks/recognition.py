@@ -9,7 +9,7 @@ named), and their ratio. Target: recognition within 2x of the named load, and we
 """
 from __future__ import annotations
 
-from _machine import header  # before torch: sets OMP_WAIT_POLICY
+from _machine import start  # before torch: sets OMP_WAIT_POLICY
 
 import argparse  # noqa: E402
 import statistics
@@ -34,12 +34,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--archs", default="resnet18,resnet50,mobilenet_v3_small,vit_b_16")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = start(ap)
     import torchvision.models
 
-    print(header(args.threads))
     print(f"median of {args.repeats} interleaved repeats; ratio = recognised / named")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):

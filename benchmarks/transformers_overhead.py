@@ -20,7 +20,7 @@ and their ratios to the training step. Needs ``timm``, ``transformers`` and ``op
 """
 from __future__ import annotations
 
-from _machine import header  # before torch: sets OMP_WAIT_POLICY
+from _machine import start  # before torch: sets OMP_WAIT_POLICY
 
 import argparse  # noqa: E402
 import statistics
@@ -120,10 +120,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(header(args.threads))
+    args = start(parser)
     print(f"{'model':<22}{'train step':>12}{'probe (exact)':>16}{'ratio':>8}{'Opacus G²':>12}{'ratio':>8}")
     for make in (vit, bert):
         name, model, inputs, y, classes, call = make(args.batch, args.batches)

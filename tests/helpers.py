@@ -148,3 +148,32 @@ def run_cli(*args: object, env: dict[str, str | None] | None = None) -> CliResul
             sys.stderr.flush()
         stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
     return CliResult(code, stdout, stderr)
+
+
+def layer_squares_vs_loop(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For every Linear/Conv2d of ``model``: (``grad_sq_sum`` on the input and output gradient captured in one
+    batched backward of ``Σ η·model(x)``, the same Σ_n (∂ℓ_n/∂W)² from a loop over single examples)."""
+    from ftdoctor.engine.persample import grad_sq_sum
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    captured: dict[str, list[torch.Tensor]] = {}
+
+    def hook(name: str):
+        def fn(module, inputs, out):
+            captured[name] = [inputs[0].detach()]
+            out.register_hook(lambda grad: captured[name].append(grad))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    out = model(x)
+    eta = torch.randn_like(out)
+    (eta * out).sum().backward()
+    for h in handles:
+        h.remove()
+    want = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        (eta[i:i + 1] * model(x[i:i + 1])).sum().backward()
+        for n, m in layers.items():
+            want[n] += m.weight.grad ** 2
+    return {n: (grad_sq_sum(m, *captured[n])[0], want[n]) for n, m in layers.items()}

@@ -22,7 +22,7 @@ from ftdoctor.probes import PROBES
 from ftdoctor.probes.drift import drift_figures
 from ftdoctor.probes.verdicts import RunArgs, Verdict, check_message
 from ftdoctor.data.subset import describe
-from ftdoctor.thresholds import FloorMultiple, Thresholds
+from ftdoctor.thresholds import Thresholds
 
 
 def data_check_keys() -> tuple[str, ...]:
@@ -141,8 +141,7 @@ def _skipped(names: Iterable[str], reason: str, t: Thresholds) -> list[CheckResu
 
 
 def _threshold_of(name: str, t: Thresholds) -> Any:
-    value = getattr(t, name) if name in Thresholds.keys() else None
-    return str(value) if isinstance(value, FloorMultiple) else value   # "2x": resolved only with the data
+    return getattr(t, name) if name in Thresholds.keys() else None
 
 
 def _error_text(exc: FtdoctorError) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
@@ -26,6 +27,20 @@ class Batch:
     outputs: dict[str, Tensor] = field(default_factory=dict)      # affine outputs (r2)
     ref_outputs: dict[str, Tensor] = field(default_factory=dict)  # reference affine outputs (r2)
 
+    _logit_range: Tensor | None = field(default=None, repr=False)
+
     @property
     def size(self) -> int:
         return int(self.y.shape[0])
+
+    def logit_range_sum(self) -> Tensor:
+        """Σ over the batch's examples of max − min of their logits (float64, on the CPU), computed once
+        for every probe that asks (:mod:`ftdoctor.probes.head`); a NaN counts as an infinite range."""
+        if self._logit_range is None:
+            z = self.logits.detach().to(torch.float64)
+            if z.dim() != 2 or z.numel() == 0:
+                self._logit_range = torch.zeros((), dtype=torch.float64)
+            else:
+                span = z.max(dim=1).values - z.min(dim=1).values
+                self._logit_range = span.nan_to_num(nan=float("inf")).sum().cpu()
+        return self._logit_range

@@ -62,7 +62,7 @@ class Figures:
     """
 
     def to_json(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define to_json(): its block of the report")
 
     def __getitem__(self, key: str) -> Any:
         return self.to_json()[key]
@@ -201,10 +201,10 @@ class Probe:
 
     # -- the template methods: measuring ------------------------------------
     def update(self, batch: Batch) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"probe {self.name!r} must define update(batch)")
 
     def compute(self) -> ProbeResult:  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"probe {self.name!r} must define compute()")
 
     # -- the science around the figures (class methods: they need only the figures) ---------------
     #: the ``check`` threshold keys :meth:`judge` decides, in report order

@@ -148,7 +148,7 @@ class ChangeRateProbe(HeadWatch, Probe):
     def update(self, batch: Batch) -> None:
         if self.mode == "exact" and batch.size == 0:
             return
-        self.see_logits(batch.logits)
+        self.see_logits(batch)
         for i, layer in enumerate(self.layers):
             key = self._key(layer.name)
             if self.mode == "exact":

@@ -84,7 +84,7 @@ class GradNormProbe(HeadWatch, Probe):
 
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
-        self.see_logits(batch.logits)
+        self.see_logits(batch)
         for layer in self.layers:
             k = self._key(layer.name)
             gw, gb = batch.ce_grads[layer.name]

@@ -19,10 +19,14 @@ examples of the range of the logits (max − min over classes) is at most
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor
 
 from ftdoctor.featurenorm import FeatureNormLinear
+
+if TYPE_CHECKING:
+    from ftdoctor.engine.batch import Batch
 
 #: mean logit range (max − min over classes) at or below which the head counts as maximum-entropy
 MAX_ENTROPY_LOGIT_RANGE = 1e-2
@@ -35,22 +39,19 @@ FEATURE_NORM_MAX_ENTROPY = "feature-normalised max-entropy"
 class HeadWatch:
     """Mixed into a probe: sums the per-example logit range, then names the head's kind.
 
-    The probe calls :meth:`watch_head` in its ``__init__`` and :meth:`see_logits` in ``update``; both sums
-    add across processes like every other state.
+    The probe calls :meth:`watch_head` in its ``__init__`` and :meth:`see_logits` in ``update`` (the batch
+    computes the range once for every probe); both sums add across processes like every other state.
     """
 
     def watch_head(self) -> None:
         self.add_state("logit_range", torch.zeros((), dtype=torch.float64))  # type: ignore[attr-defined]
         self.add_state("logit_examples", torch.zeros((), dtype=torch.float64))  # type: ignore[attr-defined]
 
-    @torch.no_grad()
-    def see_logits(self, logits: Tensor) -> None:
-        if logits.numel() == 0 or logits.dim() != 2:
+    def see_logits(self, batch: "Batch") -> None:
+        if batch.logits.dim() != 2 or batch.logits.numel() == 0:
             return
-        z = logits.detach().to(torch.float64)
-        span = (z.max(dim=1).values - z.min(dim=1).values).nan_to_num(nan=float("inf")).sum()
-        self.logit_range += span.cpu()          # type: ignore[attr-defined]
-        self.logit_examples += z.shape[0]       # type: ignore[attr-defined]
+        self.logit_range += batch.logit_range_sum()   # type: ignore[attr-defined]
+        self.logit_examples += batch.logits.shape[0]  # type: ignore[attr-defined]
 
     def head_kind(self) -> str:
         n = float(self.state("logit_examples"))  # type: ignore[attr-defined]

@@ -30,8 +30,8 @@ class OutputFormat:
     #: a file format only (HDF5): it has no text for a terminal
     file_only: ClassVar[bool] = False
 
-    def text(self, result: Any) -> str:
-        raise NotImplementedError
+    def text(self, result: Any) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError(f"output format {self.name!r} must define text(), or show() and write()")
 
     def show(self, result: Any, console: Any, *, notes: bool = True) -> None:
         """Print ``result`` to the terminal (``console`` is a rich Console)."""

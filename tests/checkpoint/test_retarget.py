@@ -38,6 +38,25 @@ def shapesnet(num_classes=10):
 '''
 
 
+def _trained_checkpoint(tmp_path, monkeypatch, module_name: str, **hparams):
+    """A LightningModule (from a module ``module_name`` written to ``tmp_path``, the working directory) trained
+    one step and saved by Lightning as ``lit.ckpt``; returns the imported module."""
+    pl = pytest.importorskip("pytorch_lightning")
+    (tmp_path / f"{module_name}.py").write_text(LIT)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop(module_name, None)
+    lit = __import__(module_name)
+    torch.manual_seed(0)
+    module = lit.LitShapes(num_classes=10, **hparams)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
+    trainer.save_checkpoint(tmp_path / "lit.ckpt")
+    return lit
+
+
 def test_retarget_sets_class_counts_and_drops_optimizer_state():
     wrapper = {"state_dict": None, "epoch": 3, "num_classes": 10,
                "hyper_parameters": {"num_classes": 10, "lr": 0.1, "net": {"n_classes": 10, "width": 10}},
@@ -53,20 +72,7 @@ def test_retarget_sets_class_counts_and_drops_optimizer_state():
 
 
 def test_a_lightning_checkpoint_fixed_with_a_new_head_loads_with_load_from_checkpoint(tmp_path, monkeypatch):
-    pl = pytest.importorskip("pytorch_lightning")
-    (tmp_path / "ftd_lit.py").write_text(LIT)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("ftd_lit", None)
-    import ftd_lit
-
-    torch.manual_seed(0)
-    module = ftd_lit.LitShapes(num_classes=10)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
-    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
-    trainer.save_checkpoint(tmp_path / "lit.ckpt")
+    ftd_lit = _trained_checkpoint(tmp_path, monkeypatch, "ftd_lit")
     raw = torch.load(tmp_path / "lit.ckpt", weights_only=False)
     assert raw["optimizer_states"] and raw["hyper_parameters"]["num_classes"] == 10
 
@@ -84,20 +90,8 @@ def test_a_lightning_checkpoint_fixed_with_a_new_head_loads_with_load_from_check
 def test_a_lightning_checkpoint_with_objects_in_its_hyper_parameters_needs_no_trust(tmp_path, monkeypatch):
     """Its loss module makes weights_only refuse the file; it is read with that object inert (nothing from the
     file runs), fixed, and written back with the object as it was: Lightning reloads it, loss included."""
-    pl = pytest.importorskip("pytorch_lightning")
-    (tmp_path / "ftd_lit2.py").write_text(LIT)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("ftd_lit2", None)
-    import ftd_lit2
-
-    torch.manual_seed(0)
-    module = ftd_lit2.LitShapes(num_classes=10, loss=torch.nn.CrossEntropyLoss(label_smoothing=0.1))
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
-    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    trainer.fit(module, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8))
-    trainer.save_checkpoint(tmp_path / "lit.ckpt")
+    ftd_lit2 = _trained_checkpoint(tmp_path, monkeypatch, "ftd_lit2",
+                                   loss=torch.nn.CrossEntropyLoss(label_smoothing=0.1))
     with pytest.raises(Exception):
         torch.load(tmp_path / "lit.ckpt", weights_only=True)       # what used to force --trust-checkpoint
 

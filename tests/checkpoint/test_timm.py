@@ -5,9 +5,7 @@ import json
 
 import pytest
 import torch
-from torch import nn
-
-from helpers import run_cli
+from helpers import layer_squares_vs_loop, run_cli
 
 timm = pytest.importorskip("timm")
 
@@ -67,34 +65,9 @@ def test_an_unknown_timm_name_says_what_is_close(checkpoints):
 
 def test_per_example_squares_of_a_timm_vit_equal_a_per_example_loop():
     """Every affine layer of a timm ViT (patch embedding, qkv, projections, MLP, head) in float64."""
-    from ftdoctor.engine.persample import grad_sq_sum
-
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, depth=2)
-    model = model.double().eval()
-    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    captured: dict[str, list[torch.Tensor]] = {}
-
-    def hook(name):
-        def fn(module, inputs, out):
-            captured[name] = [inputs[0].detach()]
-            out.register_hook(lambda grad: captured[name].append(grad))
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    out = model(x)
-    eta = torch.randn_like(out)
-    (eta * out).sum().backward()
-    for h in handles:
-        h.remove()
-    want = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
-    for i in range(x.shape[0]):
-        model.zero_grad()
-        (eta[i:i + 1] * model(x[i:i + 1])).sum().backward()
-        for n, m in layers.items():
-            want[n] += m.weight.grad ** 2
-    assert "blocks.0.attn.qkv" in layers
-    for n, m in layers.items():
-        got, _ = grad_sq_sum(m, *captured[n])
-        assert ((got - want[n]).abs().max() / want[n].abs().max()).item() < 1e-5, n
+    pairs = layer_squares_vs_loop(model.double().eval(), torch.randn(3, 3, 32, 32, dtype=torch.float64))
+    assert "blocks.0.attn.qkv" in pairs
+    for name, (got, want) in pairs.items():
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5, name

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ftdoctor.engine.persample import grad_sq_sum, supports
+from helpers import layer_squares_vs_loop
 
 F64 = torch.float64
 ALL = ("auto", "pairs", "bmm")
@@ -197,31 +198,8 @@ def test_torchvision_resnet18_all_layers() -> None:
     """Every affine layer of a real architecture, against per-example autograd."""
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18(num_classes=5).eval()
-    x = torch.randn(3, 3, 32, 32)
-    captured: dict[str, list[torch.Tensor]] = {}
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-    def hook(name: str):
-        def fn(module, inputs, out):
-            captured[name] = [inputs[0].detach()]
-            out.register_hook(lambda grad: captured[name].append(grad))
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    out = model(x)
-    eta = torch.randn_like(out)
-    (eta * out).sum().backward()
-    for h in handles:
-        h.remove()
-    want = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
-    for i in range(x.shape[0]):
-        model.zero_grad()
-        (eta[i : i + 1] * model(x[i : i + 1])).sum().backward()
-        for n, m in layers.items():
-            want[n] += m.weight.grad ** 2
-    for n, m in layers.items():
-        got, _ = grad_sq_sum(m, *captured[n])
-        assert rel_err(got, want[n]) < 1e-4, n
+    for name, (got, want) in layer_squares_vs_loop(model, torch.randn(3, 3, 32, 32)).items():
+        assert rel_err(got, want) < 1e-4, name
 
 
 @pytest.mark.parametrize(
