@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import os
 import secrets
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,18 +32,21 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from ftdoctor.errors import FtdoctorError
 
-__all__ = ["Output", "atomic_write", "check_outputs", "committed", "critical", "start_command",
+__all__ = ["Output", "atomic_write", "atomic_write_dir", "check_outputs", "committed", "critical", "start_command",
            "journal", "sidecar_path"]
 
 
 @dataclass(frozen=True)
 class Output:
     """A file a command will write. ``replace``: an existing file there may be replaced without ``--force``
-    (reports, pictures); checkpoints and their sidecars need ``--force``. ``flag`` names the option."""
+    (reports, pictures); checkpoints and their sidecars need ``--force``. ``flag`` names the option.
+    ``directory``: the output is a folder (a Hugging Face or timm model folder), written whole by
+    :func:`atomic_write_dir`."""
 
     path: Path
     flag: str
     replace: bool = True
+    directory: bool = False
 
 
 def sidecar_path(out: str | Path) -> Path:
@@ -108,11 +112,17 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | Path | None]
                 raise FtdoctorError(f"refusing to overwrite {path} (given as {o.flag}): it is an existing file "
                                     f"inside the input directory {inp}",
                                     f"choose a file name for {o.flag} outside {inp}")
-        if path.is_dir():
-            raise FtdoctorError(f"{o.flag} {path} is a directory", f"give {o.flag} a file name")
-        if os.path.lexists(path) and not os.path.isfile(path) and os.path.exists(path):
-            raise FtdoctorError(f"{o.flag} {path} exists and is not a regular file",
-                                f"choose another file name for {o.flag}")
+            if o.directory and os.path.lexists(inp) and _inside(inp, path):
+                raise FtdoctorError(f"refusing to replace the folder {path} (given as {o.flag}): it holds the "
+                                    f"input {inp}", f"choose a new folder name for {o.flag}")
+        if o.directory:
+            _check_directory_output(path, o, force)
+        else:
+            if path.is_dir():
+                raise FtdoctorError(f"{o.flag} {path} is a directory", f"give {o.flag} a file name")
+            if os.path.lexists(path) and not os.path.isfile(path) and os.path.exists(path):
+                raise FtdoctorError(f"{o.flag} {path} exists and is not a regular file",
+                                    f"choose another file name for {o.flag}")
         if os.path.lexists(path) and not o.replace and not force:
             raise FtdoctorError(f"{o.flag} {path} already exists", f"pass --force to replace it, or choose another "
                                                                    f"file name for {o.flag}")
@@ -124,8 +134,18 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | Path | None]
         if why is not None:
             raise FtdoctorError(f"cannot write {o.flag} {path}: {why} in {parent}",
                                 "choose a writable directory for the output")
-        seen.append(Output(path, o.flag, o.replace))
+        seen.append(Output(path, o.flag, o.replace, o.directory))
     return seen
+
+
+def _check_directory_output(path: Path, o: Output, force: bool) -> None:
+    """A folder output: a new name, or (with ``--force``) an existing folder that is replaced whole."""
+    if os.path.islink(path) or (os.path.lexists(path) and not path.is_dir()):
+        raise FtdoctorError(f"{o.flag} {path} exists and is not a folder",
+                            f"give {o.flag} a new folder name (the model is written as a folder, like its input)")
+    if path.is_dir() and not force:
+        raise FtdoctorError(f"{o.flag} {path} already exists",
+                            f"pass --force to replace the whole folder, or choose another folder name for {o.flag}")
 
 
 # -- signals ------------------------------------------------------------------------------------------
@@ -210,7 +230,9 @@ class Journal:
         with critical():
             if any(_canonical(out) == _canonical(p) for p in self.created) or \
                     any(_canonical(out) == _canonical(p) for p, _ in self.replaced):
-                os.replace(tmp, out)      # written twice by this command: its own earlier version goes
+                if os.path.isdir(out) and not os.path.islink(out):
+                    _remove(out)          # written twice by this command: its own earlier version goes
+                os.replace(tmp, out)
                 return
             if os.path.lexists(out):
                 aside = out.with_name(f".{out.name}.{secrets.token_hex(4)}.old")
@@ -231,13 +253,15 @@ class Journal:
         with critical():
             for path in reversed(self.created):
                 try:
-                    os.unlink(path)
+                    _remove(path)
                 except FileNotFoundError:
                     pass
                 except OSError:
                     left.append(path)
             for path, aside in reversed(self.replaced):
                 try:
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        _remove(path)
                     os.replace(aside, path)
                 except OSError:
                     left.append(path)
@@ -250,12 +274,20 @@ class Journal:
         with critical():
             for _, aside in self.replaced:
                 with contextlib.suppress(OSError):
-                    os.unlink(aside)
+                    _remove(aside)
             written = [*self.created, *(p for p, _ in self.replaced)]
             self.created.clear()
             self.replaced.clear()
         _committed.extend(written)
         return written
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, or a folder this command wrote (or set aside) with everything in it."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 _active: contextvars.ContextVar[Journal | None] = contextvars.ContextVar("ftdoctor_journal", default=None)
@@ -340,4 +372,48 @@ def atomic_write(out: str | Path, write: Callable[[Path], None]) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    return out
+
+
+def atomic_write_dir(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """:func:`atomic_write` for a folder: ``write(tmp)`` fills a new temporary folder next to ``out``, whose
+    files are fsynced before it is renamed onto ``out`` (an existing ``out`` is set aside until the command
+    succeeds, then removed; put back if it fails). Returns ``out``."""
+    out = Path(out)
+    while True:
+        tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.mkdir(tmp)
+            break
+        except FileExistsError:
+            continue
+    try:
+        write(tmp)
+        for entry in sorted(tmp.rglob("*")):
+            if entry.is_file() and not entry.is_symlink():
+                fd = os.open(entry, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        current = _active.get()
+        if current is not None:
+            current.install(tmp, out)
+        else:
+            with critical():
+                if os.path.isdir(out) and not os.path.islink(out):
+                    aside = out.with_name(f".{out.name}.{secrets.token_hex(4)}.old")
+                    os.rename(out, aside)
+                    os.replace(tmp, out)
+                    shutil.rmtree(aside, ignore_errors=True)
+                else:
+                    os.replace(tmp, out)
+    except BaseException as exc:
+        with critical(), contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+        if isinstance(exc, OSError):
+            raise FtdoctorError(f"writing the folder {out} failed: {exc.strerror or exc}; nothing was written",
+                                "check the disk space and permissions of the output directory, then run "
+                                "again") from None
+        raise
     return out

@@ -1,4 +1,6 @@
-"""Which files ``check`` judges: files, directories (searched recursively) and globs, in the order given."""
+"""Which checkpoints ``check`` judges: files, model folders, directories (searched recursively) and globs, in
+the order given. A model folder (``config.json`` beside its weights: Hugging Face, timm) is one checkpoint,
+wherever it is found; the weight files inside it are not judged on their own."""
 from __future__ import annotations
 
 import glob
@@ -16,9 +18,17 @@ def _is_glob(text: str) -> bool:
 
 
 def _files_in(directory: Path) -> list[Path]:
+    from ftdoctor.checkpoint.folder import folder_of
+
+    if folder_of(directory) == directory:
+        return [directory]
     found = []
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))   # .git, .venv, temporary files
+        if Path(root) != directory and folder_of(Path(root)) == Path(root):
+            found.append(Path(root))          # a model folder: one checkpoint, not its files
+            dirs[:] = []
+            continue
         for name in sorted(files):
             if not name.startswith(".") and name.lower().endswith(CHECKPOINT_SUFFIXES):
                 found.append(Path(root) / name)
@@ -26,14 +36,19 @@ def _files_in(directory: Path) -> list[Path]:
 
 
 def collect_checkpoints(patterns: Sequence[str | Path]) -> list[Path]:
-    """Files, directories (searched recursively for .pt/.pth/.bin/.ckpt/.safetensors, hidden
-    entries skipped) and globs (``**`` recurses), in the order given, duplicates once."""
+    """Files, model folders, directories (searched recursively for .pt/.pth/.bin/.ckpt/.safetensors files
+    and model folders, hidden entries skipped) and globs (``**`` recurses), in the order given, duplicates
+    once (a weight file of a model folder counts as its folder)."""
     if not patterns:
         raise FtdoctorError("no checkpoint given", "pass one or more files, directories or globs")
     out: list[Path] = []
     seen: set[Path] = set()
 
     def add(p: Path) -> None:
+        from ftdoctor.checkpoint.folder import folder_of
+
+        if p.is_file() and folder_of(p) is not None:
+            p = p.parent
         key = p.resolve()
         if key not in seen:
             seen.add(key)
@@ -45,8 +60,9 @@ def collect_checkpoints(patterns: Sequence[str | Path]) -> list[Path]:
         if p.is_dir():
             files = _files_in(p)
             if not files:
-                raise FtdoctorError(f"no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) in directory {text}",
-                                    "point ftdoctor check at the files, or at a directory that holds them")
+                raise FtdoctorError(f"no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) or model folders in "
+                                f"directory {text}", "point ftdoctor check at the files, or at a directory that "
+                                                     "holds them")
             for f in files:
                 add(f)
         elif p.exists():

@@ -11,7 +11,9 @@ source              recognises                                               mod
 ==================  =======================================================  ========================
 ``torchscript``     a TorchScript archive (needs ``--trust-checkpoint``)     :mod:`.torchscript`
 ``pickled-module``  a full pickled ``nn.Module`` (``--trust-checkpoint``)    :mod:`.pickled`
-``timm``            a state dict with ``--arch timm:NAME`` (timm installed)  :mod:`.timm`
+``hf``              a Hugging Face ``save_pretrained`` folder (transformers)  :mod:`.hf`
+``timm``            a timm hub folder, or a state dict with ``--arch         :mod:`.timm`
+                    timm:NAME`` (timm installed)
 ``import-path``     a state dict with ``--arch pkg.module:callable``         :mod:`.importpath`
 ``torchvision``     a state dict with ``--arch NAME``, or recognised by its  :mod:`.torchvision`
                     keys and shapes (candidates built on ``meta``)
@@ -19,13 +21,14 @@ source              recognises                                               mod
 
 A state dict may be bare or wrapped (``state_dict``, ``model``,
 ``model_state_dict``, ``net``), keys prefixed by ``module.`` or ``model.``,
-in a ``torch.save`` file or ``.safetensors``. :func:`save_model` writes a
+in a ``torch.save`` file or ``.safetensors``. A model folder (``config.json`` beside the weights) is read
+as one checkpoint (:mod:`.folder`). :func:`save_model` writes a
 changed model back the way it came (same format, wrapper, key names, prefix,
 dtypes), atomically, through the source that read it.
 """
 from __future__ import annotations
 
-from ftdoctor.checkpoint import importpath, pickled, timm, torchscript, torchvision  # noqa: F401,E402  (registration)
+from ftdoctor.checkpoint import hf, importpath, pickled, timm, torchscript, torchvision  # noqa: F401,E402  (registration)
 from ftdoctor.checkpoint.common import (
                                         AFFINE_TYPES,
                                         STRIPPED_PREFIXES,

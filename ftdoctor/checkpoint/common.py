@@ -64,7 +64,7 @@ class Container:
     back untouched. ``prefix`` is the key prefix stripped on load (``""``,
     ``"module."``, ``"model."``, ``"module.model."``) and restored on save.
     ``dtypes`` maps each stripped key to its stored dtype, in file order.
-    ``metadata`` is the safetensors header metadata.
+    ``metadata`` is the safetensors header metadata. ``folder`` is the layout of a model folder.
     """
 
     format: str
@@ -73,6 +73,8 @@ class Container:
     prefix: str = ""
     dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
     metadata: Mapping[str, str] | None = None
+    #: a model folder's layout (:class:`~.folder.FolderLayout`), None for a single file
+    folder: Any = None
 
 
 @dataclass

@@ -54,9 +54,20 @@ class CheckpointFile:
 
 
 def read_checkpoint(path: Path, opts: ModelOptions) -> CheckpointFile:
-    """Read ``path`` (every check of the module doc); FtdoctorError for anything unusable."""
+    """Read ``path`` (every check of the module doc); FtdoctorError for anything unusable. A model folder
+    (or a weight file inside one) is read whole (:mod:`.folder`)."""
+    from ftdoctor.checkpoint import folder
+
+    found = folder.folder_of(path)
+    if found is not None:
+        return folder.read_folder(found, opts, given=path)
     if path.is_dir():
-        raise FtdoctorError(f"{path} is a directory, not a checkpoint file", "pass the checkpoint file itself")
+        folder.layout(path)     # raises: says what a model folder needs
+    return read_file(path, opts)
+
+
+def read_file(path: Path, opts: ModelOptions) -> CheckpointFile:
+    """One checkpoint file (a folder's weight file too), with every check of the module doc."""
     size = regular_file(path, "the checkpoint").st_size   # before any byte is read: no FIFO, no device
     try:
         digest = sha256_file(path)

@@ -1,4 +1,6 @@
-"""timm's models: ``--arch timm:NAME`` for any name ``timm.list_models()`` knows (the ``ftdoctor[timm]`` extra).
+"""timm's models: ``--arch timm:NAME`` for any name ``timm.list_models()`` knows, and timm hub folders
+(``config.json`` with ``architecture``, ``num_classes``, ``model_args``: :mod:`.folder`), with the
+``ftdoctor[timm]`` extra.
 
 The model is built offline by ``timm.create_model(NAME, pretrained=False, num_classes=C)`` — never a
 download — and the checkpoint's weights are loaded into it. ``num_classes`` comes from the head in the
@@ -78,6 +80,22 @@ def builder(name: str, state: Mapping[str, torch.Tensor] | None = None) -> Build
                    takes_num_classes=True, torchvision=False)
 
 
+def folder_builder(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: Path) -> Builder:
+    """The builder of a timm hub folder: ``architecture`` with its ``model_args`` (``num_classes`` comes from
+    the head, like any state dict)."""
+    name = str(config["architecture"])
+    check_name(name)
+    args = config.get("model_args") or {}
+    if not isinstance(args, dict) or not all(isinstance(k, str) and k.isidentifier() for k in args):
+        raise FtdoctorError(f"{path}/config.json: model_args is not a mapping of argument names",
+                            "re-create the folder with timm's save_for_hf / push_to_hub")
+    args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if k != "num_classes"}
+    plain = builder(name, state)
+    kwargs = dict(plain.kwargs)
+    kwargs.update(args)
+    return Builder(plain.name, plain.fn, tuple(sorted(kwargs.items())), takes_num_classes=True, torchvision=False)
+
+
 @register_model_source(name="timm", priority=70)
 class TimmSource(ModelSource):
     """A state dict of a timm model named by ``--arch timm:NAME``."""
@@ -89,6 +107,9 @@ class TimmSource(ModelSource):
         check_name(timm_name(arch))
 
     def recognise(self, ckpt: CheckpointFile, opts: ModelOptions) -> Any:
+        found = ckpt.container.folder
+        if found is not None and found.kind == "timm":
+            return [folder_builder(found.config, ckpt.payload, ckpt.path)]
         if ckpt.state_dict is None or opts.arch is None or not self.accepts_arch(opts.arch):
             return None
         name = timm_name(opts.arch)
@@ -113,4 +134,8 @@ class TimmSource(ModelSource):
         return None                    # convolutional: any size (the pretrained one is in its pretrained_cfg)
 
     def save(self, loaded: LoadedModel, model: nn.Module, out: Path) -> str:
+        if loaded.container.folder is not None:
+            from ftdoctor.checkpoint.folder import save_folder
+
+            return save_folder(loaded, model, out)
         return save_state_dict(loaded.container, model, out)

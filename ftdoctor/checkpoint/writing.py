@@ -19,8 +19,11 @@ from ftdoctor.outputs import Output, atomic_write, check_outputs, sidecar_path
 
 
 def check_output_path(inp: Path, out: Path, force: bool) -> None:
-    """Refuse to write onto the input, over an existing file without ``force``, or into a missing directory."""
-    check_outputs([Output(Path(out), "-o", replace=False)], [inp], force=force)
+    """Refuse to write onto the input, over an existing file without ``force``, or into a missing directory
+    (a model folder's output is a folder: :func:`~.folder.output_is_folder`)."""
+    from ftdoctor.checkpoint.folder import output_is_folder
+
+    check_outputs([Output(Path(out), "-o", replace=False, directory=output_is_folder(inp))], [inp], force=force)
 
 
 def write_sidecar(out: Path, record: dict) -> Path:
@@ -52,6 +55,13 @@ def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force:
 
         wrapper, said = retarget(box.wrapper, loaded.num_classes, classes)
         loaded = replace(loaded, container=replace(box, wrapper=wrapper))
+        if notes is not None:
+            notes.extend(said)
+    if box.folder is not None and classes is not None:
+        from ftdoctor.checkpoint.folder import retarget_config
+
+        found, said = retarget_config(box.folder, classes)
+        loaded = replace(loaded, container=replace(loaded.container, folder=found))
         if notes is not None:
             notes.extend(said)
     return source.save(loaded, model, out)

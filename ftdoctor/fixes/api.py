@@ -152,7 +152,10 @@ def fix(model_path: str | Path, method: str, *, out: str | Path, data: "DataOpti
         raise FtdoctorError(f"unknown --method {method!r}", f"use one of {', '.join(FIXES.names())}")
     opts = _options_for(method, options)
     model_path, out = Path(model_path), Path(out)
-    outputs = [Output(out, "-o", replace=False), Output(sidecar_path(out), "-o's sidecar", replace=False)]
+    from ftdoctor.checkpoint.folder import output_is_folder
+
+    outputs = [Output(out, "-o", replace=False, directory=output_is_folder(model_path)),
+               Output(sidecar_path(out), "-o's sidecar", replace=False)]
     # every output checked against every input before any work; all kept, or none (outputs.journal)
     with journal(outputs if write else (), (model_path, *input_paths(data.data, data.data_root)), force=force):
         return _fix(model_path, method, out, data, model, opts, head, new_head, seed, force, write)
