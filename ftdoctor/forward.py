@@ -67,6 +67,21 @@ def stack(examples: Sequence[Inputs]) -> Inputs:
     return torch.stack(list(examples))
 
 
+def cat(batches: Sequence[Inputs]) -> Inputs:
+    """Batches joined along dim 0 (key by key for mappings)."""
+    first = batches[0]
+    if isinstance(first, Mapping):
+        return {k: torch.cat([b[k] for b in batches]) for k in first}
+    return torch.cat(list(batches))
+
+
+def take(inputs: Inputs, index: Tensor | slice) -> Inputs:
+    """The examples ``index`` (indices or a slice) of a batch."""
+    if isinstance(inputs, Mapping):
+        return {k: v[index] for k, v in inputs.items()}
+    return inputs[index]
+
+
 def empty_batch(example: Inputs) -> Inputs:
     """A batch of no examples shaped like ``example`` (an empty shard under ``torchrun``)."""
     if isinstance(example, Mapping):

@@ -65,7 +65,7 @@ def open_session(model_path: str | Path, model_opts: "ModelOptions", data_opts: 
     device = torch.device(model_opts.device)
     bundle = None
     if data_opts is not None:
-        bundle = open_data(loaded.model, data_opts, model_input_size(loaded))
+        bundle = open_data(loaded, data_opts, model_input_size(loaded))
         notes.extend(bundle.notes)
     layers, order = find_layers(loaded.model, bundle, device=device, image_size=image_size)
     session = Session(loaded, bundle, layers, order, find_head(layers, head), device, notes=notes)
@@ -83,16 +83,29 @@ def open_session(model_path: str | Path, model_opts: "ModelOptions", data_opts: 
     return session
 
 
-def open_data(model: nn.Module, opts: "DataOptions", size: "InputSize | None" = None) -> "DataBundle":
-    """``--data`` loaded for ``model``: grey and RGB adapted to its first convolution's input channels; resized
+def open_data(loaded: "LoadedModel", opts: "DataOptions", size: "InputSize | None" = None) -> "DataBundle":
+    """``--data`` loaded for the model: grey and RGB adapted to its first convolution's input channels; resized
     to the size the model needs (``size``, :func:`model_input_size`) when the data's own does not fit it and
-    ``--image-size`` is not given (a given one that does not fit is an error that says why)."""
+    ``--image-size`` is not given (a given one that does not fit is an error that says why). Text is
+    tokenised with the model folder's tokenizer (:mod:`ftdoctor.data.text`), string labels mapped by its
+    ``label2id`` where they are its labels; a text classifier needs text data."""
     from ftdoctor.data import load_data
 
+    model = loaded.model
     channels = first_in_channels(model)
-    bundle = load_data(replace(opts, in_channels=channels) if channels and opts.in_channels is None else opts)
+    bundle = load_data(replace(opts, **_text_context(loaded),
+                               **({"in_channels": channels} if channels and opts.in_channels is None else {})))
     if bundle.num_samples == 0:
         raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
+    takes_text = takes_text_input(loaded)
+    if takes_text != (bundle.kind == "text"):
+        raise FtdoctorError(
+            f"{loaded.path} is a {'text' if takes_text else 'image'} classifier, but --data {opts.data} holds "
+            f"{bundle.kind}s", "pass a CSV, TSV, JSONL, parquet file or datasets folder with a text column"
+            if takes_text else "pass images for an image model (a text model is a Hugging Face "
+                               "*ForSequenceClassification folder)")
+    if bundle.kind == "text":
+        return bundle
     height, width = bundle.image_shape[1:]
     if size is not None and not size.fits(height, width):
         if opts.image_size is not None:
@@ -105,6 +118,28 @@ def open_data(model: nn.Module, opts: "DataOptions", size: "InputSize | None" = 
         bundle.notes.append(f"images resized from {height}×{width} to {size.pretrained}×{size.pretrained}: "
                             f"{size.why}; --image-size chooses another size")
     return bundle
+
+
+def _text_context(loaded: "LoadedModel") -> dict[str, Any]:
+    """What tokenising text for this model needs from it: its folder (the tokenizer), its label names,
+    its longest input."""
+    from ftdoctor.checkpoint.folder import folder_of
+
+    folder = folder_of(loaded.path)
+    config = getattr(loaded.model, "config", None)
+    names = getattr(config, "id2label", None)
+    labels = None
+    if isinstance(names, dict) and names and not all(str(v).startswith("LABEL_") for v in names.values()):
+        labels = tuple(str(names[i]) for i in sorted(names))
+    longest = getattr(config, "max_position_embeddings", None)
+    return {"model_folder": str(folder) if folder is not None else None, "class_names": labels,
+            "model_max_length": longest if isinstance(longest, int) else None,
+            "model_takes_text": takes_text_input(loaded)}
+
+
+def takes_text_input(loaded: "LoadedModel") -> bool:
+    """Whether the model classifies text (token ids), not images: a Hugging Face sequence classifier."""
+    return str(loaded.arch or "").endswith("ForSequenceClassification")
 
 
 class InputSizeError(FtdoctorError):

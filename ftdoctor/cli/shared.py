@@ -3,7 +3,8 @@
 ``@model_options`` adds ``--arch --num-classes --trust-checkpoint --non-strict
 --device`` and hands the command a :class:`~ftdoctor.checkpoint.ModelOptions`
 as ``model_opts``; ``@data_options`` adds ``--data-root --download --split
---max-samples --batch-size --image-size --normalize --workers`` and hands it a
+--max-samples --batch-size --image-size --normalize --workers --text-column --label-column --image-column
+--max-length --tokenizer`` and hands it a
 :class:`DataFlags` as ``data_flags`` (``--data`` and ``--seed`` stay with each
 command: their defaults and meanings differ).
 """
@@ -22,11 +23,13 @@ import typer
 MODEL_PANEL, DATA_PANEL, OUTPUT_PANEL, PROBE_PANEL = "Model", "Data", "Output", "Probes"
 
 ModelArg = Annotated[Path, typer.Argument(help="Checkpoint: .pt/.pth/.bin/.ckpt (state dict, wrapped, "
-                                                "pickled module, TorchScript) or .safetensors.",
+                                                "pickled module, TorchScript), .safetensors, or a model folder "
+                                                "(Hugging Face save_pretrained, timm hub).",
                                            show_default=False)]
 Arch = Annotated[Optional[str], typer.Option(
-    "--arch", help="torchvision builder name (resnet18, vgg16_bn, vit_b_16, ...) or pkg.module:callable; "
-                   "recognised from the state dict when omitted.", rich_help_panel=MODEL_PANEL)]
+    "--arch", help="torchvision builder name (resnet18, vgg16_bn, vit_b_16, ...), timm:NAME, hf:CLASS (a "
+                   "folder's transformers class) or pkg.module:callable; recognised from the state dict or the "
+                   "folder's config.json when omitted.", rich_help_panel=MODEL_PANEL)]
 NumClasses = Annotated[Optional[int], typer.Option(
     "--num-classes", help="Classes of the checkpoint's head (inferred from the head weight when omitted).",
     rich_help_panel=MODEL_PANEL, min=1)]
@@ -42,7 +45,8 @@ NonStrict = Annotated[bool, typer.Option(
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.", rich_help_panel=MODEL_PANEL)]
 
 DATA_HELP = ("shapes[:C], fake, cifar10, cifar100, mnist, fashion-mnist, svhn, an ImageFolder directory, "
-             "a .h5/.hdf5 or .npz file")
+             "a .h5/.hdf5 or .npz file; text or image paths with labels: a .csv/.tsv/.jsonl/.parquet file or "
+             "a datasets save_to_disk folder")
 Data = Annotated[str, typer.Option("--data", help=DATA_HELP + ".", rich_help_panel=DATA_PANEL)]
 DataRoot = Annotated[Optional[Path], typer.Option(
     "--data-root", help="Where torchvision datasets live (default $FTDOCTOR_DATA or ~/.cache/ftdoctor/data).",
@@ -67,7 +71,23 @@ Method = choices("Method", "base", "warmup", "entame", "entame-fn", "rifle", "l2
 Subset = choices("Subset", "stratified", "first")
 
 
-SplitOpt = Annotated[Split, typer.Option("--split", rich_help_panel=DATA_PANEL)]
+SplitOpt = Annotated[str, typer.Option("--split", help="train or test; a datasets folder: any of its splits "
+                                      "(validation, ...).", rich_help_panel=DATA_PANEL)]
+TextColumn = Annotated[Optional[str], typer.Option(
+    "--text-column", help="Table or datasets column of the text; A,B for sentence pairs (default: text, "
+                          "sentence, sentence1,sentence2, premise,hypothesis, ...).", rich_help_panel=DATA_PANEL)]
+LabelColumn = Annotated[Optional[str], typer.Option(
+    "--label-column", help="Column of the labels: class indices or names (default: label, labels, target, ...).",
+    rich_help_panel=DATA_PANEL)]
+ImageColumn = Annotated[Optional[str], typer.Option(
+    "--image-column", help="Column of image paths or images (default: image, img, path, file, ...).",
+    rich_help_panel=DATA_PANEL)]
+MaxLength = Annotated[Optional[int], typer.Option(
+    "--max-length", min=1, help="Tokens per text example (default: what the model takes, at most 512).",
+    rich_help_panel=DATA_PANEL)]
+Tokenizer = Annotated[Optional[Path], typer.Option(
+    "--tokenizer", help="Folder with the tokenizer for text data (default: the model folder's own).",
+    rich_help_panel=DATA_PANEL)]
 MaxSamples = Annotated[int, typer.Option("--max-samples", min=1, help="Use N examples of the split, chosen by "
                                          "--subset.", rich_help_panel=DATA_PANEL)]
 SubsetOpt = Annotated[Subset, typer.Option(
@@ -106,20 +126,28 @@ class DataFlags:
 
     data_root: Path | None = None
     download: bool = False
-    split: Split = Split.train
+    split: str = "train"
     max_samples: int = 1024
     subset: Subset = Subset.stratified
     batch_size: int = 64
     image_size: int | None = None
     normalize: Normalize = Normalize.imagenet
     workers: int = 0
+    text_column: str | None = None
+    label_column: str | None = None
+    image_column: str | None = None
+    max_length: int | None = None
+    tokenizer: Path | None = None
 
     def options(self, data: str, seed: int) -> Any:
         from ftdoctor.data import DataOptions
         return DataOptions(data=data, data_root=str(self.data_root) if self.data_root else None,
-                           download=self.download, split=self.split.value, max_samples=self.max_samples,
+                           download=self.download, split=self.split, max_samples=self.max_samples,
                            subset=self.subset.value, batch_size=self.batch_size, image_size=self.image_size,
-                           normalize=self.normalize.value, workers=self.workers, seed=seed)
+                           normalize=self.normalize.value, workers=self.workers, seed=seed,
+                           text_column=self.text_column, label_column=self.label_column,
+                           image_column=self.image_column, max_length=self.max_length,
+                           tokenizer=str(self.tokenizer) if self.tokenizer else None)
 
 
 def _build_model(**kw: Any) -> Any:
@@ -132,9 +160,12 @@ _MODEL = ("model_opts", _build_model, [("arch", Arch, None), ("num_classes", Num
                                        ("trust_checkpoint", Trust, False), ("non_strict", NonStrict, False),
                                        ("device", Device, "cpu")])
 _DATA = ("data_flags", lambda **kw: DataFlags(**kw),
-         [("data_root", DataRoot, None), ("download", Download, False), ("split", SplitOpt, Split.train),
-          ("max_samples", MaxSamples, 1024), ("subset", SubsetOpt, Subset.stratified), ("batch_size", BatchSize, 64), ("image_size", ImageSize, None),
-          ("normalize", NormalizeOpt, Normalize.imagenet), ("workers", Workers, 0)])
+         [("data_root", DataRoot, None), ("download", Download, False), ("split", SplitOpt, "train"),
+          ("max_samples", MaxSamples, 1024), ("subset", SubsetOpt, Subset.stratified),
+          ("batch_size", BatchSize, 64), ("image_size", ImageSize, None),
+          ("normalize", NormalizeOpt, Normalize.imagenet), ("workers", Workers, 0),
+          ("text_column", TextColumn, None), ("label_column", LabelColumn, None),
+          ("image_column", ImageColumn, None), ("max_length", MaxLength, None), ("tokenizer", Tokenizer, None)])
 
 
 def _injecting(group: tuple[str, Callable[..., Any], list[tuple[str, Any, Any]]]) -> Callable:

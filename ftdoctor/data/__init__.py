@@ -11,10 +11,17 @@ shapes        ``shapes`` / ``shapes:C``: the built-in procedural set  :mod:`.bui
 fake          ``fake``: seeded uniform noise, 10 fixed labels         :mod:`.builtin`
 torchvision   ``cifar10 cifar100 mnist fashion-mnist svhn`` from      :mod:`.torchvision_sets`
               ``--data-root``, never downloaded unless ``--download``
+datasets      a ``datasets`` ``save_to_disk`` folder (``--split`` any   :mod:`.tables`
+              of its splits): text or image and label columns
 folder        a directory: ImageFolder, or ``train/`` and ``test/``   :mod:`.folder`
+table         ``.csv .tsv .jsonl .parquet``: text (pairs) or image    :mod:`.tables`
+              paths, and labels (columns: :mod:`.columns`)
 hdf5          ``.h5`` / ``.hdf5``: ``images`` and ``labels``            :mod:`.hdf5`
 npz           ``.npz``: ``x``, ``y`` (``x_test``, ``y_test``)           :mod:`.npz`
 ============  =====================================================  ==========================
+
+Text is tokenised with the model folder's tokenizer (:mod:`.text`); its items are mappings of token
+ids and masks instead of images.
 
 For the file formats the class count is 1 + the largest label of all the
 splits the file holds (so train and test agree), unless the file states it: an
@@ -24,7 +31,7 @@ HDF5 attribute ``num_classes`` (on the file or on the labels) or an npz array
 """
 from __future__ import annotations
 
-from ftdoctor.data import builtin, folder, hdf5, npz, torchvision_sets  # noqa: F401,E402  (registration)
+from ftdoctor.data import builtin, folder, hdf5, npz, tables, torchvision_sets  # noqa: F401,E402  (registration)
 from ftdoctor.data.bundle import (
                                   IMAGENET_MEAN,
                                   IMAGENET_STD,

@@ -55,6 +55,17 @@ class DataOptions:
     seed: int = 0
     in_channels: int | None = None
     subset: str = "stratified"         # how --max-samples draws: stratified | first (.subset)
+    # tables and datasets folders (.columns) and text (.text)
+    text_column: str | None = None     # "A" or "A,B" for sentence pairs
+    label_column: str | None = None
+    image_column: str | None = None
+    max_length: int | None = None      # tokens per example
+    tokenizer: str | None = None       # --tokenizer DIR; else the model folder's (model_folder)
+    # set by the session from the model, never printed as flags
+    model_folder: str | None = None
+    class_names: tuple[str, ...] | None = None
+    model_max_length: int | None = None
+    model_takes_text: bool | None = None   # None: not known (the library's load_data)
 
     def flags(self) -> tuple[str, ...]:
         """The flags after ``--data DATA`` that give the same examples (defaults left out), for printed
@@ -63,7 +74,8 @@ class DataOptions:
         out: list[str] = []
         if self.data_root is not None:
             out += ["--data-root", str(self.data_root)]
-        for name in ("split", "max_samples", "subset", "batch_size", "image_size", "normalize"):
+        for name in ("split", "max_samples", "subset", "batch_size", "image_size", "normalize", "text_column",
+                     "label_column", "image_column", "max_length", "tokenizer"):
             value = getattr(self, name)
             if value != getattr(defaults, name) and value is not None:
                 out += ["--" + name.replace("_", "-"), str(value)]
@@ -86,6 +98,7 @@ class DataBundle:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     drawn: Drawn | None = None          # how --max-samples chose the examples
+    kind: str = "image"                 # "image", or "text": inputs are token ids and masks (.text)
 
     def resize(self, size: int) -> None:
         """Resize every image to ``size``×``size`` from now on (the model needs that size)."""
@@ -207,6 +220,7 @@ def load_data(opts: DataOptions) -> DataBundle:
     _check_options(opts)
     notes: list[str] = []
     source, name = open_split(replace(opts, max_samples=None) if opts.subset == "stratified" else opts)
+    notes.extend(getattr(source, "notes", ()))
     source, drawn = draw(source, opts.max_samples, opts.subset, opts.seed)
     count = len(source.labels)
     if count == 0:
@@ -216,6 +230,8 @@ def load_data(opts: DataOptions) -> DataBundle:
         raise FtdoctorError(f"{name} has a single class: a classifier's diagnoses need at least two",
                             "point --data at a dataset with two or more classes (labels 0 … C−1)")
     check_labels(source.labels, source.num_classes, name)
+    if getattr(source, "kind", "image") == "text":
+        return _text_bundle(source, name, opts, drawn, notes)
 
     if hasattr(source, "first_shape"):
         channels, height, width = source.first_shape()     # from the file's header: nothing decoded yet
@@ -249,6 +265,28 @@ def load_data(opts: DataOptions) -> DataBundle:
                       std=tuple(std) if std is not None else (), drawn=drawn)
 
 
+def _text_bundle(source: Any, name: str, opts: DataOptions, drawn: Drawn, notes: list[str]) -> DataBundle:
+    """Texts tokenised for the model (:mod:`.text`): the tokenizer of ``--tokenizer`` or the model's folder."""
+    from pathlib import Path
+
+    from ftdoctor.data.text import encode, load_tokenizer
+
+    if opts.model_takes_text is False:
+        raise FtdoctorError(f"{name} holds texts, but the model is an image classifier",
+                            "pass images for an image model (a text model is a Hugging Face "
+                            "*ForSequenceClassification folder)")
+    folder = opts.tokenizer or opts.model_folder
+    if folder is None:
+        raise FtdoctorError(f"{name} holds text, which needs a tokenizer: the model is not a folder with one",
+                            "pass --tokenizer DIR (a folder with tokenizer.json or vocab.txt), or the model's "
+                            "save_pretrained folder")
+    dataset = encode(source, load_tokenizer(Path(folder).expanduser()), opts.max_length, opts.model_max_length,
+                     notes)
+    return DataBundle(dataset=dataset, name=name, split=opts.split, num_samples=len(dataset),
+                      num_classes=int(source.num_classes), image_shape=(), notes=notes,
+                      batch_size=opts.batch_size, workers=opts.workers, drawn=drawn, kind="text")
+
+
 def _check_positive(value: Any, what: str, flag: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise FtdoctorError(f"the {what} must be a positive integer, got {value!r}",
@@ -268,7 +306,12 @@ def _check_options(opts: DataOptions) -> None:
     if isinstance(opts.workers, bool) or not isinstance(opts.workers, (int, np.integer)) or opts.workers < 0:
         raise FtdoctorError(f"the worker count must be 0 or more, got {opts.workers!r}",
                             "pass --workers 0 to load in the main process")
-    if opts.split not in SPLITS:
+    if opts.max_length is not None:
+        _check_positive(opts.max_length, "token count", "--max-length")
+    from ftdoctor.data.sources import source_for
+
+    source = source_for(opts.data.strip()) if isinstance(opts.data, str) else None
+    if opts.split not in SPLITS and not getattr(source, "any_split", False):
         raise FtdoctorError(f"unknown split {opts.split!r}", f"use --split {' or '.join(SPLITS)}")
     if opts.normalize not in NORMALIZATIONS:
         raise FtdoctorError(f"unknown normalization {opts.normalize!r}",

@@ -33,32 +33,51 @@ class FolderSplit:
     def read(self, indices: Sequence[int]) -> list[Tensor]:
         from torchvision.transforms.functional import pil_to_tensor
 
-        return [pil_to_tensor(_read_image(self.folder.samples[int(i)][0])).float().div_(255.0) for i in indices]
+        return [pil_to_tensor(read_image(self.folder.samples[int(i)][0])).float().div_(255.0) for i in indices]
 
     def first_shape(self) -> tuple[int, int, int]:
         """(3, H, W) of the first image, from its header (images are read as RGB)."""
-        width, height = _read_image(self.folder.samples[0][0], header_only=True)
+        width, height = read_image(self.folder.samples[0][0], header_only=True)
         return 3, height, width
 
 _PIL_FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
 
 
-def _read_image(path: str, header_only: bool = False) -> Any:
+def read_image(path: str, header_only: bool = False) -> Any:
     """One image as RGB: a regular file, one of :data:`_PIL_FORMATS`, its size checked before decoding
     (``header_only``: just its (width, height))."""
-    from PIL import Image
-
-    from ftdoctor.safety import check_image_pixels, open_regular
+    from ftdoctor.safety import open_regular
 
     try:
-        with open_regular(path, "the image") as f, Image.open(f, formats=_PIL_FORMATS) as image:
-            width, height = image.size
-            check_image_pixels(height, width, f"the image {path}")
-            return (width, height) if header_only else image.convert("RGB")
+        with open_regular(path, "the image") as f:
+            return _decode(f, f"the image {path}", header_only)
     except FtdoctorError as exc:
         raise DataError(exc.cause, exc.remedy) from None
     except Exception as exc:  # PIL raises many types for a bad file  # noqa: BLE001
         raise DataError(f"cannot read image {path}: {exc}", "remove or replace the file") from None
+
+
+def read_image_bytes(data: bytes, what: str, header_only: bool = False) -> Any:
+    """:func:`read_image` for an encoded image held in memory (a ``datasets`` Image column)."""
+    import io
+
+    try:
+        return _decode(io.BytesIO(data), what, header_only)
+    except FtdoctorError as exc:
+        raise DataError(exc.cause, exc.remedy) from None
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"cannot read {what}: {exc}", "remove or replace the image") from None
+
+
+def _decode(f: Any, what: str, header_only: bool) -> Any:
+    from PIL import Image
+
+    from ftdoctor.safety import check_image_pixels
+
+    with Image.open(f, formats=_PIL_FORMATS) as image:
+        width, height = image.size
+        check_image_pixels(height, width, what)
+        return (width, height) if header_only else image.convert("RGB")
 
 
 @dataclass

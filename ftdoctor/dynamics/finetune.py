@@ -38,9 +38,9 @@ class Examples:
     def __init__(self, bundle: Any, device: torch.device) -> None:
         self.bundle, self.device = bundle, device
         self.num_samples = int(bundle.num_samples)
-        self.x: Tensor | None = None
+        self.x: forward.Inputs | None = None
         self.y: Tensor | None = None
-        size = self.num_samples * int(np.prod(bundle.image_shape)) * 4
+        size = self.num_samples * int(np.prod(bundle.image_shape or (1,))) * 4
         if size <= _IN_MEMORY_BYTES:
             xs, ys, idx = [], [], []
             for x, y, i in bundle.loader(batch_size=256):
@@ -48,30 +48,28 @@ class Examples:
                 ys.append(torch.as_tensor(y))
                 idx.append(torch.as_tensor(i))
             if xs:
-                order = torch.cat(idx)
-                x_all, y_all = torch.cat(xs), torch.cat(ys)
-                self.x = torch.empty_like(x_all)
-                self.y = torch.empty_like(y_all)
-                self.x[order], self.y[order] = x_all, y_all
+                order = torch.cat(idx).argsort()      # back to dataset order: item k at position k
+                self.x, self.y = forward.take(forward.cat(xs), order), torch.cat(ys)[order]
                 self.num_samples = len(order)
 
-    def batches(self, plan: Sequence[Tensor]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def batches(self, plan: Sequence[Tensor]) -> Iterator[tuple[forward.Inputs, Tensor, Tensor]]:
         if self.x is not None:
             for idx in plan:
-                yield self.x[idx].to(self.device), self.y[idx].to(self.device), idx
+                yield forward.to_device(forward.take(self.x, idx), self.device), self.y[idx].to(self.device), idx
             return
         flat = torch.cat(list(plan)).tolist()
         loader = self.bundle.loader(batch_size=len(plan[0]), sampler=flat)
         for x, y, i in loader:
-            yield x.to(self.device), torch.as_tensor(y).to(self.device), torch.as_tensor(i)
+            yield forward.to_device(x, self.device), torch.as_tensor(y).to(self.device), torch.as_tensor(i)
 
-    def all(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def all(self) -> Iterator[tuple[forward.Inputs, Tensor]]:
         if self.x is not None:
             for s in range(0, self.num_samples, 256):
-                yield self.x[s:s + 256].to(self.device), self.y[s:s + 256].to(self.device)
+                yield (forward.to_device(forward.take(self.x, slice(s, s + 256)), self.device),
+                       self.y[s:s + 256].to(self.device))
             return
         for x, y, _ in self.bundle.loader(batch_size=256):
-            yield x.to(self.device), torch.as_tensor(y).to(self.device)
+            yield forward.to_device(x, self.device), torch.as_tensor(y).to(self.device)
 
 
 @torch.no_grad()

@@ -75,8 +75,14 @@ def _load(model_path: str | Path, model_opts: Any, data: Any, eval_split: str, e
     loaded = ckpt.load_model(model_path, model_opts)
     notes = list(loaded.notes)
     size = model_input_size(loaded)
-    train_bundle = open_data(loaded.model, data, size)
-    eval_bundle = open_data(loaded.model, replace(data, split=eval_split, max_samples=eval_samples), size)
+    train_bundle = open_data(loaded, data, size)
+    try:
+        eval_bundle = open_data(loaded, replace(data, split=eval_split, max_samples=eval_samples), size)
+    except FtdoctorError as exc:
+        if "holds one split" not in exc.cause:
+            raise
+        raise FtdoctorError(f"{data.data} holds one split, so there is no {eval_split} split to evaluate on",
+                            f"pass --eval-split {data.split} to evaluate on the training examples") from None
     notes.extend(train_bundle.notes)
     if eval_bundle.num_classes != train_bundle.num_classes:
         raise FtdoctorError(f"the {eval_split} split has {eval_bundle.num_classes} classes but the "

@@ -20,6 +20,7 @@ normalisation kept as a leaf; a model that does not trace is an exit-2 error.
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -241,3 +242,31 @@ def _follow(start: torch.fx.Node, modules: dict[str, nn.Module],
             cur = u
             continue
         return None, f"its output{where} reaches {_describe(u, modules)}, which is not positively homogeneous"
+
+
+_BLOCKERS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], str | None]]" = weakref.WeakKeyDictionary()
+
+
+def rescale_blocker(model: nn.Module, layers: Sequence[AffineLayer], head: AffineLayer) -> str | None:
+    """Why ``fix --method rescale`` can do nothing for ``model`` (it does not trace, or no layer's scale can be
+    undone downstream — a transformer's layers all feed residual sums), or None when some layer can be
+    rescaled. Computed once per model and layer set: the probes that would suggest rescale ask it."""
+    names = tuple(layer.name for layer in layers)
+    cached = _BLOCKERS.get(model)
+    if cached is not None and cached[0] == names:
+        return cached[1]
+    if isinstance(model, torch.jit.ScriptModule):
+        reason: str | None = "a TorchScript model has no module graph to rescale along"
+    else:
+        try:
+            plan = plan_rescale(model, layers, head)
+        except FtdoctorError:
+            reason = f"torch.fx cannot trace {type(model).__name__} (no module graph to rescale along)"
+        else:
+            reasons = [r for name, r in plan.blocked.items() if name != head.name]
+            reason = None
+            if not plan.sinks:
+                common = max(set(reasons), key=reasons.count) if reasons else "no layer below the head"
+                reason = f"no layer's scale can be undone downstream (e.g. {common})"
+    _BLOCKERS[model] = (names, reason)
+    return reason

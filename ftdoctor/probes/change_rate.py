@@ -12,8 +12,9 @@ expected squared gradient ``G²_k = E_n[(∂ℓ_n/∂W_k)²]`` over the weights'
 * ``spread`` = max/min of the rates; ``log_std`` = std of their logs (0 = flat, Fig. 1a)
 
 Embeddings and normalisation layers are measured too (:mod:`ftdoctor.engine.norm_squares`, beyond BackPACK);
-an embedding counts as an affine layer (of a one-hot input), a norm layer's row is reported but left out of
-``spread``, ``log_std`` and the cv judgement (``role`` = ``norm``).
+an embedding counts as an affine layer (of a one-hot input) in ``spread``, but its cv is not judged (the rows
+of tokens the data never uses get no gradient: the cv would measure vocabulary coverage); a norm layer's row
+is reported but left out of ``spread``, ``log_std`` and the cv judgement (``role`` = ``norm``).
 
 ``exact`` mode sums per-example squares (batched); ``batch`` mode squares the
 batch gradient and divides by the batch size — unbiased because the η_n are
@@ -35,7 +36,7 @@ from ftdoctor.numbers import fmt
 from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeContext, ProbeResult, finite_or_none,
                                   register_probe, row_json)
 from ftdoctor.probes.head import ORDINARY, HeadWatch, is_max_entropy, left_out
-from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
+from ftdoctor.probes.verdicts import Suggestion, Verdict, bound, rescale_suggestion, rescale_unavailable
 from ftdoctor.thresholds import Thresholds
 
 
@@ -92,11 +93,12 @@ class ChangeRateFigures(Figures):
     head: str = ""                     # the head's name
     head_kind: str = ORDINARY          # ordinary | max-entropy | feature-normalised max-entropy (probes.head)
     backbone_spread: float | None = None   # spread without the head
+    rescale_unavailable: str | None = None  # why fix --method rescale cannot help this model (None: it can)
 
     def to_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "loss": self.loss, "spread": self.spread, "log_std": self.log_std,
                 "head": self.head, "head_kind": self.head_kind, "backbone_spread": self.backbone_spread,
-                "layers": [row_json(r) for r in self.layers]}
+                "rescale_unavailable": self.rescale_unavailable, "layers": [row_json(r) for r in self.layers]}
 
 
 @register_probe(name="change_rate",
@@ -194,7 +196,7 @@ class ChangeRateProbe(HeadWatch, Probe):
         log_std = float(np.std(np.log(rates))) if rates else None
         self._result = ProbeResult(figures=ChangeRateFigures(
             self.mode, self.loss, _spread(rates), log_std, tuple(layers), self.ctx.head.name, self.head_kind(),
-            _spread(body)), arrays=arrays)
+            _spread(body), rescale_unavailable(self.ctx)), arrays=arrays)
         return self._result
 
     thresholds = ("max_change_rate_spread", "max_change_rate_cv")
@@ -222,10 +224,12 @@ class ChangeRateProbe(HeadWatch, Probe):
                              t.max_change_rate_spread,
                              "change-rate spread of the backbone" if body else "change-rate spread", where=where,
                              explanation="layers learn at very different speeds (Krähenbühl et al. Fig. 1a)",
-                             suggestion=Suggestion("fix", ("--method", "rescale"))))
+                             suggestion=rescale_suggestion(figures.get("rescale_unavailable"))))
         if t.max_change_rate_cv is not None:
+            # An embedding's rows of tokens the data never uses get no gradient: its cv measures the data's
+            # vocabulary coverage, not the layer's conditioning, and datadep does not apply to a lookup table.
             cvs = [l for l in figures["layers"] if l.get("cv") is not None and not (body and l["name"] == head)
-                   and l.get("role", "affine") != "norm"]
+                   and l.get("role", "affine") == "affine"]
             worst = max(cvs, key=lambda l: l["cv"]) if cvs else None
             above = [l["name"] for l in cvs if l["cv"] > t.max_change_rate_cv]
             out.append(bound("max_change_rate_cv", worst["cv"] if worst else None, t.max_change_rate_cv,

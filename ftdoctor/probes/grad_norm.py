@@ -24,7 +24,7 @@ from ftdoctor.numbers import fmt
 from ftdoctor.probes.base import (Batch, Column, Figures, Finding, Probe, ProbeContext, ProbeResult, finite_or_none,
                                   register_probe, row_json)
 from ftdoctor.probes.head import ORDINARY, HeadWatch, is_max_entropy, left_out
-from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
+from ftdoctor.probes.verdicts import Suggestion, Verdict, bound, rescale_suggestion, rescale_unavailable
 from ftdoctor.thresholds import Thresholds
 
 
@@ -51,11 +51,12 @@ class GradNormFigures(Figures):
     head_kind: str = ORDINARY         # ordinary | max-entropy | feature-normalised max-entropy (probes.head)
     backbone_depth_ratio: float | None = None   # first layer's grad_norm / the deepest layer below the head's
     backbone_top: str | None = None   # that deepest layer below the head
+    rescale_unavailable: str | None = None  # why fix --method rescale cannot help this model (None: it can)
 
     def to_json(self) -> dict[str, Any]:
         return {"depth_ratio": self.depth_ratio, "head": self.head, "head_kind": self.head_kind,
                 "backbone_depth_ratio": self.backbone_depth_ratio, "backbone_top": self.backbone_top,
-                "layers": [row_json(r) for r in self.layers]}
+                "rescale_unavailable": self.rescale_unavailable, "layers": [row_json(r) for r in self.layers]}
 
 
 @register_probe(name="grad_norm", description="RIFLE: per-layer gradient Frobenius norms of the cross-entropy (Fig. 2)",
@@ -124,7 +125,8 @@ class GradNormProbe(HeadWatch, Probe):
         body = (finite_or_none(below[0]["grad_norm"] / top["grad_norm"])
                 if top and top["grad_norm"] and below[0]["grad_norm"] is not None else None)
         return ProbeResult(figures=GradNormFigures(depth, tuple(LayerGradNorm(**r) for r in rows), self.ctx.head.name,
-                                                   self.head_kind(), body, top["name"] if top else None),
+                                                   self.head_kind(), body, top["name"] if top else None,
+                                                   rescale_unavailable(self.ctx)),
                            arrays=arrays)
 
     thresholds = ("min_depth_ratio",)
@@ -144,7 +146,7 @@ class GradNormProbe(HeadWatch, Probe):
             return [bound("min_depth_ratio", figures.get("backbone_depth_ratio"), t.min_depth_ratio,
                           "gradient depth ratio of the backbone", where=where,
                           explanation="the lower layers will barely move when fine-tuning (RIFLE Fig. 2)",
-                          suggestion=Suggestion("fix", ("--method", "rescale")))]
+                          suggestion=rescale_suggestion(figures.get("rescale_unavailable")))]
         where = f" ({layers[0]['name']} / head)" if layers else ""
         return [bound("min_depth_ratio", figures.get("depth_ratio"), t.min_depth_ratio, "gradient depth ratio",
                       where=where, explanation="the lower layers will barely move when fine-tuning (RIFLE Fig. 2)",

@@ -1,7 +1,8 @@
 """Activation R² against the pretrained model — L2-SP (Li et al. 2018), §4.4 and Fig. 4.
 
 For the output of every matched affine layer (the head excluded) and every
-channel, pooled over examples and positions, the fine-tuned activation ``a``
+channel, pooled over examples and positions (the real tokens of a text, not its padding: :func:`real_tokens`),
+the fine-tuned activation ``a``
 is compared with the reference's ``b``:
 
 * ``r2`` — squared Pearson correlation, the coefficient of determination of
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -34,6 +35,20 @@ def channel_dims(out: Tensor, kind: str) -> tuple[int, list[int]]:
     """The channel dim (1 for conv outputs, the last for linear ones) and the dims pooled over."""
     channel = 1 if kind.startswith("Conv") and out.dim() > 1 else out.dim() - 1
     return channel, [d for d in range(out.dim()) if d != channel]
+
+
+def token_mask(inputs: Any) -> Tensor | None:
+    """The ``attention_mask`` (B, T) of token inputs as booleans, None for images."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
+def real_tokens(out: Tensor, mask: Tensor | None) -> Tensor:
+    """A layer's (B, T, C) output over tokens without its padded positions, (N, C): padding contributes
+    nothing to the R² (``mask`` None or another shape: ``out`` as it is)."""
+    if mask is None or out.dim() != 3 or tuple(out.shape[:2]) != tuple(mask.shape):
+        return out
+    return out[mask.to(out.device)]
 
 
 def _layout(out: Tensor, kind: str) -> tuple[int, int, int]:
@@ -211,11 +226,13 @@ class R2Probe(Probe):
 
     def update(self, batch: Batch) -> None:
         groups: dict[tuple, list[tuple[AffineLayer, tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
+        mask = token_mask(batch.x)
         for mine, _ in self.pairs:
             a = batch.outputs.get(mine.name)
             b = batch.ref_outputs.get(mine.name)     # absent when take_pair() consumed it
             if a is None or b is None or a.shape != b.shape or a.numel() == 0:
                 continue
+            a, b = real_tokens(a, mask), real_tokens(b, mask)
             shift_a, shift_b = self._shifts(mine, a, b)
             key = (tuple(a.shape), channel_dims(a, mine.kind)[0], shift_a.dtype)
             groups.setdefault(key, []).append((mine, (a, b, shift_a, shift_b)))

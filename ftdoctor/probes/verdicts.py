@@ -19,7 +19,7 @@ from typing import Any
 class Suggestion:
     """What to do about a finding. ``command`` (``"fix"``, ``"trace"``, ``"inspect"``) is a command line: ``args``
     follow the model and its flags; ``fix`` and ``trace`` get ``--data`` and its flags, ``fix`` also
-    ``-o FIXED.pt``. None is advice in words (``before``). ``before`` / ``after`` are words around the command;
+    ``-o FIXED.pt`` (``-o FIXED`` for a model folder). None is advice in words (``before``). ``before`` / ``after`` are words around the command;
     ``also`` a second suggestion printed after it."""
 
     command: str | None = None
@@ -41,13 +41,26 @@ class RunArgs:
     data: str = "DATA"
     data_flags: tuple[str, ...] = ()
     new_head: bool = False
+    out: str = "FIXED.pt"           # a model folder is fixed into a folder: FIXED
 
     @classmethod
     def of(cls, model: str | Any, model_opts: Any = None, data_opts: Any = None, new_head: bool = False) -> "RunArgs":
         """From the path and the options of a run (``ModelOptions``, ``DataOptions``; None: not given)."""
         return cls(str(model), model_opts.flags() if model_opts is not None else (),
                    data_opts.data if data_opts is not None else "DATA",
-                   data_opts.flags() if data_opts is not None else (), new_head)
+                   data_opts.flags() if data_opts is not None else (), new_head,
+                   _fixed_name(str(model)))
+
+
+def _fixed_name(model: str) -> str:
+    """Where a suggested fix writes: ``FIXED.pt`` (``FIXED`` for a model folder), never the model's own name."""
+    from pathlib import Path
+
+    from ftdoctor.checkpoint.folder import output_is_folder
+
+    name = "FIXED" if output_is_folder(model) else "FIXED.pt"
+    taken = {Path(model).name, Path(model).parent.name}
+    return name if name not in taken else name.replace("FIXED", "FIXED-2")
 
 
 PLACEHOLDERS = RunArgs()
@@ -67,12 +80,28 @@ def render(s: Suggestion | None, run: RunArgs = PLACEHOLDERS, *, words: bool = T
     if s.command == "fix":
         if run.new_head:
             parts.append("--new-head")
-        parts += ["-o", "FIXED.pt"]
+        parts += ["-o", run.out]
     text = " ".join(parts)
     if not words:
         return text
     also = f"  ({render(s.also, run)})" if s.also is not None else ""
     return f"{s.before}{text}{s.after}{also}"
+
+
+def rescale_unavailable(ctx: Any) -> str | None:
+    """Why ``fix --method rescale`` cannot help the probed model (a :class:`~ftdoctor.probes.base.ProbeContext`),
+    or None."""
+    from ftdoctor.fixes.scale_graph import rescale_blocker
+
+    return rescale_blocker(ctx.model, ctx.layers, ctx.head)
+
+
+def rescale_suggestion(blocker: str | None) -> Suggestion:
+    """``fix --method rescale``, or in words why it cannot help this model (``blocker``, from
+    :func:`ftdoctor.fixes.scale_graph.rescale_blocker` via the probe's figures)."""
+    if blocker is None:
+        return Suggestion("fix", ("--method", "rescale"))
+    return Suggestion(before=f"fix --method rescale cannot equalise this model's rates: {blocker}")
 
 
 @dataclass(frozen=True)
@@ -120,4 +149,6 @@ def check_message(v: Verdict, run: RunArgs = PLACEHOLDERS) -> str:
     command = render(v.suggestion, run, words=False)
     if command and v.suggestion is not None and v.suggestion.command:
         hint += f"; try `{command}`" if hint else f"try `{command}`"
+    elif v.suggestion is not None and v.suggestion.command is None and v.suggestion.before:
+        hint += f"; {v.suggestion.before}" if hint else v.suggestion.before
     return f"{v.message}: {hint}" if hint else v.message

@@ -479,10 +479,14 @@ def test_unknown_name_lists_the_valid_ones() -> None:
 def test_missing_file_and_unsupported_file(tmp_path: Path) -> None:
     with pytest.raises(FtdoctorError, match="not found"):
         load_data(DataOptions(str(tmp_path / "absent.h5")))
-    other = tmp_path / "data.csv"
+    other = tmp_path / "data.xls"
     other.write_text("1,2,3\n")
     with pytest.raises(FtdoctorError, match="unknown file type"):
         load_data(DataOptions(str(other)))
+    empty = tmp_path / "data.csv"          # a table with a header and no rows
+    empty.write_text("text,label\n")
+    with pytest.raises(FtdoctorError, match="no rows"):
+        load_data(DataOptions(str(empty)))
 
 
 def test_bad_shapes_class_count() -> None:

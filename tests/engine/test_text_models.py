@@ -78,3 +78,39 @@ def test_a_text_classifier_s_squares_equal_a_per_example_loop():
     # padded positions contribute nothing: the [PAD] row's squares are zero
     pad = torch.as_tensor(run.results["change_rate"].arrays["bert.embeddings.word_embeddings/grad_sq_mean"])[0]
     assert float(pad.abs().max()) == 0.0
+
+
+def test_what_stands_at_padded_positions_changes_no_figure():
+    """Every probe, the activation R² against a reference included, is blind to the tokens behind the padding:
+    the same texts padded with other ids give the same figures."""
+    model = tiny_bert()
+    reference = tiny_bert()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    n, length = 10, 9
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.randint(3, length, (n,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 50, (n, length), generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    other = torch.where(mask.bool(), ids, torch.randint(1, 50, (n, length), generator=g))
+    runs = []
+    for tokens in (ids * mask, other):
+        bundle = TokenBundle(tokens, mask, y, 3, batch_size=4)
+        runs.append(probe_model(model, bundle, ProbeOptions(probes=("noise", "change_rate", "grad_norm", "r2"),
+                                                            seed=1), reference=reference))
+    for name in ("noise", "change_rate", "grad_norm", "r2"):
+        a, b = runs[0].results[name].figures.to_json(), runs[1].results[name].figures.to_json()
+        assert _close(a, b), name
+    assert runs[0].results["r2"].figures.to_json()["layers"], "R² measured"
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, z) for x, z in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-9 * max(1.0, abs(a))
+    return a == b

@@ -1,0 +1,123 @@
+"""The issue's "must hold" runs, typed as a user would: probe, fix --method entame --new-head and check on a
+Hugging Face BERT-style text classifier (with a CSV and with a datasets folder), a Hugging Face ViT and a
+timm hub folder; the fixed folder reloads in its own library; the commands ftdoctor prints run as printed."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+import torch
+
+from helpers import run_cli
+from hf_helpers import SENTENCES, bert_folder, reviews_csv, reviews_dataset, timm_folder, vit_folder
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    return {"bert": bert_folder(root / "bert", labels=["neg", "pos"]), "csv": reviews_csv(root / "reviews.csv"),
+            "datasets": reviews_dataset(root / "reviews")}
+
+
+def _chain(model, data, tmp_path, reload, *extra):
+    """probe (JSON), fix entame --new-head, check on the fixed folder; returns the probe report and the fixed
+    folder, reloaded by ``reload``."""
+    code, out, err = run_cli("probe", model, "--data", data, *extra, "--new-head", "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    fixed = tmp_path / "FIXED"
+    code, out, err = run_cli("fix", model, "--method", "entame", "--new-head", "--data", data, *extra, "-o", fixed)
+    assert code == 0, err + out
+    assert fixed.is_dir() and (tmp_path / "FIXED.ftdoctor.json").is_file()
+    code, out, err = run_cli("check", fixed, "--data", data, *extra, "--format", "json")
+    assert code in (0, 1), err
+    checked = json.loads(out)
+    verdicts = {c["name"]: c for c in checked["checkpoints"][0]["checks"]}
+    assert verdicts["loadable"]["passed"] and verdicts["runs_on_data"]["passed"]
+    assert verdicts["max_excess_noise_fraction"]["passed"]      # ENTAME's head: at the floor
+    reload(fixed)
+    return report, fixed
+
+
+@pytest.mark.parametrize("data", ["csv", "datasets"])
+def test_a_text_classifier_folder_with_a_csv_or_a_datasets_folder(text, data, tmp_path):
+    def reload(fixed):
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(fixed).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(fixed)
+        logits = model(**tokenizer(SENTENCES[:3], padding=True, return_tensors="pt")).logits
+        assert torch.allclose(logits, torch.zeros_like(logits), atol=1e-5)   # ENTAME's head: uniform output
+
+    report, _ = _chain(text["bert"], text[data], tmp_path, reload, "--max-samples", "24")
+    assert report["model"]["arch"] == "hf:BertForSequenceClassification"
+    rows = [l["name"] for l in report["probes"]["change_rate"]["layers"]]
+    assert rows[0] == "bert.embeddings.word_embeddings"                    # measured from the embeddings up
+    assert "bert.encoder.layer.0.attention.self.query" in rows and "bert.embeddings.LayerNorm" in rows
+    skipped = {s["name"] for s in report["skipped"]}
+    assert "bert.embeddings.position_embeddings" in skipped
+    assert report["data"]["num_samples"] == 24 and report["data"]["num_classes"] == 2
+
+
+def test_an_image_classifier_folder(tmp_path):
+    vit = vit_folder(tmp_path / "vit", num_labels=3)
+
+    def reload(fixed):
+        model = transformers.ViTForImageClassification.from_pretrained(fixed)
+        assert model.classifier.out_features == 5 and json.loads((fixed / "config.json").read_text())["id2label"]
+
+    report, _ = _chain(vit, "shapes:5", tmp_path, reload, "--max-samples", "20")
+    rows = [l["name"] for l in report["probes"]["change_rate"]["layers"]]
+    assert rows[0] == "vit.embeddings.patch_embeddings.projection" and "vit.layers.0.attention.q_proj" in rows
+
+
+def test_a_timm_hub_folder(tmp_path):
+    timm = pytest.importorskip("timm")
+    folder = timm_folder(tmp_path / "effnet", "efficientnet_b0", num_classes=4)
+
+    def reload(fixed):
+        config = json.loads((fixed / "config.json").read_text())
+        model = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"])
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(str(fixed / "model.safetensors")))
+        assert config["num_classes"] == 3
+
+    report, _ = _chain(folder, "shapes:3", tmp_path, reload, "--max-samples", "12", "--batch-size", "6")
+    assert report["model"]["arch"] == "timm:efficientnet_b0"
+
+
+def test_every_command_printed_for_a_folder_runs_as_printed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    vit_folder(tmp_path / "vit", num_labels=3)
+    code, out, err = run_cli("probe", "vit", "--data", "shapes:3", "--max-samples", "16", "--new-head",
+                             env={"COLUMNS": "200"})
+    assert code == 0, err
+    printed = [m.group(1) for m in re.finditer(r"^\d+ → (.+)$", out, re.M)]
+    commands = [c for c in printed if c.startswith("ftdoctor ")]
+    assert commands and all(" -o FIXED" in c and "FIXED.pt" not in c for c in commands)
+    for words in set(printed) - set(commands):      # what cannot run is said in words, not as a command
+        assert "cannot" in words
+    code, out, err = run_cli(*shlex.split(commands[0])[1:])
+    assert code == 0, err + out
+    assert (tmp_path / "FIXED" / "config.json").is_file()
+
+
+def test_text_data_for_an_image_model_and_images_for_a_text_model_are_refused(text, tmp_path):
+    vit = vit_folder(tmp_path / "vit")
+    code, _, err = run_cli("probe", vit, "--data", text["csv"])
+    assert code == 2 and "holds texts" in err
+    code, _, err = run_cli("probe", text["bert"], "--data", "shapes:3")
+    assert code == 2 and "text classifier" in err
+
+
+def test_a_short_fine_tune_of_a_text_classifier(text, tmp_path):
+    out = tmp_path / "trace.h5"
+    code, _, err = run_cli("trace", text["bert"], "--data", text["csv"], "--steps", "3", "--batch-size", "8",
+                           "--max-samples", "16", "--eval-samples", "8", "--hdf5", out)
+    assert code == 2 and "--eval-split train" in err          # one file, one split: said how to evaluate
+    code, _, err = run_cli("trace", text["bert"], "--data", text["csv"], "--steps", "3", "--batch-size", "8",
+                           "--max-samples", "16", "--eval-samples", "8", "--eval-split", "train", "--hdf5", out)
+    assert code == 0, err
+    assert out.is_file()
