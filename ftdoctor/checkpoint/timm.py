@@ -10,16 +10,19 @@ than the name's default gets ``img_size`` from the checkpoint. A patch embedding
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from ftdoctor.checkpoint.builders import Builder
+from ftdoctor.checkpoint.builders import Builder, Signature, comparable, signature_for
 from ftdoctor.checkpoint.common import LoadedModel, ModelOptions
 from ftdoctor.checkpoint.reading import CheckpointFile
 from ftdoctor.checkpoint.sources import InputSize, ModelSource, loaded, register_model_source
@@ -139,3 +142,126 @@ class TimmSource(ModelSource):
 
             return save_folder(loaded, model, out)
         return save_state_dict(loaded.container, model, out)
+
+
+# -- recognising a bare timm state dict -----------------------------------------------------------------
+def candidate_families(keys: set[str]) -> dict[str, list[str]]:
+    """timm's model names whose pretrained config names a first convolution and a classifier that ``keys``
+    hold, grouped by the module that defines them (``convnext``, ``resnet``, ...) — without building any."""
+    timm = _timm()
+    from timm.models import get_pretrained_cfg
+    from timm.models._registry import _model_to_module
+
+    def names(value: Any) -> list[str]:
+        return [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str)]
+
+    families: dict[str, list[str]] = {}
+    for name in timm.list_models():
+        cfg = get_pretrained_cfg(name)
+        if cfg is None:
+            continue
+        first, head = names(cfg.first_conv), names(cfg.classifier)
+        if first and head and all(f + ".weight" in keys for f in first) and all(h + ".weight" in keys for h in head):
+            families.setdefault(str(_model_to_module.get(name, name)), []).append(name)
+    return families
+
+
+class SignatureCache:
+    """timm models' state-dict signatures (key -> shape, head), built on ``meta`` once and kept in
+    ``$FTDOCTOR_CACHE`` (default ``~/.cache/ftdoctor``) per timm version: a family's first recognition builds
+    its members, later ones read them. The file only steers recognition; the weights must still load strictly."""
+
+    MAX_BYTES = 64 * 2**20
+
+    def __init__(self, version: str) -> None:
+        root = os.environ.get("FTDOCTOR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ftdoctor")
+        self.path = Path(root) / f"timm-{version}-signatures.json"
+        self.entries: dict[str, Any] = {}
+        self.changed = False
+        try:
+            if 0 < self.path.stat().st_size <= self.MAX_BYTES:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+                if isinstance(loaded, dict):
+                    self.entries = loaded
+        except (OSError, ValueError):
+            pass
+
+    def signature(self, name: str) -> Signature | None:
+        entry = self.entries.get(name)
+        if isinstance(entry, dict) and isinstance(entry.get("shapes"), dict):
+            try:
+                return Signature({k: tuple(int(s) for s in v) for k, v in entry["shapes"].items()},
+                                 entry.get("head") if isinstance(entry.get("head"), str) else None)
+            except (TypeError, ValueError):
+                pass
+        sig = signature_for(Builder(PREFIX + name, functools.partial(_timm().create_model, name, pretrained=False),
+                                    torchvision=False))
+        self.entries[name] = None if sig is None else {"shapes": {k: list(v) for k, v in sig.shapes.items()},
+                                                       "head": sig.head}
+        self.changed = True
+        return sig
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries), encoding="utf-8")
+            os.replace(tmp, self.path)
+
+
+def match_timm(path: Path, state: Mapping[str, torch.Tensor]) -> Builder:
+    """The timm model whose keys and shapes fit ``state`` (the head's class count and a ViT's image size
+    aside). Families are those whose pretrained config names a first convolution and a classifier the state
+    dict holds (:func:`candidate_families`); a family is expanded only when its smallest member has the same
+    top-level modules, and its members' signatures are cached (:class:`SignatureCache`)."""
+    from ftdoctor import progress
+
+    keys = comparable(state)
+    top = {k.split(".", 1)[0] for k in keys}
+    families = candidate_families(set(state))
+    cache = SignatureCache(_timm().__version__)
+    fits: list[str] = []
+    exact: list[bool] = []
+    tried: list[tuple[float, str]] = []
+    with progress.task("recognising the timm model", total=sum(map(len, families.values())),
+                       unit="models") as bar:
+        for members in families.values():
+            rep = cache.signature(min(members, key=lambda n: (len(n), n)))
+            if rep is None or {k.split(".", 1)[0] for k in rep.comparable()} != top:
+                bar.advance(len(members))
+                continue
+            for name in members:
+                sig = cache.signature(name)
+                bar.advance(1)
+                if sig is None:
+                    continue
+                theirs = sig.comparable()
+                tried.append((len(keys & theirs) / max(1, len(keys | theirs)), name))
+                if theirs != keys:
+                    continue
+                free = {f"{sig.head}.weight", f"{sig.head}.bias", "pos_embed"}
+                if all(tuple(state[k].shape) == sig.shapes[k] for k in keys if k not in free):
+                    fits.append(name)
+                    exact.append("pos_embed" not in keys or tuple(state["pos_embed"].shape) == sig.shapes["pos_embed"])
+    cache.save()
+    if any(exact):           # a ViT trained at its default size: the names of other sizes drop out
+        fits = [n for n, e in zip(fits, exact) if e]
+    if len(fits) == 1:
+        return builder(fits[0], state)
+    if fits:
+        raise FtdoctorError(f"the state dict in {path} fits several timm models: "
+                            f"{', '.join(PREFIX + n for n in fits[:5])}", "pass --arch with the one it was trained as")
+    closest = ", ".join(f"{PREFIX}{n} ({share:.0%} of keys in common)" for share, n in sorted(tried)[::-1][:2])
+    raise NoTimmMatch(f"the state dict in {path} ({len(state)} tensors) matches no timm classification model",
+                      "pass --arch NAME (torchvision), --arch timm:NAME, or --arch pkg.module:callable for your "
+                      "own model class", closest)
+
+
+class NoTimmMatch(FtdoctorError):
+    """No timm model fits the state dict; ``closest`` names the nearest ones tried."""
+
+    def __init__(self, cause: str, remedy: str, closest: str = "") -> None:
+        super().__init__(cause, remedy)
+        self.closest = closest

@@ -1,4 +1,5 @@
-"""torchvision's classification models: ``--arch NAME``, or recognised from a state dict's keys and shapes."""
+"""torchvision's classification models: ``--arch NAME``, or recognised from a state dict's keys and shapes
+(and, when none fits and timm is installed, timm's: :func:`~.timm.match_timm`)."""
 from __future__ import annotations
 
 import difflib
@@ -108,11 +109,40 @@ def match_torchvision(path: Path, state: Mapping[str, torch.Tensor]) -> Builder:
         )
     closest = sorted(tried.items(), key=lambda kv: -kv[1][0])[:3]
     described = ", ".join(f"{label} ({text})" for label, (_, text) in closest) or "none could be built"
-    raise FtdoctorError(
+    raise NoTorchvisionMatch(
         f"the state dict in {path} ({len(state)} tensors) matches no torchvision classification model; "
         f"closest: {described}",
         "pass --arch NAME (a torchvision model) or --arch pkg.module:callable for your own model class",
+        closest=described,
     )
+
+
+class NoTorchvisionMatch(FtdoctorError):
+    """No torchvision classification model fits the state dict (timm's are tried next, when installed)."""
+
+    def __init__(self, cause: str, remedy: str, closest: str = "") -> None:
+        super().__init__(cause, remedy)
+        self.closest = closest
+
+
+def match_any(path: Path, state: Mapping[str, torch.Tensor]) -> Builder:
+    """:func:`match_torchvision`, else (timm installed) :func:`~.timm.match_timm`."""
+    try:
+        return match_torchvision(path, state)
+    except NoTorchvisionMatch as exc:
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            raise exc from None
+        torchvision_closest = exc.closest
+    from ftdoctor.checkpoint.timm import NoTimmMatch, match_timm
+
+    try:
+        return match_timm(path, state)
+    except NoTimmMatch as exc:
+        closest = ", ".join(c for c in (torchvision_closest, exc.closest) if c) or "none could be built"
+        raise FtdoctorError(f"the state dict in {path} ({len(state)} tensors) matches no torchvision or timm "
+                            f"classification model; closest: {closest}", exc.remedy) from None
 
 
 def unknown_arch(arch: str) -> FtdoctorError:
@@ -141,8 +171,9 @@ class TorchvisionSource(ModelSource):
 
     def build(self, ckpt: CheckpointFile, opts: ModelOptions, plan: Any, notes: list[str]) -> LoadedModel:
         builders = None if plan == "match" else plan
-        model, builder, box = model_from_state_dict(ckpt, opts, notes, builders=builders, match=match_torchvision)
-        return loaded(ckpt, model, box.format, builder.name, box, opts, notes, self.name)
+        model, builder, box = model_from_state_dict(ckpt, opts, notes, builders=builders, match=match_any)
+        source = "timm" if builder.name.startswith("timm:") else self.name   # timm writes it back, sizes it
+        return loaded(ckpt, model, box.format, builder.name, box, opts, notes, source)
 
     def input_size(self, arch: str | None, model: nn.Module) -> InputSize | None:
         """From the metadata of torchvision's own weights for ``arch`` (nothing is downloaded): their

@@ -71,3 +71,33 @@ def test_per_example_squares_of_a_timm_vit_equal_a_per_example_loop():
     assert "blocks.0.attn.qkv" in pairs
     for name, (got, want) in pairs.items():
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5, name
+
+
+def test_a_bare_timm_state_dict_is_recognised_without_arch(tmp_path, monkeypatch):
+    """torchvision first; then timm's families whose pretrained config names the file's first convolution and
+    classifier; the signatures built on meta are cached, and the second recognition reads them."""
+    monkeypatch.setenv("FTDOCTOR_CACHE", str(tmp_path / "cache"))
+    from ftdoctor.checkpoint import load_model
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=7)
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / "c.pt")
+    loaded = load_model(tmp_path / "c.pt")
+    assert (loaded.arch, loaded.source, loaded.num_classes) == ("timm:convnext_atto", "timm", 7)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.model(x), model.eval()(x))
+    assert list((tmp_path / "cache").glob("timm-*-signatures.json"))
+    again = load_model(tmp_path / "c.pt")          # from the cache
+    assert again.arch == "timm:convnext_atto"
+
+
+def test_a_timm_state_dict_that_fits_several_models_names_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTDOCTOR_CACHE", str(tmp_path / "cache"))
+    from ftdoctor.checkpoint import load_model
+    from ftdoctor.errors import FtdoctorError
+
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).state_dict(),
+               tmp_path / "v.pt")
+    with pytest.raises(FtdoctorError, match="several timm models: .*timm:vit_tiny_patch16_224") as info:
+        load_model(tmp_path / "v.pt")
+    assert "--arch" in info.value.remedy
