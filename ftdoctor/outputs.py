@@ -336,84 +336,59 @@ def atomic_write(out: str | Path, write: Callable[[Path], None]) -> Path:
     a :func:`journal` the rename is recorded, so a later failure of the command
     undoes it. Returns ``out``.
     """
-    out = Path(out)
-    while True:
-        tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            # O_EXCL reserves the name; the mode follows the umask like any new file.
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        current = _active.get()
-        if current is not None:
-            current.install(tmp, out)
-        else:
-            with critical():
-                os.replace(tmp, out)
-    except BaseException as exc:
-        with critical(), contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):   # disk full, quota, permissions changed during the run
-            raise FtdoctorError(f"writing {out} failed: {exc.strerror or exc}; nothing was written",
-                                "check the disk space and permissions of the output directory, then run "
-                                "again") from None
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX only)
-        dir_fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return out
+    # O_EXCL reserves the name; the mode follows the umask like any new file.
+    return _atomic(Path(out), write, lambda tmp: os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                                                   0o666)), "")
 
 
 def atomic_write_dir(out: str | Path, write: Callable[[Path], None]) -> Path:
     """:func:`atomic_write` for a folder: ``write(tmp)`` fills a new temporary folder next to ``out``, whose
     files are fsynced before it is renamed onto ``out`` (an existing ``out`` is set aside until the command
     succeeds, then removed; put back if it fails). Returns ``out``."""
-    out = Path(out)
+    return _atomic(Path(out), write, os.mkdir, "the folder ")
+
+
+def _atomic(out: Path, write: Callable[[Path], None], reserve: Callable[[Path], None], what: str) -> Path:
     while True:
         tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
         try:
-            os.mkdir(tmp)
+            reserve(tmp)
             break
         except FileExistsError:
             continue
     try:
         write(tmp)
-        for entry in sorted(tmp.rglob("*")):
+        for entry in ([tmp] if tmp.is_file() else sorted(tmp.rglob("*"))):
             if entry.is_file() and not entry.is_symlink():
-                fd = os.open(entry, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync(entry, os.O_RDWR if entry == tmp else os.O_RDONLY)
         current = _active.get()
         if current is not None:
             current.install(tmp, out)
         else:
             with critical():
-                if os.path.isdir(out) and not os.path.islink(out):
+                aside = None
+                if tmp.is_dir() and os.path.isdir(out) and not os.path.islink(out):
                     aside = out.with_name(f".{out.name}.{secrets.token_hex(4)}.old")
                     os.rename(out, aside)
-                    os.replace(tmp, out)
+                os.replace(tmp, out)
+                if aside is not None:
                     shutil.rmtree(aside, ignore_errors=True)
-                else:
-                    os.replace(tmp, out)
     except BaseException as exc:
         with critical(), contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
-        if isinstance(exc, OSError):
-            raise FtdoctorError(f"writing the folder {out} failed: {exc.strerror or exc}; nothing was written",
+            _remove(tmp)
+        if isinstance(exc, OSError):   # disk full, quota, permissions changed during the run
+            raise FtdoctorError(f"writing {what}{out} failed: {exc.strerror or exc}; nothing was written",
                                 "check the disk space and permissions of the output directory, then run "
                                 "again") from None
         raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX only)
+        _fsync(out.parent, os.O_RDONLY)
     return out
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -17,6 +17,13 @@ from helpers import NETS_SOURCE, SmallCNN
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory):
+    """ftdoctor's cache (timm signatures) in a folder of the test session, not in the user's home."""
+    os.environ["FTDOCTOR_CACHE"] = str(tmp_path_factory.mktemp("ftdoctor-cache"))
+    yield
+
+
 @pytest.fixture
 def tiny_cnn():
     torch.manual_seed(0)

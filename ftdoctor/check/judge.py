@@ -98,6 +98,12 @@ def as_result(v: Verdict, run: RunArgs) -> CheckResult:
     return CheckResult(v.key, v.passed, v.value, v.threshold, check_message(v, run))
 
 
+def describe_storage(loaded: Any) -> str:
+    """How a checkpoint is stored, in words: "safetensors checkpoint", "Hugging Face folder (model.safetensors)"."""
+    folder = loaded.container.folder
+    return folder.describe()[2:] if folder is not None else f"{loaded.format} checkpoint"
+
+
 @dataclass
 class _Shared:
     """What one run loads once and reuses across checkpoints: data per input-channel count,
@@ -176,7 +182,7 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
         return done()
     net = loaded.model
     results["loadable"] = CheckResult("loadable", True, True, None,
-                                      f"{loaded.format} checkpoint, architecture {loaded.arch or 'unknown'}")
+                                      f"{describe_storage(loaded)}, architecture {loaded.arch or 'unknown'}")
     info = {"sha256": loaded.sha256, "arch": loaded.arch}
     finite = True
     if "require_finite" in plan:

@@ -252,10 +252,12 @@ def _write_weights(found: FolderLayout, tensors: Mapping[str, torch.Tensor], tmp
         (tmp / found.index).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def retarget_config(found: FolderLayout, classes: int) -> tuple[FolderLayout, list[str]]:
+def retarget_config(found: FolderLayout, classes: int,
+                    names: Any = None) -> tuple[FolderLayout, list[str]]:
     """``found`` with its config's class count set to ``classes`` (a new head), and notes saying what changed:
-    Hugging Face's ``id2label``/``label2id`` (``LABEL_i``) and ``num_labels``; timm's ``num_classes`` (also in
-    ``pretrained_cfg``), its ``label_names`` dropped."""
+    Hugging Face's ``id2label``/``label2id`` (the data's class ``names`` when there is one per class, else
+    ``LABEL_i``) and ``num_labels``; timm's ``num_classes`` (also in ``pretrained_cfg``), its ``label_names``
+    set to ``names`` or dropped."""
     from dataclasses import replace
 
     config = json.loads(json.dumps(found.config))      # a deep copy of plain JSON
@@ -265,18 +267,24 @@ def retarget_config(found: FolderLayout, classes: int) -> tuple[FolderLayout, li
         before = len(id2label) if isinstance(id2label, dict) and id2label else config.get("num_labels", 2)
         if before == classes:
             return found, said
-        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(classes)}
-        config["label2id"] = {f"LABEL_{i}": i for i in range(classes)}
+        labels = [str(n) for n in names] if names is not None and len(names) == classes else \
+            [f"LABEL_{i}" for i in range(classes)]
+        config["id2label"] = {str(i): n for i, n in enumerate(labels)}
+        config["label2id"] = {n: i for i, n in enumerate(labels)}
         if "num_labels" in config:
             config["num_labels"] = classes
-        said.append(f"config.json: {before} labels -> {classes} (id2label and label2id set to LABEL_0 … "
-                    f"LABEL_{classes - 1}), so from_pretrained loads the new head")
+        shown = ", ".join(labels[:5]) + (", …" if classes > 5 else "")
+        said.append(f"config.json: {before} labels -> {classes} (id2label and label2id: {shown}), so "
+                    "from_pretrained loads the new head")
     else:
         before = config.get("num_classes")
         if before == classes:
             return found, said
         config["num_classes"] = classes
         dropped = [k for k in ("label_names", "label_descriptions") if config.pop(k, None) is not None]
+        if names is not None and len(names) == classes:
+            config["label_names"] = [str(n) for n in names]
+            dropped = [d for d in dropped if d != "label_names"]
         cfg = config.get("pretrained_cfg")
         if isinstance(cfg, dict):
             if "num_classes" in cfg:

@@ -69,7 +69,7 @@ def model_from_state_dict(ckpt: CheckpointFile, opts: ModelOptions, notes: list[
     load_weights(model, state, builder.label(), opts.non_strict, path, notes)
     box = Container(box.format, wrapper_key=box.wrapper_key, wrapper=box.wrapper, prefix=prefix,
                     dtypes={k: v.dtype for k, v in state.items()}, metadata=box.metadata, folder=box.folder)
-    if builder.kwargs:
+    if builder.kwargs and box.folder is None:
         notes.append(f"built as {builder.label()} to fit the checkpoint")
     return model, builder, box
 

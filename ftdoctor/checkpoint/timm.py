@@ -123,8 +123,10 @@ class TimmSource(ModelSource):
 
     def build(self, ckpt: CheckpointFile, opts: ModelOptions, plan: Any, notes: list[str]) -> LoadedModel:
         model, used, box = model_from_state_dict(ckpt, opts, notes, builders=plan)
-        if used.kwargs:
-            notes.append(f"built {used.label()}: the position embedding sets the image size")
+        if "img_size" in dict(used.kwargs):
+            notes.append(f"img_size={dict(used.kwargs)['img_size']}: the position embedding sets the image size")
+        if box.folder is not None:
+            notes.append(f"built {used.label()} from {box.folder.describe()} (timm, offline)")
         return loaded(ckpt, model, box.format, used.name, box, opts, notes, self.name)
 
     def input_size(self, arch: str | None, model: nn.Module) -> InputSize | None:

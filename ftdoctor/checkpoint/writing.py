@@ -9,7 +9,7 @@ import json
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,12 +35,13 @@ def write_sidecar(out: Path, record: dict) -> Path:
 
 
 def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force: bool = False,
-               notes: list[str] | None = None) -> str:
+               notes: list[str] | None = None, class_names: Sequence[str] | None = None) -> str:
     """Write ``model`` to ``out`` in ``loaded``'s format and container; return the file's sha256.
 
     A state dict keeps its wrapper dict (other entries untouched, but for a head of another class count:
     :mod:`.retarget`, which says what it changed in ``notes``), key names, prefix and stored dtypes; a
-    safetensors file keeps its metadata; a full pickled module stays one. TorchScript cannot be written back.
+    safetensors file keeps its metadata; a full pickled module stays one; a model folder's config gets the
+    new class count (and ``class_names``, the data's, when they are known). TorchScript cannot be written back.
     """
     from ftdoctor.checkpoint.sources import MODEL_SOURCES
 
@@ -60,7 +61,7 @@ def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force:
     if box.folder is not None and classes is not None:
         from ftdoctor.checkpoint.folder import retarget_config
 
-        found, said = retarget_config(box.folder, classes)
+        found, said = retarget_config(box.folder, classes, class_names)
         loaded = replace(loaded, container=replace(loaded.container, folder=found))
         if notes is not None:
             notes.extend(said)

@@ -99,6 +99,7 @@ class DataBundle:
     std: tuple[float, ...] = ()
     drawn: Drawn | None = None          # how --max-samples chose the examples
     kind: str = "image"                 # "image", or "text": inputs are token ids and masks (.text)
+    class_names: tuple[str, ...] | None = None   # the classes' names, when the data names them
 
     def resize(self, size: int) -> None:
         """Resize every image to ``size``×``size`` from now on (the model needs that size)."""
@@ -262,7 +263,15 @@ def load_data(opts: DataOptions) -> DataBundle:
                       image_shape=(out_channels, int(out_h), int(out_w)), notes=notes,
                       batch_size=opts.batch_size, workers=opts.workers,
                       mean=tuple(mean) if mean is not None else (),
-                      std=tuple(std) if std is not None else (), drawn=drawn)
+                      std=tuple(std) if std is not None else (), drawn=drawn, class_names=_names(source))
+
+
+def _names(split: Any) -> tuple[str, ...] | None:
+    """The class names a split knows (string labels, a ClassLabel, an ImageFolder's folders), one per class."""
+    names = getattr(split, "class_names", None)
+    if names is None and hasattr(split, "source"):         # a drawn subset of a split
+        names = getattr(split.source, "class_names", None)
+    return tuple(str(n) for n in names) if names is not None and len(names) == split.num_classes else None
 
 
 def _text_bundle(source: Any, name: str, opts: DataOptions, drawn: Drawn, notes: list[str]) -> DataBundle:
@@ -284,7 +293,8 @@ def _text_bundle(source: Any, name: str, opts: DataOptions, drawn: Drawn, notes:
                      notes)
     return DataBundle(dataset=dataset, name=name, split=opts.split, num_samples=len(dataset),
                       num_classes=int(source.num_classes), image_shape=(), notes=notes,
-                      batch_size=opts.batch_size, workers=opts.workers, drawn=drawn, kind="text")
+                      batch_size=opts.batch_size, workers=opts.workers, drawn=drawn, kind="text",
+                      class_names=_names(source))
 
 
 def _check_positive(value: Any, what: str, flag: str) -> None:

@@ -55,15 +55,17 @@ class ImageTableSplit:
 
     resize_to_first = True   # images of other sizes are resized to the first one's
 
-    def __init__(self, images: Sequence[Any], labels: np.ndarray, num_classes: int, base: Path) -> None:
+    def __init__(self, images: Sequence[Any], labels: np.ndarray, num_classes: int, base: Path,
+                 class_names: Sequence[str] | None = None) -> None:
         self.images = list(images)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.num_classes = num_classes
         self.base = base
+        self.class_names = list(class_names) if class_names is not None else None
 
     def select(self, indices: np.ndarray) -> "ImageTableSplit":
         return ImageTableSplit([self.images[int(i)] for i in indices], self.labels.numpy()[indices],
-                               self.num_classes, self.base)
+                               self.num_classes, self.base, self.class_names)
 
     def _image(self, i: int, header_only: bool = False) -> Any:
         from ftdoctor.data.folder import read_image, read_image_bytes
@@ -187,4 +189,4 @@ def table_split(columns: Callable[[str], Sequence[Any]], names: Sequence[str], o
         notes.append(f"{what}: text from {' + '.join(texts)}, labels from {label}")
         return TextSplit(values[0], values[1] if len(values) > 1 else None, labels, count, texts, mapped)
     notes.append(f"{what}: images from {image}, labels from {label}")
-    return ImageTableSplit(list(columns(image)), labels, count, base)  # type: ignore[arg-type]
+    return ImageTableSplit(list(columns(image)), labels, count, base, mapped)  # type: ignore[arg-type]

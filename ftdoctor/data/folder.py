@@ -29,6 +29,7 @@ class FolderSplit:
         self.folder = folder
         self.labels = torch.as_tensor(folder.targets[:count], dtype=torch.int64)
         self.num_classes = len(folder.classes)
+        self.class_names = list(folder.classes)
 
     def read(self, indices: Sequence[int]) -> list[Tensor]:
         from torchvision.transforms.functional import pil_to_tensor

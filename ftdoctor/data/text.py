@@ -26,6 +26,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voc
                     "sentencepiece.bpe.model", "merges.txt")
 
 
+#: a tokenizer file larger than this is not one (the largest vocabularies take tens of MB)
+MAX_TOKENIZER_BYTES = 256 * 2**20
+
+
 def has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
@@ -42,7 +46,15 @@ def load_tokenizer(folder: Path) -> Any:
         raise FtdoctorError("tokenising text needs the transformers package, which is not installed",
                             "install it: pip install 'ftdoctor[hf]'") from None
     from ftdoctor.checkpoint.hf import _silent
+    from ftdoctor.safety import regular_file
 
+    for name in _TOKENIZER_FILES:
+        if (folder / name).exists():
+            size = regular_file(folder / name, "the tokenizer file").st_size
+            if size > MAX_TOKENIZER_BYTES:
+                raise FtdoctorError(f"the tokenizer file {folder / name} is {size} bytes, more than a tokenizer "
+                                    f"holds ({MAX_TOKENIZER_BYTES // 2**20} MiB)",
+                                    "check that the folder holds what it says, or pass --tokenizer DIR")
     try:
         with _silent():
             return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
@@ -88,13 +100,14 @@ def encode(split: Any, tokenizer: Any, max_length: int | None, model_limit: int 
         raise FtdoctorError("the tokenizer has no padding token, so examples of different lengths cannot be "
                             "batched", "set one in its tokenizer_config.json (pad_token), e.g. the eos token")
     args = (split.texts, split.pairs) if split.pairs is not None else (split.texts,)
-    full = tokenizer(*args, truncation=False, padding=False)["input_ids"]
-    cut = sum(len(ids) > limit for ids in full)
+    # one token more than the limit tells a truncated example from one that fits, without tokenising it whole
+    probe = tokenizer(*args, truncation=True, max_length=limit + 1, padding=False)["input_ids"]
+    cut = sum(len(ids) > limit for ids in probe)
     encoded = tokenizer(*args, truncation=True, max_length=limit, padding="longest", return_tensors="pt")
     tensors = {k: v for k, v in encoded.items() if isinstance(v, Tensor)}
     if "attention_mask" not in tensors:
         raise FtdoctorError("the tokenizer gives no attention mask", "use a tokenizer that returns attention_mask")
     length = int(tensors["input_ids"].shape[1])
     notes.append(f"text tokenised with the model's tokenizer ({type(tokenizer).__name__}): {length} tokens at most"
-                 + (f", {cut} of {len(full)} examples truncated to --max-length {limit}" if cut else ""))
+                 + (f", {cut} of {len(probe)} examples truncated to --max-length {limit}" if cut else ""))
     return TokenDataset(tensors, split.labels, split.num_classes)

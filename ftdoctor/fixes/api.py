@@ -225,7 +225,8 @@ def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "
     if not write:
         return result
     try:
-        result.output_sha256 = ckpt.save_model(loaded, net, out, force=force, notes=result.notes)
+        result.output_sha256 = ckpt.save_model(loaded, net, out, force=force, notes=result.notes,
+                                               class_names=bundle.class_names)
         result.sidecar = ckpt.write_sidecar(out, result.record())
     except FtdoctorError:
         raise

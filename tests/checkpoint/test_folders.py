@@ -63,6 +63,9 @@ def test_a_new_head_updates_config_json_so_from_pretrained_loads_it(tmp_path):
     again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "five")
     assert again.classifier.out_features == 5 and torch.equal(again.classifier.weight, loaded.model.classifier.weight)
     assert (tmp_path / "five" / "tokenizer.json").is_file()       # the other files come along
+    save_model(loaded, loaded.model, tmp_path / "named", class_names=["a", "b", "c", "d", "e"])
+    named = json.loads((tmp_path / "named" / "config.json").read_text())
+    assert named["id2label"]["4"] == "e" and named["label2id"]["a"] == 0     # the data's class names
 
 
 def test_a_pytorch_model_bin_folder_stays_one(tmp_path):
@@ -136,9 +139,12 @@ def test_a_failed_command_leaves_no_folder_and_puts_back_the_one_it_replaced(tmp
 ])
 def test_a_hostile_or_foreign_config_is_refused_without_running_anything(tmp_path, config, match):
     folder = vit_folder(tmp_path / "m")
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass Evil: pass\n")
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(FtdoctorError, match=match):
         load_model(folder)
+    assert not marker.exists()
 
 
 def test_a_folder_whose_index_points_outside_is_refused(tmp_path):

@@ -91,8 +91,7 @@ def test_a_bare_timm_state_dict_is_recognised_without_arch(tmp_path, monkeypatch
     assert again.arch == "timm:convnext_atto"
 
 
-def test_a_timm_state_dict_that_fits_several_models_names_them(tmp_path, monkeypatch):
-    monkeypatch.setenv("FTDOCTOR_CACHE", str(tmp_path / "cache"))
+def test_a_timm_state_dict_that_fits_several_models_names_them(tmp_path):
     from ftdoctor.checkpoint import load_model
     from ftdoctor.errors import FtdoctorError
 

@@ -121,3 +121,23 @@ def test_a_short_fine_tune_of_a_text_classifier(text, tmp_path):
                            "--max-samples", "16", "--eval-samples", "8", "--eval-split", "train", "--hdf5", out)
     assert code == 0, err
     assert out.is_file()
+
+
+def test_check_recognises_each_checkpoint_of_a_folder_that_mixes_libraries(tmp_path):
+    timm = pytest.importorskip("timm")
+    import torchvision
+
+    root = tmp_path / "exports"
+    root.mkdir()
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), root / "tv.pt")
+    torch.save(timm.create_model("convnext_atto", pretrained=False, num_classes=3).state_dict(), root / "tm.pt")
+    vit_folder(root / "hf", num_labels=3)
+    timm_folder(root / "hub", "convnext_atto", num_classes=3)
+    code, out, err = run_cli("check", root, "--data", "shapes:3", "--max-samples", "8", "--format", "json")
+    assert code in (0, 1), err
+    found = {c["path"].rsplit("/", 1)[-1]: next(x for x in c["checks"] if x["name"] == "loadable")
+             for c in json.loads(out)["checkpoints"]}
+    assert sorted(found) == ["hf", "hub", "tm.pt", "tv.pt"] and all(v["passed"] for v in found.values())
+    assert "resnet18" in found["tv.pt"]["message"] and "timm:convnext_atto" in found["tm.pt"]["message"]
+    assert "hf:ViTForImageClassification" in found["hf"]["message"]
+    assert "timm:convnext_atto" in found["hub"]["message"]

@@ -166,3 +166,21 @@ def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path, bert):
     path.write_text('{"text": "a", "label": 0}\n[1, 2]\n')
     with pytest.raises(FtdoctorError, match="line 2"):
         _text(path, bert)
+
+
+def test_a_tokenizer_that_asks_for_its_own_code_runs_nothing(tmp_path):
+    """Loaded from local files without remote code: the library falls back to tokenizer.json (or refuses);
+    the folder's Python file never runs."""
+    model = bert_folder(tmp_path / "m")
+    marker = tmp_path / "ran"
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass Tok: pass\n")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil.Tok", "evil.Tok"]}
+    config["tokenizer_class"] = "Tok"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    try:
+        bundle = load_data(DataOptions(str(reviews_csv(tmp_path / "r.csv")), model_folder=str(model)))
+        assert bundle.kind == "text"
+    except FtdoctorError as exc:
+        assert "tokenizer" in exc.cause
+    assert not marker.exists()
