@@ -93,12 +93,12 @@ def open_data(loaded: "LoadedModel", opts: "DataOptions", size: "InputSize | Non
 
     model = loaded.model
     channels = first_in_channels(model)
-    bundle = load_data(replace(opts, **_text_context(loaded),
+    bundle = load_data(replace(opts, **text_context(loaded),
                                **({"in_channels": channels} if channels and opts.in_channels is None else {})))
     if bundle.num_samples == 0:
         raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
     takes_text = takes_text_input(loaded)
-    if takes_text != (bundle.kind == "text"):
+    if takes_text is not None and takes_text != (bundle.kind == "text"):
         raise FtdoctorError(
             f"{loaded.path} is a {'text' if takes_text else 'image'} classifier, but --data {opts.data} holds "
             f"{bundle.kind}s", "pass a CSV, TSV, JSONL, parquet file or datasets folder with a text column"
@@ -120,7 +120,7 @@ def open_data(loaded: "LoadedModel", opts: "DataOptions", size: "InputSize | Non
     return bundle
 
 
-def _text_context(loaded: "LoadedModel") -> dict[str, Any]:
+def text_context(loaded: "LoadedModel") -> dict[str, Any]:
     """What tokenising text for this model needs from it: its folder (the tokenizer), its label names,
     its longest input."""
     from ftdoctor.checkpoint.folder import folder_of
@@ -137,9 +137,14 @@ def _text_context(loaded: "LoadedModel") -> dict[str, Any]:
             "model_takes_text": takes_text_input(loaded)}
 
 
-def takes_text_input(loaded: "LoadedModel") -> bool:
-    """Whether the model classifies text (token ids), not images: a Hugging Face sequence classifier."""
-    return str(loaded.arch or "").endswith("ForSequenceClassification")
+def takes_text_input(loaded: "LoadedModel") -> bool | None:
+    """Whether the model classifies text (token ids: a Hugging Face sequence classifier) or images (a
+    Hugging Face image classifier, torchvision, timm); None when its source cannot tell (your own class,
+    a pickled module: text then needs ``--tokenizer``)."""
+    arch = str(loaded.arch or "")
+    if arch.startswith("hf:"):
+        return arch.endswith("ForSequenceClassification")
+    return False if loaded.source in ("torchvision", "timm") else None
 
 
 class InputSizeError(FtdoctorError):

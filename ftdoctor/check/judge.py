@@ -123,10 +123,10 @@ class _Shared:
     def bundle(self, loaded: Any) -> Any:
         """The data as this checkpoint's model takes it (its input channels and size); shared by the
         checkpoints that take it alike."""
-        from ftdoctor.session import _text_context, first_in_channels, model_input_size, open_data
+        from ftdoctor.session import text_context, first_in_channels, model_input_size, open_data
         size = model_input_size(loaded)
         key = (first_in_channels(loaded.model), size, tuple(sorted((k, str(v)) for k, v in
-                                                                   _text_context(loaded).items())))
+                                                                   text_context(loaded).items())))
         if key not in self.bundles:
             self.bundles[key] = open_data(loaded, self.data, size)
         return self.bundles[key]

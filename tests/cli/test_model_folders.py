@@ -141,3 +141,38 @@ def test_check_recognises_each_checkpoint_of_a_folder_that_mixes_libraries(tmp_p
     assert "resnet18" in found["tv.pt"]["message"] and "timm:convnext_atto" in found["tm.pt"]["message"]
     assert "hf:ViTForImageClassification" in found["hf"]["message"]
     assert "timm:convnext_atto" in found["hub"]["message"]
+
+
+TEXTNET = '''
+import torch
+from torch import nn
+
+
+class TextNet(nn.Module):
+    """Your own text classifier: embeddings averaged over the real tokens, a linear head."""
+
+    def __init__(self, num_classes=2, vocab=80):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 8)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, input_ids, attention_mask, **_):
+        mask = attention_mask.unsqueeze(-1).to(torch.float32)
+        return self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1))
+'''
+
+
+def test_your_own_text_model_takes_text_with_a_tokenizer(text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "textnets.py").write_text(TEXTNET)
+    import importlib
+    torch.manual_seed(0)
+    torch.save(importlib.import_module("textnets").TextNet().state_dict(), tmp_path / "t.pt")
+    args = ["t.pt", "--arch", "textnets:TextNet", "--data", text["csv"], "--max-samples", "16"]
+    code, _, err = run_cli("probe", *args)
+    assert code == 2 and "--tokenizer" in err                 # text needs a tokenizer: said where to get one
+    code, out, err = run_cli("probe", *args, "--tokenizer", text["bert"], "--format", "json")
+    assert code == 0, err
+    rows = [l["name"] for l in json.loads(out)["probes"]["change_rate"]["layers"]]
+    assert rows == ["embed", "head"]
