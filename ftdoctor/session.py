@@ -91,15 +91,20 @@ def open_data(loaded: "LoadedModel", opts: "DataOptions", size: "InputSize | Non
     ``label2id`` where they are its labels; a text classifier needs text data."""
     from ftdoctor.data import load_data
 
+    from ftdoctor.data.bundle import WrongInputKind
+
     model = loaded.model
     channels = first_in_channels(model)
-    bundle = load_data(replace(opts, **text_context(loaded),
-                               **({"in_channels": channels} if channels and opts.in_channels is None else {})))
+    try:
+        bundle = load_data(replace(opts, **text_context(loaded),
+                                   **({"in_channels": channels} if channels and opts.in_channels is None else {})))
+    except WrongInputKind as exc:
+        raise ModelCannotTakeData(exc.cause, exc.remedy) from None
     if bundle.num_samples == 0:
         raise FtdoctorError("the dataset is empty", "check --data, --split and --max-samples")
     takes_text = takes_text_input(loaded)
     if takes_text is not None and takes_text != (bundle.kind == "text"):
-        raise FtdoctorError(
+        raise ModelCannotTakeData(
             f"{loaded.path} is a {'text' if takes_text else 'image'} classifier, but --data {opts.data} holds "
             f"{bundle.kind}s", "pass a CSV, TSV, JSONL, parquet file or datasets folder with a text column"
             if takes_text else "pass images for an image model (a text model is a Hugging Face "
@@ -147,7 +152,12 @@ def takes_text_input(loaded: "LoadedModel") -> bool | None:
     return False if loaded.source in ("torchvision", "timm") else None
 
 
-class InputSizeError(FtdoctorError):
+class ModelCannotTakeData(FtdoctorError):
+    """The model cannot take this data (text for an image model, images for a text model, a size it does not
+    run at): the checkpoint's failure in ``check``, not the data's."""
+
+
+class InputSizeError(ModelCannotTakeData):
     """``--image-size`` gives images the model cannot take."""
 
 

@@ -161,7 +161,7 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
     """Run the planned checks on one checkpoint; only configuration problems raise."""
     from ftdoctor import checkpoint as ckpt
     from ftdoctor.model import find_head
-    from ftdoctor.session import InputSizeError, find_layers, install_new_head, with_head
+    from ftdoctor.session import ModelCannotTakeData, find_layers, install_new_head, with_head
 
     t = thresholds
     results: dict[str, CheckResult] = {}
@@ -196,7 +196,7 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
     if "runs_on_data" in plan:
         try:
             bundle = shared.bundle(loaded)
-        except InputSizeError as exc:   # this model cannot take --image-size: its failure, not the data's
+        except ModelCannotTakeData as exc:   # this model cannot take the data: its failure, not the data's
             results["runs_on_data"] = CheckResult("runs_on_data", False, None, None, _error_text(exc))
             return done(**info)
         try:

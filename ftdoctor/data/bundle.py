@@ -266,6 +266,10 @@ def load_data(opts: DataOptions) -> DataBundle:
                       std=tuple(std) if std is not None else (), drawn=drawn, class_names=_names(source))
 
 
+class WrongInputKind(FtdoctorError):
+    """Text data for a model known to take images."""
+
+
 def _names(split: Any) -> tuple[str, ...] | None:
     """The class names a split knows (string labels, a ClassLabel, an ImageFolder's folders), one per class."""
     names = getattr(split, "class_names", None)
@@ -281,7 +285,7 @@ def _text_bundle(source: Any, name: str, opts: DataOptions, drawn: Drawn, notes:
     from ftdoctor.data.text import encode, load_tokenizer
 
     if opts.model_takes_text is False:
-        raise FtdoctorError(f"{name} holds texts, but the model is an image classifier",
+        raise WrongInputKind(f"{name} holds texts, but the model is an image classifier",
                             "pass images for an image model (a text model is a Hugging Face "
                             "*ForSequenceClassification folder)")
     folder = opts.tokenizer or opts.model_folder

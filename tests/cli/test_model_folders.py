@@ -176,3 +176,15 @@ def test_your_own_text_model_takes_text_with_a_tokenizer(text, tmp_path, monkeyp
     assert code == 0, err
     rows = [l["name"] for l in json.loads(out)["probes"]["change_rate"]["layers"]]
     assert rows == ["embed", "head"]
+
+
+def test_check_fails_the_checkpoint_that_cannot_take_the_data_and_judges_the_others(text, tmp_path):
+    vit = vit_folder(tmp_path / "vit", num_labels=3)
+    code, out, err = run_cli("check", text["bert"], vit, "--data", "shapes:3", "--max-samples", "8",
+                             "--format", "json")
+    assert code == 1, err
+    results = {c["path"].rsplit("/", 1)[-1]: {x["name"]: x for x in c["checks"]}
+               for c in json.loads(out)["checkpoints"]}
+    assert not results["bert"]["runs_on_data"]["passed"]
+    assert "text classifier" in results["bert"]["runs_on_data"]["message"]
+    assert results["vit"]["runs_on_data"]["passed"]
