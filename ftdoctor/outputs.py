@@ -52,7 +52,7 @@ class Output:
 def sidecar_path(out: str | Path) -> Path:
     """``OUT.ftdoctor.json``: the record written next to a checkpoint ftdoctor writes."""
     out = Path(out)
-    return out.with_name(out.name + ".ftdoctor.json")
+    return out.with_name(out.name + ".ftdoctor.json") if out.name else Path(f"{out}.ftdoctor.json")
 
 
 # -- checking -----------------------------------------------------------------------------------------
@@ -100,6 +100,9 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | Path | None]
     seen: list[Output] = []
     for o in outs:
         path = Path(o.path)
+        if path.name in ("", ".", ".."):
+            raise FtdoctorError(f"{o.flag} {str(o.path)!r} names no {'folder' if o.directory else 'file'}",
+                                f"give {o.flag} a {'folder' if o.directory else 'file'} name")
         for other in seen:
             if _same_file(path, other.path):
                 raise FtdoctorError(f"{o.flag} and {other.flag} both name {path}",

@@ -73,16 +73,58 @@ class _MetaParameters(TorchFunctionMode):
     which halves the time of a build.
     """
 
+    def __init__(self, bound: "Bound | None" = None) -> None:
+        super().__init__()
+        self.bound = bound
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         if func in _META_FACTORIES:
             if kwargs.get("device") is None:
                 kwargs["device"] = "meta"
+            if self.bound is not None:
+                self.bound.count(func, args, kwargs)
         elif args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
             name = getattr(func, "__name__", "")
             if name.endswith("_") and not name.startswith("__"):
                 return args[0]
         return func(*args, **kwargs)
+
+
+class TooLarge(FtdoctorError):
+    """A model's description asks for far more tensors or elements than its checkpoint holds."""
+
+
+@dataclass
+class Bound:
+    """How many tensors and elements building a model may create (on meta, before anything is allocated):
+    a config that describes a model far larger than its weights is refused before it is built for real."""
+
+    tensors: int
+    elements: int
+    what: str = "the model"
+    made: int = 0
+    size: int = 0
+
+    @classmethod
+    def of(cls, state: Mapping[str, torch.Tensor], what: str) -> "Bound":
+        """Four times what ``state`` holds, plus room for buffers a checkpoint need not store."""
+        return cls(4 * len(state) + 64, 4 * sum(t.numel() for t in state.values()) + 2**20, what)
+
+    def count(self, func: Any, args: tuple, kwargs: dict) -> None:
+        shape = kwargs.get("size", args[0] if args and isinstance(args[0], (tuple, list, torch.Size)) else args)
+        if func in (torch.full, torch.randint):       # (size, fill) and (low, high, size): count only
+            shape = ()
+        try:
+            numel = math.prod(int(d) for d in shape) if isinstance(shape, (tuple, list, torch.Size)) else 0
+        except (TypeError, ValueError):
+            numel = 0
+        self.made += 1
+        self.size += numel
+        if self.made > self.tensors or self.size > self.elements:
+            raise TooLarge(f"{self.what} describes a model far larger than its weights (building it asks for "
+                           f"more than {self.tensors:,} tensors or {self.elements:,} elements)",
+                           "check the config against the weights; nothing was allocated")
 
 
 @contextlib.contextmanager
@@ -99,18 +141,22 @@ def _gc_paused() -> Iterator[None]:
 _SIGNATURES: dict[tuple[str, tuple], Signature | None] = {}
 
 
-def signature_for(builder: Builder, **extra: Any) -> Signature | None:
-    """The builder's state-dict signature, built on ``meta`` once per process (None if it cannot be)."""
+def signature_for(builder: Builder, bound: Bound | None = None, **extra: Any) -> Signature | None:
+    """The builder's state-dict signature, built on ``meta`` once per process (None if it cannot be);
+    ``bound`` refuses (:class:`TooLarge`) a model far larger than the checkpoint it is for."""
     kwargs = dict(builder.kwargs, **extra)
     cache_key = (builder.name, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
     if builder.torchvision and cache_key in _SIGNATURES:
         return _SIGNATURES[cache_key]
     try:
-        with _quiet(), _gc_paused(), _MetaParameters():
+        with _quiet(), _gc_paused(), _MetaParameters(None if bound is None else Bound(bound.tensors,
+                                                                                      bound.elements, bound.what)):
             model = builder.fn(**kwargs)
         if not isinstance(model, nn.Module):
             return None
         signature = signature_of(model)
+    except TooLarge:
+        raise
     except Exception:
         signature = None
     if builder.torchvision:
@@ -171,3 +217,15 @@ def build(builder: Builder, kwargs: dict[str, Any]) -> nn.Module:
             "point --arch at a model class or a function returning one",
         )
     return model
+
+
+def check_size(build: Callable[[], Any], bound: Bound) -> None:
+    """Run ``build`` on meta under ``bound``: :class:`TooLarge` when it asks for far more than the checkpoint
+    holds; any other failure is left for the real build to report."""
+    try:
+        with _quiet(), _gc_paused(), _MetaParameters(bound):
+            build()
+    except TooLarge:
+        raise
+    except Exception:  # noqa: BLE001
+        pass

@@ -84,6 +84,13 @@ def config_for(config: dict[str, Any], path: Path) -> Any:
         raise FtdoctorError(f"{path} needs code from the folder (config.json has auto_map), which ftdoctor "
                             "does not run", "load the model in Python and pass it to ftdoctor's library API, or "
                                             "save its state dict and pass --arch pkg.module:callable")
+    labels = config.get("num_labels")
+    if labels is not None:
+        from ftdoctor.safety import MAX_CLASSES
+
+        if isinstance(labels, bool) or not isinstance(labels, int) or not 1 <= labels <= MAX_CLASSES:
+            raise FtdoctorError(f"{path}/config.json: num_labels {labels!r} is not a class count (1 … {MAX_CLASSES:,})",
+                                "fix num_labels in config.json (or drop it: id2label gives the labels)")
     model_type = config.get("model_type")
     mapping = transformers.CONFIG_MAPPING
     if not isinstance(model_type, str) or model_type not in mapping:
@@ -131,6 +138,10 @@ class HuggingFaceSource(ModelSource):
         config = config_for(dict(found.config), ckpt.path)
         cls = model_class(plan)
         state = {k: v for k, v in ckpt.payload.items() if not is_feature_norm_key(k)}
+        from ftdoctor.checkpoint.builders import Bound, check_size
+
+        with _silent():      # a config far larger than its weights is refused on meta, before any allocation
+            check_size(lambda: cls(config), Bound.of(state, f"{ckpt.path}/config.json"))
         try:
             with _silent():
                 model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=torch.float32,

@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ftdoctor.checkpoint.builders import (Builder, Signature, build, build_kwargs, comparable, head_classes,
+from ftdoctor.checkpoint.builders import (Bound, Builder, Signature, build, build_kwargs, comparable, head_classes,
                                           signature_for, signature_of)
 from ftdoctor.checkpoint.common import STRIPPED_PREFIXES, Container, ModelOptions, _listing, _short
 from ftdoctor.checkpoint.reading import CheckpointFile
@@ -32,7 +32,10 @@ def model_from_state_dict(ckpt: CheckpointFile, opts: ModelOptions, notes: list[
     options = prefix_options(list(raw))
     prebuilt: nn.Module | None = None
     if builders is not None:
-        builder, sig, prefix = choose_builder(builders, raw, options)
+        # a builder that is not torchvision's may be sized by the file (a timm folder's model_args): refused
+        # on meta when it would be far larger than the weights, before anything is allocated
+        bound = None if all(b.torchvision for b in builders) else Bound.of(raw, f"the configuration of {path}")
+        builder, sig, prefix = choose_builder(builders, raw, options, bound=bound)
         if sig is None and not builder.torchvision:
             # The callable does not build on meta (data-dependent code): build it for real, once.
             prebuilt = build(builder, build_kwargs(builder, None, {}, opts.num_classes))
@@ -107,12 +110,13 @@ def choose_builder(
     raw: Mapping[str, torch.Tensor],
     options: list[str],
     known: Signature | None = None,
+    bound: Bound | None = None,
 ) -> tuple[Builder, Signature | None, str]:
     """The builder variant and key prefix whose keys overlap the state dict most (ties: strip more)."""
     best: tuple[int, int, int] | None = None
     chosen: tuple[Builder, Signature | None, str] = (builders[0], known, options[-1])
     for b_index, builder in enumerate(builders):
-        signature = known or signature_for(builder)
+        signature = known or signature_for(builder, bound)
         if signature is None:
             continue
         theirs = signature.comparable()

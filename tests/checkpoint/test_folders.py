@@ -172,3 +172,27 @@ def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
         load_model(folder)
     loaded = load_model(folder, ModelOptions(non_strict=True))
     assert any("--non-strict" in n for n in loaded.notes)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"hidden_size": 1_000_000, "intermediate_size": 4_000_000}, "far larger than its weights"),
+    ({"num_hidden_layers": 1_000_000}, "far larger than its weights"),
+    ({"image_size": 2**20}, "far larger than its weights"),
+    ({"num_labels": 10**9}, "not a class count"),
+])
+def test_a_config_far_larger_than_its_weights_is_refused_before_anything_is_allocated(tmp_path, change, match):
+    folder = vit_folder(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(FtdoctorError, match=match):
+        load_model(folder)
+
+
+def test_a_timm_folder_whose_model_args_ask_for_a_huge_model_is_refused(tmp_path):
+    pytest.importorskip("timm")
+    folder = timm_folder(tmp_path / "r", "resnet18", num_classes=4)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"] = {"layers": [100_000, 2, 2, 2]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FtdoctorError, match="far larger than its weights"):
+        load_model(folder)
