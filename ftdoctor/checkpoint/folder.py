@@ -52,7 +52,7 @@ class FolderLayout:
 
     ``files``: the weight files in order; ``index``: the shard index's name (None: one file);
     ``weight_map``: key -> file for sharded weights; ``others``: the other top-level regular files,
-    copied on write."""
+    copied on write; ``left_out``: links to files elsewhere, never copied (:func:`_belongs`)."""
 
     kind: str
     config: Mapping[str, Any]
@@ -61,6 +61,7 @@ class FolderLayout:
     index_metadata: Mapping[str, Any] = field(default_factory=dict)
     weight_map: Mapping[str, str] = field(default_factory=dict)
     others: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()      # links to files outside the folder: not copied on write
 
     @property
     def format(self) -> str:
@@ -131,11 +132,25 @@ def layout(folder: Path) -> FolderLayout:
                             "or timm's push_to_hub")
     files, index, metadata, weight_map = _weights(folder)
     used = {CONFIG, *files, *([index] if index else [])}
-    others = tuple(sorted(
-        entry.name for entry in folder.iterdir()
+    candidates = sorted(
+        entry for entry in folder.iterdir()
         if entry.name not in used and not entry.name.startswith(".") and is_regular(entry)
-        and not (entry.name in WEIGHT_FILES or entry.name in INDEX_FILES or _SHARD.match(entry.name))))
-    return FolderLayout(kind, config, files, index, metadata, weight_map, others)
+        and not (entry.name in WEIGHT_FILES or entry.name in INDEX_FILES or _SHARD.match(entry.name)))
+    others = tuple(entry.name for entry in candidates if _belongs(entry, folder))
+    left = tuple(entry.name for entry in candidates if not _belongs(entry, folder))
+    return FolderLayout(kind, config, files, index, metadata, weight_map, others, left)
+
+
+def _belongs(entry: Path, folder: Path) -> bool:
+    """Whether a file of the folder is its own: not a link, a link within the folder, or a link into a
+    Hugging Face cache's ``blobs/`` (its snapshots link there). A link elsewhere (``/etc/shadow``) is not
+    copied into a written folder."""
+    if not entry.is_symlink():
+        return True
+    target = Path(os.path.realpath(entry))
+    home = Path(os.path.realpath(folder))
+    return target.is_relative_to(home) or (target.parent.name == "blobs" and home.is_relative_to(
+        target.parent.parent))
 
 
 def _weights(folder: Path) -> tuple[tuple[str, ...], str | None, dict[str, Any], dict[str, str]]:

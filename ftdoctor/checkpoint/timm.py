@@ -83,6 +83,11 @@ def builder(name: str, state: Mapping[str, torch.Tensor] | None = None) -> Build
                    takes_num_classes=True, torchvision=False)
 
 
+#: create_model's own arguments: they load, fetch or wrap weights rather than describe the architecture
+_CREATE_MODEL_ARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
+                                "cache_dir", "features_only", "scriptable", "exportable", "no_jit", "model_name"})
+
+
 def folder_builder(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: Path) -> Builder:
     """The builder of a timm hub folder: ``architecture`` with its ``model_args`` (``num_classes`` comes from
     the head, like any state dict)."""
@@ -92,6 +97,11 @@ def folder_builder(config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
     if not isinstance(args, dict) or not all(isinstance(k, str) and k.isidentifier() for k in args):
         raise FtdoctorError(f"{path}/config.json: model_args is not a mapping of argument names",
                             "re-create the folder with timm's save_for_hf / push_to_hub")
+    control = sorted(set(args) & _CREATE_MODEL_ARGS)
+    if control:      # these steer create_model (downloads, files), not the architecture
+        raise FtdoctorError(f"{path}/config.json: model_args sets {', '.join(control)}, which would make timm "
+                            "fetch or read weights itself", "remove them from model_args: ftdoctor reads the "
+                                                            "folder's own weights")
     args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if k != "num_classes"}
     plain = builder(name, state)
     kwargs = dict(plain.kwargs)

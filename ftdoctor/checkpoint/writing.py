@@ -65,6 +65,8 @@ def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force:
         loaded = replace(loaded, container=replace(loaded.container, folder=found))
         if notes is not None:
             notes.extend(said)
+            if found.left_out:
+                notes.append(f"not copied: {', '.join(found.left_out)} (links to files outside {loaded.path})")
     return source.save(loaded, model, out)
 
 

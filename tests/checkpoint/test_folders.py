@@ -196,3 +196,28 @@ def test_a_timm_folder_whose_model_args_ask_for_a_huge_model_is_refused(tmp_path
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(FtdoctorError, match="far larger than its weights"):
         load_model(folder)
+
+
+def test_a_link_to_a_file_outside_the_folder_is_not_copied_into_the_output(tmp_path):
+    folder = vit_folder(tmp_path / "m")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not copy me")
+    (folder / "notes.txt").symlink_to(secret)
+    loaded = load_model(folder)
+    notes: list[str] = []
+    loaded.model.classifier = torch.nn.Linear(32, 4)
+    save_model(loaded, loaded.model, tmp_path / "out", notes=notes)
+    assert not (tmp_path / "out" / "notes.txt").exists() and (tmp_path / "out" / "preprocessor_config.json").exists()
+    assert any("not copied: notes.txt" in n for n in notes)
+
+
+@pytest.mark.parametrize("args", [{"pretrained": True}, {"pretrained_cfg_overlay": {"file": "/etc/passwd"}},
+                                  {"checkpoint_path": "/etc/passwd"}])
+def test_timm_model_args_that_would_fetch_or_read_weights_are_refused(tmp_path, args):
+    pytest.importorskip("timm")
+    folder = timm_folder(tmp_path / "r", "resnet18", num_classes=4)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"] = args
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FtdoctorError, match="fetch or read weights"):
+        load_model(folder)
