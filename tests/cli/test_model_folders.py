@@ -188,3 +188,18 @@ def test_check_fails_the_checkpoint_that_cannot_take_the_data_and_judges_the_oth
     assert not results["bert"]["runs_on_data"]["passed"]
     assert "text classifier" in results["bert"]["runs_on_data"]["message"]
     assert results["vit"]["runs_on_data"]["passed"]
+
+
+def test_r2_and_drift_against_a_reference_folder(text, tmp_path):
+    fixed = tmp_path / "fixed"
+    code, _, err = run_cli("fix", text["bert"], "--method", "entame", "--new-head", "--data", text["csv"],
+                           "--max-samples", "16", "-o", fixed)
+    assert code == 0, err
+    code, out, err = run_cli("probe", fixed, "--data", text["csv"], "--max-samples", "16", "--reference",
+                             text["bert"], "--probes", "r2,drift", "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    r2 = {l["name"]: l for l in report["probes"]["r2"]["layers"]}
+    assert r2["bert.encoder.layer.0.attention.self.query"]["median"] == pytest.approx(1.0)   # untouched
+    drift = {l["name"]: l for l in report["probes"]["drift"]["layers"]}
+    assert drift["bert.pooler.dense"]["rel"] == 0 and drift["classifier"]["rel"] > 0.5       # only the head moved
