@@ -115,6 +115,9 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | Path | None]
                 raise FtdoctorError(f"refusing to overwrite {path} (given as {o.flag}): it is an existing file "
                                     f"inside the input directory {inp}",
                                     f"choose a file name for {o.flag} outside {inp}")
+            if o.directory and inp.is_dir() and _inside(path, inp):
+                raise FtdoctorError(f"refusing to write the folder {path} (given as {o.flag}) inside the input "
+                                    f"directory {inp}", f"choose a folder for {o.flag} outside {inp}")
             if o.directory and os.path.lexists(inp) and _inside(inp, path):
                 raise FtdoctorError(f"refusing to replace the folder {path} (given as {o.flag}): it holds the "
                                     f"input {inp}", f"choose a new folder name for {o.flag}")

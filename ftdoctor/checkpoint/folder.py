@@ -83,7 +83,7 @@ def read_json(path: Path, what: str) -> Any:
     try:
         with open_regular(path, what) as f:
             return json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FtdoctorError(f"{what} {path} is not valid JSON ({type(exc).__name__}: {exc})",
                             "repair or re-create the file (save_pretrained writes it)") from None
 
@@ -104,7 +104,13 @@ def folder_of(path: str | Path) -> Path | None:
     folder whose ``config.json`` is a Hugging Face or timm one. None otherwise (nothing is raised)."""
     path = Path(path)
     if path.is_dir():
-        return path if (path / CONFIG).exists() else None
+        config = path / CONFIG
+        if not is_regular(config):
+            return None
+        try:                    # a training run's own config.json does not make its folder a model folder
+            return path if kind_of(read_json(config, "the model config")) else None
+        except FtdoctorError:
+            return path         # a broken config.json: reading the folder says what is wrong with it
     name = path.name
     if name not in WEIGHT_FILES and name not in INDEX_FILES and not _SHARD.match(name):
         return None
@@ -164,7 +170,7 @@ def _weights(folder: Path) -> tuple[tuple[str, ...], str | None, dict[str, Any],
                                     "re-create the folder with save_pretrained")
             files = tuple(dict.fromkeys(weight_map.values()))
             for name in files:
-                if "/" in name or "\\" in name or name.startswith(".") or not name:
+                if "/" in name or "\\" in name or "\x00" in name or name.startswith(".") or not name:
                     raise FtdoctorError(f"{folder / index_name} names the shard {name!r} outside the folder",
                                         "a shard index may only name files beside it")
             metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}

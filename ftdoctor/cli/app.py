@@ -7,6 +7,7 @@ stderr (cause and remedy) and its exit code, with no traceback unless
 from __future__ import annotations
 
 import os
+import importlib
 import sys
 from typing import Annotated
 
@@ -111,6 +112,21 @@ def _interrupted(exc: BaseException) -> None:
     _fail(f"interrupted ({signame})", "nothing was written; run the command again", code)
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(UsageError classes, ClickException classes) of the click typer runs on: typer >= 0.2x vendors its own
+    (``typer._click``), and a separately installed ``click`` (another package's dependency) has other classes."""
+    usage: list[type] = []
+    errors: list[type] = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(module.UsageError)
+        errors.append(module.ClickException)
+    return tuple(usage), tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app on ``argv`` (default ``sys.argv[1:]``), map errors to SPEC exit codes."""
     keep_freed_memory()   # large per-batch tensors reused without page faults (glibc; see allocator.py)
@@ -138,14 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as exc:
         _interrupted(exc)
     except Exception as exc:  # click usage errors and anything unforeseen
-        try:
-            from click import exceptions as click_exceptions
-        except ImportError:  # typer >= 0.2x vendors click instead of depending on it
-            from typer._click import exceptions as click_exceptions
-        if isinstance(exc, click_exceptions.UsageError):
+        usage, click_errors = _click_exception_types()
+        if isinstance(exc, usage):
             exc.show()
             sys.exit(2)
-        if isinstance(exc, click_exceptions.ClickException):
+        if isinstance(exc, click_errors):
             exc.show()
             sys.exit(exc.exit_code)
         if _state["debug"]:

@@ -151,6 +151,12 @@ def encode_labels(values: Sequence[Any], what: str, column: str, class_names: Se
         labels = np.asarray(values, dtype=np.int64)
         return labels, check_class_count(len(class_names), what), list(class_names), None
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        from ftdoctor.safety import MAX_CLASSES
+
+        big = next((v for v in values if int(v) >= MAX_CLASSES), None)
+        if big is not None:
+            raise FtdoctorError(f"{what}: label {big} in {column} implies more classes than ftdoctor handles "
+                                f"({MAX_CLASSES:,})", "labels must be class indices 0 … C−1 (or class names)")
         labels = np.asarray(values, dtype=np.int64)
         if labels.size and labels.min() < 0:
             raise FtdoctorError(f"{what}: label {int(labels.min())} in {column} is negative",

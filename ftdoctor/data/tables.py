@@ -70,13 +70,19 @@ def _read_jsonl(path: Path) -> tuple[list[str], dict[str, list[Any]]]:
 
     rows = []
     with open_regular(path, "the data file") as raw:
-        for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig"), start=1):
+        lines = io.TextIOWrapper(raw, encoding="utf-8-sig")
+        try:
+            text = lines.read()
+        except UnicodeDecodeError as exc:
+            raise FtdoctorError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                                "save it as UTF-8") from None
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FtdoctorError(f"{path}, line {number}: not JSON ({exc.msg})",
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise FtdoctorError(f"{path}, line {number}: not JSON ({getattr(exc, 'msg', 'nested too deeply')})",
                                     "write one JSON object per line") from None
             if not isinstance(row, dict):
                 raise FtdoctorError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object",

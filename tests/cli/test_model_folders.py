@@ -203,3 +203,9 @@ def test_r2_and_drift_against_a_reference_folder(text, tmp_path):
     assert r2["bert.encoder.layer.0.attention.self.query"]["median"] == pytest.approx(1.0)   # untouched
     drift = {l["name"]: l for l in report["probes"]["drift"]["layers"]}
     assert drift["bert.pooler.dense"]["rel"] == 0 and drift["classifier"]["rel"] > 0.5       # only the head moved
+
+
+@pytest.mark.parametrize("flag", ["--max-length", "--batch-size"])
+def test_an_out_of_range_number_is_a_usage_error_not_an_unexpected_one(flag):
+    code, _, err = run_cli("probe", "model.pt", "--data", "shapes", flag, "0")
+    assert code == 2 and "Invalid value" in err and "unexpected" not in err
