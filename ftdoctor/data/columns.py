@@ -71,6 +71,8 @@ class ImageTableSplit:
         from ftdoctor.data.folder import read_image, read_image_bytes
 
         item = self.images[i]
+        if isinstance(item, (bytes, bytearray)):      # encoded image bytes (a parquet column)
+            return read_image_bytes(bytes(item), f"image {i}", header_only)
         if isinstance(item, dict):             # a datasets Image feature, undecoded: {"bytes", "path"}
             if item.get("bytes"):
                 return read_image_bytes(item["bytes"], f"image {i} ({item.get('path') or 'bytes'})", header_only)

@@ -38,9 +38,10 @@ def _bounded(path: Path) -> None:
 
 
 def _rows_to_columns(rows: list[dict[str, Any]], path: Path) -> tuple[list[str], dict[str, list[Any]]]:
-    names: list[str] = []
+    seen: dict[str, None] = {}
     for row in rows:
-        names.extend(k for k in row if k not in names)
+        seen.update(dict.fromkeys(row))
+    names = list(seen)
     return names, {n: [row.get(n) for row in rows] for n in names}
 
 
@@ -97,6 +98,17 @@ def _read_parquet(path: Path) -> tuple[list[str], dict[str, list[Any]]]:
     except ImportError:
         raise FtdoctorError("reading parquet needs pyarrow, which is not installed",
                             "install it: pip install 'ftdoctor[hf]'") from None
+    from ftdoctor.safety import MAX_IN_MEMORY_BYTES, human_bytes
+
+    try:
+        meta = pq.ParquetFile(str(path)).metadata      # sizes from the footer, before any page is inflated
+        inflated = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    except Exception as exc:  # noqa: BLE001 - pyarrow's own error types
+        raise FtdoctorError(f"{path} is not a readable parquet file: {type(exc).__name__}: {exc}",
+                            "check that the file is complete") from None
+    if inflated > MAX_IN_MEMORY_BYTES:
+        raise FtdoctorError(f"{path} inflates to {human_bytes(inflated)}, more than ftdoctor reads into memory "
+                            f"({human_bytes(MAX_IN_MEMORY_BYTES)})", "pass a smaller file")
     try:
         table = pq.read_table(str(path))
     except Exception as exc:  # noqa: BLE001 - pyarrow's own error types
@@ -133,6 +145,23 @@ class TableData(PathSource):
         return split
 
 
+def _only_regular_files(folder: Path) -> None:
+    """Every entry of a datasets folder is a regular file or a folder (a FIFO would hang the arrow reader)."""
+    from ftdoctor.safety import not_regular
+
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            entry = Path(root) / name
+            try:
+                mode = os.stat(entry).st_mode
+            except OSError:
+                raise FtdoctorError(f"{entry} is a broken link", "repair the datasets folder") from None
+            import stat
+
+            if not stat.S_ISREG(mode):
+                raise not_regular(entry, mode, "the datasets file")
+
+
 def is_datasets_folder(path: Path) -> bool:
     """A folder ``datasets``' ``save_to_disk`` wrote: a ``DatasetDict`` or a single ``Dataset``."""
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or
@@ -156,6 +185,7 @@ class DatasetsFolder(DataSource):
         except ImportError:
             raise FtdoctorError(f"{path} is a datasets folder, and reading it needs the datasets package",
                                 "install it: pip install 'ftdoctor[hf]'") from None
+        _only_regular_files(path)
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as exc:  # noqa: BLE001 - whatever the library raises on a damaged folder
