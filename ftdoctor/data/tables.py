@@ -109,12 +109,35 @@ def _read_parquet(path: Path) -> tuple[list[str], dict[str, list[Any]]]:
     if inflated > MAX_IN_MEMORY_BYTES:
         raise FtdoctorError(f"{path} inflates to {human_bytes(inflated)}, more than ftdoctor reads into memory "
                             f"({human_bytes(MAX_IN_MEMORY_BYTES)})", "pass a smaller file")
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     try:
-        table = pq.read_table(str(path))
+        schema = pq.read_schema(str(path))
+        text_like = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
+                     or pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+        parquet = pq.ParquetFile(str(path), read_dictionary=text_like)   # repeated values stay encoded
+        names = list(schema.names)
+        columns: dict[str, list] = {n: [] for n in names}
+        decoded = 0
+        for batch in parquet.iter_batches(batch_size=256):
+            for name, column in zip(batch.schema.names, batch.columns):
+                if isinstance(column, pa.DictionaryArray) and name in text_like:
+                    # what the rows take once decoded, counted before any row is: a bomb is refused here
+                    decoded += int(pc.sum(pc.take(pc.binary_length(column.dictionary), column.indices)).as_py()
+                                   or 0)
+                else:
+                    decoded += column.nbytes
+                if decoded > MAX_IN_MEMORY_BYTES:
+                    raise FtdoctorError(f"{path} decodes to more than ftdoctor reads into memory "
+                                        f"({human_bytes(MAX_IN_MEMORY_BYTES)})", "pass a smaller file")
+                columns[name].extend(column.to_pylist())
+    except FtdoctorError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pyarrow's own error types
         raise FtdoctorError(f"{path} is not a readable parquet file: {type(exc).__name__}: {exc}",
                             "check that the file is complete") from None
-    return list(table.column_names), table.to_pydict()
+    return names, columns
 
 
 @register_data_source(name="table", priority=50, suffixes=(".csv", ".tsv", ".jsonl", ".parquet"))

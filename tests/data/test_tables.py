@@ -184,3 +184,19 @@ def test_a_tokenizer_that_asks_for_its_own_code_runs_nothing(tmp_path):
     except FtdoctorError as exc:
         assert "tokenizer" in exc.cause
     assert not marker.exists()
+
+
+def test_a_parquet_file_that_decodes_past_the_memory_bound_is_refused(tmp_path, bert, monkeypatch):
+    """Dictionary encoding keeps 300 copies of one long text small on disk; the decoded size is counted
+    before any row is materialised."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    import ftdoctor.safety
+
+    pq.write_table(pa.table({"text": ["x" * 100_000] * 300, "label": [i % 2 for i in range(300)]}),
+                   tmp_path / "bomb.parquet", compression="zstd")
+    assert (tmp_path / "bomb.parquet").stat().st_size < 100_000
+    monkeypatch.setattr(ftdoctor.safety, "MAX_IN_MEMORY_BYTES", 10 * 2**20)
+    with pytest.raises(FtdoctorError, match="decodes to more than"):
+        _text(tmp_path / "bomb.parquet", bert)
