@@ -86,13 +86,9 @@ def config_for(config: dict[str, Any], path: Path) -> Any:
                                             "save its state dict and pass --arch pkg.module:callable")
     args = config.get("model_args")
     if isinstance(args, dict):          # TimmWrapper: timm's create_model arguments
-        from ftdoctor.checkpoint.timm import _CREATE_MODEL_ARGS
+        from ftdoctor.checkpoint.timm import refuse_loading_args
 
-        control = sorted(set(args) & _CREATE_MODEL_ARGS)
-        if control:
-            raise FtdoctorError(f"{path}/config.json: model_args sets {', '.join(control)}, which would make timm "
-                                "fetch or read weights itself", "remove them from model_args: ftdoctor reads the "
-                                                                "folder's own weights")
+        refuse_loading_args(args, path)
     labels = config.get("num_labels")
     if labels is not None:
         from ftdoctor.safety import MAX_CLASSES

@@ -88,6 +88,16 @@ _CREATE_MODEL_ARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_
                                 "cache_dir", "features_only", "scriptable", "exportable", "no_jit", "model_name"})
 
 
+def refuse_loading_args(args: Mapping[str, Any], path: Path) -> None:
+    """FtdoctorError when a folder's ``model_args`` set create_model's own arguments: they steer downloads and
+    file reads, not the architecture (timm folders and Hugging Face ``timm_wrapper`` folders alike)."""
+    control = sorted(set(args) & _CREATE_MODEL_ARGS)
+    if control:
+        raise FtdoctorError(f"{path}/config.json: model_args sets {', '.join(control)}, which would make timm "
+                            "fetch or read weights itself", "remove them from model_args: ftdoctor reads the "
+                                                            "folder's own weights")
+
+
 def folder_builder(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], path: Path) -> Builder:
     """The builder of a timm hub folder: ``architecture`` with its ``model_args`` (``num_classes`` comes from
     the head, like any state dict)."""
@@ -97,11 +107,7 @@ def folder_builder(config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
     if not isinstance(args, dict) or not all(isinstance(k, str) and k.isidentifier() for k in args):
         raise FtdoctorError(f"{path}/config.json: model_args is not a mapping of argument names",
                             "re-create the folder with timm's save_for_hf / push_to_hub")
-    control = sorted(set(args) & _CREATE_MODEL_ARGS)
-    if control:      # these steer create_model (downloads, files), not the architecture
-        raise FtdoctorError(f"{path}/config.json: model_args sets {', '.join(control)}, which would make timm "
-                            "fetch or read weights itself", "remove them from model_args: ftdoctor reads the "
-                                                            "folder's own weights")
+    refuse_loading_args(args, path)
     args = {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items() if k != "num_classes"}
     plain = builder(name, state)
     kwargs = dict(plain.kwargs)
