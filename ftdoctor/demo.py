@@ -129,16 +129,17 @@ def _run_demo(workdir: Path, seed: int, console: Console) -> Path:
     seed_flag = f" --seed {seed}" if seed else ""
     step(console, "3. probe it on a new task with a fresh head",
          f"ftdoctor probe {source.name} --arch {arch} --data {TARGET_TASK} {' '.join(target.flags())} "
-         f"--new-head --seeds 3{seed_flag}")
+         f"--new-head --seeds 3{seed_flag} --html probe.html")
     console.print("[dim]A fresh head for the new 5-class task, as a fine-tune begins: how much of the error "
                   "reaching the backbone is noise, how evenly the layers learn, how deep the gradients reach.[/]")
     report = probe(source, model=ModelOptions(arch=arch), data=target,
-                   options=ProbeOptions(new_head=True, seeds=3, seed=seed))
+                   options=ProbeOptions(new_head=True, seeds=3, seed=seed), html=workdir / "probe.html")
     doc = report.to_json()
     from ftdoctor.report import json as json_report
     json_report.write(doc, workdir / "probe_target.json")
     table.render(doc, console)
-    console.print(f"report written to {workdir / 'probe_target.json'}")
+    console.print(f"report written to {workdir / 'probe_target.json'}; the page to open in a browser: "
+                  f"{workdir / 'probe.html'}")
 
     from ftdoctor.fixes.demo_steps import demo_fix_steps
     demo_fix_steps(source, workdir, console, seed=seed)

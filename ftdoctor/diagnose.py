@@ -238,11 +238,13 @@ def unreached_parameters(model: nn.Module, layers: Sequence[AffineLayer]) -> lis
 
 def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: DataOptions,
           options: ProbeOptions = ProbeOptions(), reference: str | Path | None = None,
-          output: str | Path | None = None, hdf5: str | Path | None = None) -> Report:
+          output: str | Path | None = None, hdf5: str | Path | None = None,
+          html: str | Path | None = None) -> Report:
     """``ftdoctor probe``: measure the diagnoses of SPEC §1 for a checkpoint on a dataset.
 
-    With ``output`` and/or ``hdf5`` the JSON report and the HDF5 file (report and arrays) are written: both
-    checked against every input before any work, both kept or neither (:mod:`ftdoctor.outputs`). Under
+    With ``output``, ``hdf5`` and/or ``html`` the JSON report, the HDF5 file (report and arrays) and the
+    self-contained HTML page (:mod:`ftdoctor.report.html`) are written: all checked against every input
+    before any work, all kept or none (:mod:`ftdoctor.outputs`). Under
     ``torchrun`` every process measures its shard; only rank 0 writes (``Report.main_process``).
     """
     from ftdoctor import distributed
@@ -250,7 +252,8 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
     from ftdoctor.outputs import Output, journal
     from ftdoctor.report import get as get_format, load_formats
 
-    outputs = [Output(Path(p), flag) for p, flag in ((output, "--output"), (hdf5, "--hdf5")) if p is not None]
+    outputs = [Output(Path(p), flag) for p, flag in ((output, "--output"), (hdf5, "--hdf5"), (html, "--html"))
+               if p is not None]
     with journal(outputs, (model_path, reference, *input_paths(data.data, data.data_root))):
         world = distributed.setup(model.device if model is not None else "cpu")   # under torchrun: join the group
         if not world.is_main:
@@ -267,6 +270,8 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
                 get_format("hdf5", "probe").write(report, Path(hdf5))
             if output is not None:
                 get_format("json", "probe").write(report, Path(output))
+            if html is not None:
+                get_format("html", "probe").write(report, Path(html))
     return report
 
 
@@ -296,7 +301,7 @@ def _probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: D
                 "head_init": options.head_init if options.new_head else None, "seeds": options.seeds,
                 "head": head.name, "reference": str(reference) if reference is not None else None,
                 "r2_layers": list(options.r2_layers) if options.r2_layers else None,
-                "layer_order": how}
+                "layer_order": how, "thresholds": options.thresholds.to_json()}
     data_info = bundle.info(run.num_samples)
     return Report(model=model_info(loaded, head), data=data_info, settings=settings, run=run, notes=notes,
                   run_args=RunArgs.of(model_path, model_opts, data, options.new_head))

@@ -67,3 +67,12 @@ class Thresholds:
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def to_json(self) -> dict[str, object]:
+        """Every threshold as JSON; a multiple of the floor as its text (``"2x"``)."""
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def plain(value: object) -> object:
+    """A threshold as JSON: a multiple of the floor as its text (``"2x"``), anything else as it is."""
+    return str(value) if isinstance(value, FloorMultiple) else value

@@ -52,3 +52,39 @@ def good_model(nets_dir: Path) -> Path:
     path = nets_dir / "good.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def report_pages(tmp_path_factory):
+    """HTML pages written by the real commands, for the page and browser tests: a probe of a 100-layer net
+    against a reference (with its HDF5 file and JSON), a check of two checkpoints, a 5-method compare and a
+    trace."""
+    from helpers import DeepNet, run_cli
+    work = tmp_path_factory.mktemp("pages")
+    torch.manual_seed(0)
+    deep = DeepNet()
+    torch.save(deep.state_dict(), work / "reference.pt")
+    with torch.no_grad():
+        for p in deep.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(deep.state_dict(), work / "deep.pt")
+    torch.save(SmallCNN(10).state_dict(), work / "small.pt")
+    arch = ("--arch", "helpers:DeepNet")
+    out = {}
+    for name, args in {
+        "probe": ("probe", work / "deep.pt", *arch, "--data", "shapes", "--max-samples", "64", "--reference",
+                  work / "reference.pt", "--output", work / "probe.json", "--hdf5", work / "probe.h5"),
+        "check": ("check", work / "deep.pt", work / "reference.pt", *arch, "--data", "shapes", "--max-samples", "64",
+                  "--format", "json", "--output", work / "check.json"),
+        "compare": ("compare", work / "small.pt", "--arch", "helpers:SmallCNN", "--data", "shapes", "--max-samples",
+                    "64", "--eval-samples", "32", "--methods", "base,warmup,entame,rifle,l2sp", "--seeds", "2",
+                    "--steps", "6", "--window", "3", "--hdf5", work / "compare.h5", "--output",
+                    work / "compare.json"),
+        "trace": ("trace", work / "small.pt", "--arch", "helpers:SmallCNN", "--data", "shapes", "--max-samples",
+                  "64", "--eval-samples", "32", "--method", "rifle", "--steps", "6", "--window", "3", "--hdf5",
+                  work / "trace.h5", "--output", work / "trace.json"),
+    }.items():
+        res = run_cli(*args, "--html", work / f"{name}.html", "--quiet")
+        assert res.exit_code in (0, 1) and (work / f"{name}.html").is_file(), res.output
+        out[name] = work / f"{name}.html"
+    return out

@@ -75,6 +75,25 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x))
 
 
+class DeepNet(nn.Module):
+    """A stem, ``stages`` residual stages of two Linear layers each (blocks ``stages.K``) and a head:
+    2·stages + 2 affine layers (100 by default), small enough to probe in seconds."""
+
+    def __init__(self, num_classes: int = 10, stages: int = 49, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 4, stride=4)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.stages = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+                                    for _ in range(stages))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.stem(x))).flatten(1)
+        for stage in self.stages:
+            h = h + 0.5 * stage(h)
+        return self.fc(h)
+
+
 class BNCNN(nn.Module):
     def __init__(self, num_classes: int = 5) -> None:
         super().__init__()

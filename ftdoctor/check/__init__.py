@@ -77,7 +77,7 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
           head: str | None = None, new_head: bool = False, head_init: str = "kaiming", seed: int = 0,
           image_size: int | None = None, config: str | None = None,
           overrides: dict[str, Any] | None = None, output: str | Path | None = None,
-          output_format: str = "text") -> CheckReport:
+          output_format: str = "text", html: str | Path | None = None) -> CheckReport:
     """``ftdoctor check``: judge checkpoints (files, directories, globs) against ``thresholds``.
 
     ``model`` is a :class:`ftdoctor.checkpoint.ModelOptions`; ``data`` a
@@ -90,8 +90,8 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
     ``image_size``, else a few common sizes). Without ``thresholds`` they are resolved from ``config`` (a
     TOML file; default: the nearest pyproject.toml with ``[tool.ftdoctor]``) and ``overrides`` (the
     command-line flags); with them, ``config`` only labels the report. With ``output`` the report is
-    written there in ``output_format`` (``text``, ``json``, ``junit``, ``github``), checked against every
-    input first.
+    written there in ``output_format`` (``text``, ``json``, ``junit``, ``github``), and with ``html`` the
+    self-contained page, both checked against every input first.
     Raises :class:`FtdoctorError` (exit 2) for unusable configuration or input;
     problems of a checkpoint are failed checks in the report.
     """
@@ -114,7 +114,8 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
     from ftdoctor.data import input_paths
     from ftdoctor.outputs import Output, journal
     inputs = (*files, reference, config, *(input_paths(data.data, data.data_root) if data is not None else ()))
-    with journal([Output(Path(output), "--output")] if output is not None else [], inputs):
+    outputs = [Output(Path(p), flag) for p, flag in ((output, "--output"), (html, "--html")) if p is not None]
+    with journal(outputs, inputs):
         plan = planned_checks(thresholds, with_data=data is not None, with_reference=reference is not None)
         shared = _Shared(data=data, reference=reference, model_opts=model_opts, new_head=new_head)
         verdicts = tuple(judge(p, model_opts=_model_for(p, model_opts, resolved), thresholds=thresholds,
@@ -125,11 +126,13 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
         report = CheckReport(verdicts, thresholds, config=config,
                              data=getattr(data, "data", None) if data is not None else None,
                              reference=str(reference) if reference is not None else None)
+        from ftdoctor.report import get as get_format
+        from ftdoctor.report import load_formats
+        load_formats()
         if output is not None:
-            from ftdoctor.report import get as get_format
-            from ftdoctor.report import load_formats
-            load_formats()
             get_format(output_format, "check").write(report, Path(output))
+        if html is not None:
+            get_format("html", "check").write(report, Path(html))
     return report
 
 

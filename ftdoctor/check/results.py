@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import ftdoctor
-from ftdoctor.thresholds import FloorMultiple, Thresholds
+from ftdoctor.thresholds import Thresholds, plain
 
 SCHEMA = "ftdoctor.check/1"
 
@@ -29,7 +29,7 @@ class CheckResult:
         value = self.value
         if isinstance(value, float) and not math.isfinite(value):
             value = None
-        return {"name": self.name, "passed": self.passed, "value": value, "threshold": _plain(self.threshold),
+        return {"name": self.name, "passed": self.passed, "value": value, "threshold": plain(self.threshold),
                 "message": self.message}
 
 
@@ -80,10 +80,5 @@ class CheckReport:
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "ftdoctor_version": ftdoctor.__version__, "passed": self.passed,
                 "config": self.config, "data": self.data, "reference": self.reference,
-                "thresholds": {f.name: _plain(getattr(self.thresholds, f.name)) for f in fields(self.thresholds)},
+                "thresholds": self.thresholds.to_json(),
                 "checkpoints": [c.to_json() for c in self.checkpoints]}
-
-
-def _plain(value: object) -> object:
-    """A threshold as JSON: a multiple of the floor as its text (``"2x"``)."""
-    return str(value) if isinstance(value, FloorMultiple) else value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import importlib
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -72,6 +72,13 @@ def console(stderr: bool = False):
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
     return Console(stderr=stderr, highlight=False, width=width)
+
+
+def print_page_written(path: Any, quiet: bool) -> None:
+    """Where ``--html`` put the page (on stderr, so that stdout stays the report)."""
+    if path is not None and not quiet:
+        from rich.markup import escape
+        console(stderr=True).print(f"page written to {escape(str(path))} (open it in a browser)", soft_wrap=True)
 
 
 def print_notes(notes: list[str], quiet: bool) -> None:

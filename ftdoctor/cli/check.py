@@ -9,9 +9,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ftdoctor import progress
-from ftdoctor.cli.app import app, console, output_format
-from ftdoctor.cli.shared import (DATA_PANEL, OUTPUT_PANEL, PROBE_PANEL, DataFlags, Head, HeadInit, Quiet, Seed,
-                                 data_options, model_options)
+from ftdoctor.cli.app import app, console, output_format, print_page_written
+from ftdoctor.cli.shared import (DATA_PANEL, OUTPUT_PANEL, PROBE_PANEL, DataFlags, Head, HeadInit, HtmlOut, Quiet,
+                                 Seed, data_options, model_options)
 
 THRESHOLD_PANEL = "Thresholds (override \\[tool.ftdoctor.check]; 'off' disables a check)"
 
@@ -66,12 +66,12 @@ def check(
         rich_help_panel=THRESHOLD_PANEL, show_default=False)] = None,
     head: Head = None, seed: Seed = 0,
     format: Annotated[Optional[str], typer.Option(
-        "--format", help="text, json, junit or github (default: github when GITHUB_ACTIONS=true, else text).",
+        "--format", help="text, json, junit, github or markdown (default: github when GITHUB_ACTIONS=true, else text).",
         rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", help="Write the report in --format to FILE (atomically); the terminal then gets the text "
                          "view (github annotations under GitHub Actions).", rich_help_panel=OUTPUT_PANEL)] = None,
-    quiet: Quiet = False, model_opts: Any = None, data_flags: DataFlags = DataFlags(),
+    html: HtmlOut = None, quiet: Quiet = False, model_opts: Any = None, data_flags: DataFlags = DataFlags(),
 ) -> None:
     """CI gate: judge checkpoints against thresholds; exit 0 all passed, 1 any check failed, 2 unusable
     config or input.
@@ -99,10 +99,11 @@ def check(
                        reference=reference, head=head, new_head=new_head, head_init=head_init.value, seed=seed,
                        image_size=data_flags.image_size, config=config,
                        overrides={k: v for k, v in flags.items() if v is not None}, output=output,
-                       output_format=name)
+                       output_format=name, html=html)
     if output is None:
         fmt.show(report, console())
     elif not (quiet or name == "text" or (name == "github" and github)):
         # the file holds --format; the terminal gets the view a person (or the Actions runner) reads
         output_format("github" if github else "text", "check").show(report, console())
+    print_page_written(html, quiet)
     sys.exit(report.exit_code)  # typer.Exit(1) would come back as a return value of app(standalone_mode=False)

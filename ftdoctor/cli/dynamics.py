@@ -8,9 +8,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ftdoctor import progress
-from ftdoctor.cli.app import app, console, output_format, print_notes
-from ftdoctor.cli.shared import (OUTPUT_PANEL, Data, DataFlags, Head, ModelArg, OutputJson, Quiet, Seed, Split, csv,
-                                 data_options, model_options)
+from ftdoctor.cli.app import app, console, output_format, print_notes, print_page_written
+from ftdoctor.cli.shared import (OUTPUT_PANEL, Data, DataFlags, Head, HtmlOut, ModelArg, OutputJson, Quiet, Seed,
+                                 Split, csv, data_options, model_options)
 
 DYN_PANEL = "Fine-tuning"
 
@@ -92,7 +92,7 @@ def trace(
                                         rich_help_panel=OUTPUT_PANEL)] = False,
     head: Head = None, seed: Seed = 0,
     hdf5: Hdf5Out = Path("trace.h5"), format: DynFormatOpt = "table", output: OutputJson = None,
-    quiet: Quiet = False, model_opts: Any = None, data_flags: DataFlags = DataFlags(),
+    html: HtmlOut = None, quiet: Quiet = False, model_opts: Any = None, data_flags: DataFlags = DataFlags(),
 ) -> None:
     """Fine-tune MODEL's backbone with a fresh head by one method, recording per step the loss, accuracy,
     learning rate, per-layer gradient norms (RIFLE Fig. 2), head-input variance (ENTAME Fig. 1) and noise
@@ -109,8 +109,9 @@ def trace(
                           rifle_init=rifle_init.value, alpha=alpha, beta=beta, phi_w=phi_w, lam=lam, head=head)
     result = run_trace(model, model=model_opts, data=data_flags.options(data, seed), options=opts,
                        eval_split=eval_split.value, eval_samples=eval_samples, save=save, force=force, hdf5=hdf5,
-                       output=output)
+                       output=output, html=html)
     fmt.show(result, console(), notes=not quiet)
+    print_page_written(html, quiet)
     if format == "table":
         if hdf5 is not None:
             console().print(f"curves written to {hdf5} (draw them: ftdoctor plot {hdf5} -o trace.png)")
@@ -136,7 +137,7 @@ def compare(
     phi_w: PhiW = None, lam: Lam = None,
     head: Head = None, seed: Seed = 0,
     hdf5: Hdf5Out = Path("compare.h5"), format: DynFormatOpt = "table", output: OutputJson = None,
-    quiet: Quiet = False, model_opts: Any = None, data_flags: DataFlags = DataFlags(),
+    html: HtmlOut = None, quiet: Quiet = False, model_opts: Any = None, data_flags: DataFlags = DataFlags(),
 ) -> None:
     """Several methods × seeds from identical starting weights and batches: mean eval accuracy over the first
     --window steps ± 95% CI, the paired difference to the first method with its p-value, and the final
@@ -153,8 +154,9 @@ def compare(
                           alpha=alpha, beta=beta, phi_w=phi_w, lam=lam, head=head)
     result = run_compare(model, model=model_opts, data=data_flags.options(data, seed), options=opts,
                          methods=csv(methods) or (), seeds=seeds, eval_split=eval_split.value,
-                         eval_samples=eval_samples, hdf5=hdf5, output=output)
+                         eval_samples=eval_samples, hdf5=hdf5, output=output, html=html)
     fmt.show(result, console(), notes=not quiet)
+    print_page_written(html, quiet)
     if format == "table":
         if hdf5 is not None:
             console().print(f"curves written to {hdf5} (draw them: ftdoctor plot {hdf5} -o compare.png)")
@@ -165,7 +167,7 @@ def compare(
 def plot(
     file: Annotated[Path, typer.Argument(help="An HDF5 file from trace, compare or probe --hdf5.",
                                          show_default=False)],
-    out: Annotated[Path, typer.Option("-o", "--output", help="Picture to write (.png, .pdf or .svg).",
+    out: Annotated[Path, typer.Option("-o", "--output", help="Picture to write (.png, .pdf or .svg), or .html for the self-contained report page.",
                                       show_default=False)],
     quiet: Quiet = False,
 ) -> None:

@@ -7,9 +7,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ftdoctor import progress
-from ftdoctor.cli.app import app, console, output_format, print_notes
+from ftdoctor.cli.app import app, console, output_format, print_notes, print_page_written
 from ftdoctor.cli.shared import (OUTPUT_PANEL, PROBE_PANEL, CRLoss, CRMode, Data, DataFlags, Hdf5, Head, HeadInit,
-                                 ImageSize, ModelArg, OutputJson, Quiet, Seed, csv, data_options, model_options)
+                                 HtmlOut, ImageSize, ModelArg, OutputJson, Quiet, Seed, csv, data_options,
+                                 model_options)
 
 Format = Annotated[str, typer.Option("--format", help="table, json or markdown (probe).",
                                      rich_help_panel=OUTPUT_PANEL)]
@@ -59,7 +60,7 @@ def probe(
     r2_layers: Annotated[Optional[str], typer.Option("--r2-layers", help="Glob(s) of layers for r2, comma-separated.",
                                                      rich_help_panel=PROBE_PANEL)] = None,
     head: Head = None, seed: Seed = 0, format: Format = "table", output: OutputJson = None, hdf5: Hdf5 = None,
-    quiet: Quiet = False, model_opts: Any = None, data_flags: DataFlags = DataFlags(),
+    html: HtmlOut = None, quiet: Quiet = False, model_opts: Any = None, data_flags: DataFlags = DataFlags(),
 ) -> None:
     """Measure all five diagnoses in one pass over the data: noise at the head (ENTAME), change rates
     (Krähenbühl), gradient norms (RIFLE), activation R² and weight drift (L2-SP).
@@ -73,6 +74,7 @@ def probe(
                            change_rate_mode=change_rate_mode.value, change_rate_loss=change_rate_loss.value,
                            r2_layers=csv(r2_layers), seed=seed)
     report = run_probe(model, model=model_opts, data=data_flags.options(data, seed), options=options,
-                       reference=reference, output=output, hdf5=hdf5)
+                       reference=reference, output=output, hdf5=hdf5, html=html)
     if report.main_process:                 # under torchrun rank 0 alone prints
         fmt.show(report, console(), notes=not quiet)
+        print_page_written(html, quiet)

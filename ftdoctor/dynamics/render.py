@@ -71,7 +71,8 @@ DEMO_STEPS = 30
 def demo_compare_step(source_path: Path, workdir: Path, console: Any, seed: int = 0) -> CompareResult:
     """``ftdoctor demo``'s dynamics step: compare base vs entame on the ``shapes:5`` transfer task, then plot.
 
-    Writes ``compare.h5`` and (with matplotlib) ``compare.png`` into ``workdir``.
+    Writes ``compare.h5``, ``compare.html`` (the report page) and, with matplotlib, ``compare.png`` into
+    ``workdir``.
     """
     from ftdoctor.checkpoint import ModelOptions
     from ftdoctor.data import DataOptions
@@ -81,7 +82,7 @@ def demo_compare_step(source_path: Path, workdir: Path, console: Any, seed: int 
     from ftdoctor.fixes.demo_steps import step
     step(console, "8. fine-tune with and without ENTAME's head",
          f"ftdoctor compare {Path(source_path).name} --arch {arch} --data {target} --methods {','.join(DEMO_METHODS)} "
-         f"--seeds {DEMO_SEEDS} --steps {DEMO_STEPS}" + (f" --seed {seed}" if seed else ""))
+         f"--seeds {DEMO_SEEDS} --steps {DEMO_STEPS}" + (f" --seed {seed}" if seed else "") + " --html compare.html")
     console.print("[dim]Real fine-tuning from the pretrained backbone with a fresh head, per seed the same start "
                   "and the same batches for both methods: does ENTAME's maximum-entropy head learn faster in "
                   "the first steps (ENTAME Table 3)?[/]")
@@ -89,10 +90,11 @@ def demo_compare_step(source_path: Path, workdir: Path, console: Any, seed: int 
     from ftdoctor.dynamics.run import compare, write_hdf5
     result = compare(source_path, model=ModelOptions(arch=arch),
                      data=DataOptions(data=target, split="train", max_samples=1024, seed=seed),
-                     options=options, methods=DEMO_METHODS, seeds=DEMO_SEEDS, eval_split="test", eval_samples=512)
+                     options=options, methods=DEMO_METHODS, seeds=DEMO_SEEDS, eval_split="test", eval_samples=512,
+                     html=Path(workdir) / "compare.html")
     write_hdf5(h5, result)
     render_compare(result, console)
-    console.print(f"curves written to {h5}")
+    console.print(f"curves written to {h5}; the page to open in a browser: {Path(workdir) / 'compare.html'}")
     try:
         from ftdoctor.report.plot import plot
         plot(h5, png)

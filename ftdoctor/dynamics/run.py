@@ -100,32 +100,37 @@ def _info(loaded: Any, train_bundle: Any, eval_bundle: Any, head: str | None) ->
 
 def trace(model_path: str | Path, *, model: Any = None, data: Any, options: TraceOptions = TraceOptions(),
           eval_split: str = "test", eval_samples: int = 512, save: str | Path | None = None,
-          force: bool = False, hdf5: str | Path | None = None, output: str | Path | None = None) -> TraceResult:
+          force: bool = False, hdf5: str | Path | None = None, output: str | Path | None = None,
+          html: str | Path | None = None) -> TraceResult:
     """``ftdoctor trace``: fine-tune MODEL's backbone with a fresh head by one method, recording the dynamics.
 
     With ``save`` the fine-tuned checkpoint is written in the input's format (with a sidecar
-    ``OUT.ftdoctor.json``); ``hdf5`` gets the series (SPEC §3 layout), ``output`` the JSON figures. All
+    ``OUT.ftdoctor.json``); ``hdf5`` gets the series (SPEC §3 layout), ``output`` the JSON figures, ``html``
+    the self-contained page (:mod:`ftdoctor.report.html`). All
     are checked against the inputs before the run and kept together or not at all.
     """
     options.validate()
     from ftdoctor.data import input_paths
     from ftdoctor.outputs import Output, journal, sidecar_path
     outputs = [Output(Path(p), flag, replace) for p, flag, replace in (
-        (hdf5, "--hdf5", True), (output, "--output", True), (save, "--save", False),
+        (hdf5, "--hdf5", True), (output, "--output", True), (html, "--html", True), (save, "--save", False),
         (sidecar_path(save) if save is not None else None, "--save's sidecar", False)) if p is not None]
     with journal(outputs, (model_path, *input_paths(data.data, data.data_root)), force=force):
         result = _trace(model_path, model, data, options, eval_split, eval_samples, save, force)
-        _write(result, hdf5, output)
+        _write(result, hdf5, output, html)
     return result
 
 
-def _write(result: TraceResult | CompareResult, hdf5: str | Path | None, output: str | Path | None) -> None:
+def _write(result: TraceResult | CompareResult, hdf5: str | Path | None, output: str | Path | None,
+           html: str | Path | None = None) -> None:
     from ftdoctor.report import get as get_format, load_formats
     load_formats()
     if hdf5 is not None:
         write_hdf5(hdf5, result)
     if output is not None:
         get_format("json", result.kind).write(result, Path(output))
+    if html is not None:
+        get_format("html", result.kind).write(result, Path(html))
 
 
 def _trace(model_path: str | Path, model: Any, data: Any, options: TraceOptions, eval_split: str,
@@ -156,16 +161,18 @@ def _trace(model_path: str | Path, model: Any, data: Any, options: TraceOptions,
 def compare(model_path: str | Path, *, model: Any = None, data: Any, options: TraceOptions = TraceOptions(),
             methods: Sequence[str] = ("base", "entame"), seeds: int = 5, eval_split: str = "test",
             eval_samples: int = 512, hdf5: str | Path | None = None,
-            output: str | Path | None = None) -> CompareResult:
+            output: str | Path | None = None, html: str | Path | None = None) -> CompareResult:
     """``ftdoctor compare``: methods × seeds from identical starts and batches, ENTAME Table 3 style; ``hdf5``
-    gets every run's series, ``output`` the JSON table (checked against the inputs first, all or none)."""
+    gets every run's series, ``output`` the JSON table, ``html`` the self-contained page (checked against
+    the inputs first, all or none)."""
     from ftdoctor.data import input_paths
     from ftdoctor.outputs import Output, journal
-    outputs = [Output(Path(p), flag) for p, flag in ((hdf5, "--hdf5"), (output, "--output")) if p is not None]
+    outputs = [Output(Path(p), flag) for p, flag in ((hdf5, "--hdf5"), (output, "--output"), (html, "--html"))
+               if p is not None]
     with journal(outputs, (model_path, *input_paths(data.data, data.data_root))):
         result = _compare(model_path, model=model, data=data, options=options, methods=methods, seeds=seeds,
                           eval_split=eval_split, eval_samples=eval_samples)
-        _write(result, hdf5, output)
+        _write(result, hdf5, output, html)
     return result
 
 

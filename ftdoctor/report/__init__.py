@@ -8,7 +8,7 @@ from ftdoctor.report.formats import FORMATS, OutputFormat, get, names, register_
 
 def load_formats() -> None:
     """Import the format modules (each registers itself); cheap to call again."""
-    from ftdoctor.report import check_text, github, hdf5, json, junit, markdown, table  # noqa: F401
+    from ftdoctor.report import check_text, github, hdf5, html, json, junit, markdown, table  # noqa: F401
 
 
 __all__ = ["FORMATS", "OutputFormat", "get", "load_formats", "names", "register_format"]

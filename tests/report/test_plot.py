@@ -87,7 +87,22 @@ def test_plot_probe_file(tmp_path):
     content = read(path)
     assert isinstance(content, ProbeFile) and "probes/r2/features.0/r2" in content.arrays
     w, h = png_size(plot(path, tmp_path / "p.png"))
-    assert w >= 800 and h >= 800
+    assert w >= 800 and h >= 250
+
+
+def test_probe_picture_names_every_layer_however_many(tmp_path):
+    """One row per layer (every name written out): the picture grows with the layers instead of squeezing."""
+    from ftdoctor.report import charts
+    names = [f"blocks.{i // 3}.fc{i % 3}" for i in range(300)]
+    doc = {"schema": "ftdoctor.report/1", "model": {"path": "m.pt"}, "data": {"name": "shapes"},
+           "probes": {"grad_norm": {"depth_ratio": 0.1, "head": names[-1], "layers": [
+               {"name": n, "grad_norm": 0.1 + i} for i, n in enumerate(names)]}}, "findings": [], "skipped": []}
+    hdf5_report.write(tmp_path / "big.h5", "ftdoctor.report/1", doc, {})
+    w, h = png_size(plot(tmp_path / "big.h5", tmp_path / "big.png"))
+    assert h >= 300 * charts.ROW * 110                      # 110 dpi: at least ROW inches a layer
+    fig = charts.layers_figure(read(tmp_path / "big.h5"))
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == names
 
 
 def test_plot_other_formats(runs, tmp_path):
