@@ -103,12 +103,25 @@ def _values(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
     return np.array([r.get(key) if isinstance(r.get(key), (int, float)) else np.nan for r in rows], float)
 
 
+def log_axis(ax: Any, values: Sequence[float], axis: str = "x") -> None:
+    """A log scale whose ticks read as plain numbers (1, 2, 5, 10, … within a few decades; powers of ten
+    beyond), never matplotlib's overlapping minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    vals = [v for v in values if v > 0 and math.isfinite(v)]
+    decades = math.log10(max(vals) / min(vals)) if vals else 0.0
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    scale = ax.xaxis if axis == "x" else ax.yaxis
+    scale.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades < 2.5 else (1.0,)))
+    scale.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    scale.set_minor_formatter(NullFormatter())
+
+
 def _hbars(ax: Any, vals: np.ndarray, color: str, log: bool) -> None:
     y = np.arange(len(vals))
     ok = np.isfinite(vals) & ((vals > 0) if log else True)
     ax.barh(y[ok], vals[ok], color=color, height=0.72, zorder=2)
     if log:
-        ax.set_xscale("log")
+        log_axis(ax, vals[ok])
 
 
 def _box(ax: Any, data: list[np.ndarray]) -> None:
@@ -261,7 +274,7 @@ def noise_figure(pf: ProbeFile, width: float = 9.0, into: Any = None) -> Any:
         ends.append(bound)
     if isinstance(uniform, (int, float)):
         lim = uniform + t.max_excess_noise_fraction
-        ax.axvline(lim, color="#fd8d3c", ls="-.", lw=1.2, label=f"excess limit {t.max_excess_noise_fraction:g}")
+        ax.axvline(lim, color="#a63603", ls="-.", lw=1.4, label=f"excess limit {t.max_excess_noise_fraction:g}")
         ends.append(lim)
     ax.set_xlim(0, max(ends) * 1.12)
     ax.set_yticks([])
@@ -312,7 +325,7 @@ def check_figure(cf: CheckFile) -> Any:
                 ax.plot([thr, thr], [i - 0.4, i + 0.4], color=LIMIT, lw=1.6, zorder=2)
                 xs.append(float(thr))
         if log and xs and min(xs) > 0 and max(xs) / min(xs) > 30:     # log only when it spans decades
-            ax.set_xscale("log")
+            log_axis(ax, xs)
         ax.set_title(f"{title}\n({key})", fontsize=9)
         ax.set_ylim(len(names) - 0.5, -0.5)
         ax.set_yticks(range(len(names)), names if k % cols == 0 else [""] * len(names), fontsize=8)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ftdoctor.report.charts import FLOOR, figure, label_width, layer_ticks, shade_blocks
+from ftdoctor.report.charts import FLOOR, figure, label_width, layer_ticks, log_axis, shade_blocks
 from ftdoctor.report.content import TraceFile
 
 #: ENTAME Table 2's colours for its four curves, then two more.
@@ -97,7 +97,7 @@ def curves_figure(tf: TraceFile, width: float = 15.0, into: Any = None) -> Any:
         vals = np.concatenate([np.ravel(r.series.get(key, [])) for r in tf.runs]).astype(float)
         vals = vals[np.isfinite(vals)]
         if vals.size and vals.min() > 0 and vals.max() / vals.min() > 30:   # log only when it spans decades
-            ax.set_yscale("log")
+            log_axis(ax, vals, "y")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.title.set_fontsize(10)
@@ -188,7 +188,7 @@ def final_grad_figure(tf: TraceFile) -> Any:
             st = style(m, i)
             ax.plot(10 ** maps[m][0][:, col], y, ls="none", marker=st["marker"], color=st["color"], ms=4,
                     label=m, alpha=0.85)
-        ax.set_xscale("log")
+        log_axis(ax, [float(10 ** v) for m in maps.values() for v in np.ravel(m[0]) if np.isfinite(v)])
         ax.set_title(f"‖∇W‖ at the {where} (mean over seeds)", fontsize=10)
         ax.grid(alpha=0.35, axis="x")
     layer_ticks(axes[0], layers)

@@ -244,10 +244,10 @@ def _status(r: dict[str, Any]) -> str:
 
 
 # -- trace / compare --------------------------------------------------------------------------------
-def _pct(v: Any) -> str:
+def _pct(v: Any, signed: bool = False) -> str:
     if not isinstance(v, (int, float)):
         return number(v)
-    return f'<span class="num" title="{esc(repr(v))}">{v * 100:.2f}</span>'
+    return f'<span class="num" title="{esc(repr(v))}">{v * 100:{"+" if signed else ""}.2f}</span>'
 
 
 def dynamics_page(tf: TraceFile, charts: Charts | None) -> tuple[str, str]:
@@ -275,7 +275,7 @@ def dynamics_page(tf: TraceFile, charts: Charts | None) -> tuple[str, str]:
         summary = table(("method", f"first {tf.window} steps, %", "± 95% CI", f"Δ vs {first.get('name')}",
                          "± 95% CI", "p (paired t)", "final, %", "± 95% CI"),
                         ([esc(r.get("name")), _pct(r.get("early_acc_mean")), _pct(r.get("early_acc_ci95")),
-                          _pct(r.get("diff_vs_first")), _pct(r.get("diff_ci95")), number(r.get("p_value")),
+                          _pct(r.get("diff_vs_first"), signed=True), _pct(r.get("diff_ci95")), number(r.get("p_value")),
                           _pct(r.get("final_acc_mean")), _pct(r.get("final_acc_ci95"))] for r in rows))
         summary += ('<p class="note">± = 95% confidence half-width over the seeds (Student t); every method '
                     "starts from the same backbone and sees the same batches per seed.</p>")
