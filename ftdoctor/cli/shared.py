@@ -109,7 +109,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 OutputJson = Annotated[Optional[Path], typer.Option("--output", help="Also write the JSON report to FILE.",
                                                     rich_help_panel=OUTPUT_PANEL)]
 HtmlOut = Annotated[Optional[Path], typer.Option(
-    "--html", metavar="FILE", help="Also write one self-contained HTML page (verdict, figures against their "
+    "--html", help="Also write one self-contained HTML page (verdict, figures against their "
     "thresholds, findings with commands, charts; no network request): open it in a browser or keep it as a CI "
     "artifact.", rich_help_panel=OUTPUT_PANEL)]
 Hdf5 = Annotated[Optional[Path], typer.Option("--hdf5", help="Write the report and its arrays (G², per-batch "

@@ -9,8 +9,9 @@ Every figure is drawn against the line it is judged by â€” ENTAME's floor 1/(Câˆ
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -21,6 +22,15 @@ from ftdoctor.thresholds import Thresholds, parse_floor_multiple
 ROW, PANEL = 0.17, 2.4
 PASS, FAIL, FLOOR, LIMIT = "#2ca02c", "#d62728", "#555555", "#d62728"
 _SHADE = "#e8edf3"
+
+
+@contextlib.contextmanager
+def plain_text() -> Iterator[None]:
+    """Draw every string as it is: a layer name or a file name with ``$`` in it is not mathtext (which
+    could fail on it, or print something else)."""
+    import matplotlib
+    with matplotlib.rc_context({"text.parse_math": False}):
+        yield
 
 
 def figure(width: float, height: float, into: Any = None) -> Any:

@@ -130,8 +130,10 @@ def _heat_layout(tf: TraceFile, methods: Sequence[str] | None, cols: int, max_he
     maps = grad_maps(tf)
     methods = [m for m in (methods or tf.methods) if m in maps]
     cols = max(1, min(cols, len(methods)))
+    rows = math.ceil(len(methods) / cols)
+    cols = max(1, math.ceil(len(methods) / rows))              # rows as full as they can be: 4 maps as 2 × 2
     nlayers = max((len(maps[m][2]) for m in methods), default=0)
-    return methods, cols, math.ceil(len(methods) / cols), min(max_height, max(2.4, 0.14 * nlayers + 1.0))
+    return methods, cols, rows, min(max_height, max(2.4, 0.14 * nlayers + 1.0))
 
 
 def heatmap_height(tf: TraceFile, methods: Sequence[str] | None = None, cols: int = 3,

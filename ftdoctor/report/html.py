@@ -17,6 +17,7 @@ import hashlib
 import html
 import io
 import json
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -134,9 +135,20 @@ def _style() -> str:
     return resources.files("ftdoctor.report").joinpath("page.css").read_text(encoding="utf-8")
 
 
+def _finite(doc: Any) -> Any:
+    """``doc`` with NaN and infinities as null (a report read from a file may hold them; JSON may not)."""
+    if isinstance(doc, float) and not math.isfinite(doc):
+        return None
+    if isinstance(doc, dict):
+        return {str(k): _finite(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_finite(v) for v in doc]
+    return doc
+
+
 def _json_block(doc: dict[str, Any]) -> str:
     """The report's JSON, as data (never run): ``<`` escaped so no string can close the element."""
-    text = json.dumps(doc, sort_keys=True, allow_nan=False, default=str).replace("<", "\\u003c")
+    text = json.dumps(_finite(doc), sort_keys=True, allow_nan=False, default=str).replace("<", "\\u003c")
     return f'<script type="application/json" id="ftdoctor-report">{text}</script>'
 
 
@@ -144,7 +156,12 @@ def render(content: Content) -> str:
     """The whole page for ``content`` (a probe, check, trace or compare)."""
     from ftdoctor.report import pages
     charts = Charts() if have_matplotlib() else None
-    title, body = pages.body(content, charts)
+    if charts is not None:
+        from ftdoctor.report.charts import plain_text
+        with plain_text():
+            title, body = pages.body(content, charts)
+    else:
+        title, body = pages.body(content, charts)
     digest = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
     csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'; "
            "base-uri 'none'; form-action 'none'")

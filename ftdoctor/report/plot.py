@@ -101,12 +101,24 @@ def plot(path: str | Path, out: str | Path) -> Path:
 
 
 def _draw(path: Path, out: Path, fmt: str) -> Path:
-    from ftdoctor.outputs import atomic_write
     content = read(path)
-    if fmt == "html":
-        from ftdoctor.report.html import write_page
-        write_page(content, out)
-        return out
+    try:
+        if fmt == "html":
+            from ftdoctor.report.html import write_page
+            return write_page(content, out)
+        from ftdoctor.report.charts import plain_text
+        with plain_text():
+            return _render(content, out, fmt)
+    except FtdoctorError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as exc:
+        # the file's report is as untrusted as the file: a figure of the wrong type cannot be drawn
+        raise FtdoctorError(f"cannot draw {path}: its report is damaged ({type(exc).__name__}: {str(exc)[:120]})",
+                            "write it again with ftdoctor probe --hdf5, trace or compare") from None
+
+
+def _render(content: ProbeFile | TraceFile, out: Path, fmt: str) -> Path:
+    from ftdoctor.outputs import atomic_write
     fig = dynamics_figure(content) if isinstance(content, TraceFile) else probe_figure(content)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)

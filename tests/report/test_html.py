@@ -140,3 +140,29 @@ def test_plot_refuses_what_it_cannot_tell(tmp_path, report_pages):
     res = run_cli("plot", report_pages["probe"].with_suffix(".h5"), "-o", tmp_path / "x.htm")
     assert res.exit_code == 2 and ".html" in res.stderr
     assert not Path(tmp_path / "x.htm").exists()
+
+
+def test_dollar_signs_in_names_are_text_not_mathtext(tmp_path):
+    """A layer or file name with ``$`` is drawn as it is (mathtext would fail on ``$\\frac$`` or print
+    something else)."""
+    from ftdoctor.report import hdf5 as hdf5_report
+    doc = {"schema": "ftdoctor.report/1", "model": {"path": "odd$\\frac$name.pt"}, "data": {"name": "d"},
+           "probes": {"grad_norm": {"depth_ratio": 0.5, "head": "fc", "layers": [
+               {"name": "a$\\frac$b", "grad_norm": 0.25}, {"name": "fc", "grad_norm": 0.5}]}},
+           "findings": [], "skipped": []}
+    hdf5_report.write(tmp_path / "p.h5", "ftdoctor.report/1", doc, {})
+    for out in ("p.html", "p.png", "p.svg"):
+        assert run_cli("plot", tmp_path / "p.h5", "-o", tmp_path / out, "--quiet").exit_code == 0
+    assert "a$\\frac$b" in (tmp_path / "p.svg").read_text() or "a$\\\\frac$b" in (tmp_path / "p.svg").read_text()
+
+
+def test_a_damaged_report_is_a_one_line_error(tmp_path):
+    from ftdoctor.report import hdf5 as hdf5_report
+    doc = {"schema": "ftdoctor.report/1", "model": {"path": "m.pt"}, "data": {"name": "d"},
+           "probes": {"grad_norm": {"depth_ratio": 0.5, "layers": [{"name": "a", "grad_norm": 0.25}]},
+                      "change_rate": "not a dict"}, "findings": "nope", "skipped": [], "window": "<script>"}
+    hdf5_report.write(tmp_path / "p.h5", "ftdoctor.report/1", doc, {})
+    for out in ("p.html", "p.png"):
+        res = run_cli("plot", tmp_path / "p.h5", "-o", tmp_path / out)
+        assert res.exit_code in (0, 2) and "Traceback" not in res.output, res.output
+        assert (res.exit_code == 0) == (tmp_path / out).exists()
