@@ -174,7 +174,9 @@ def plot(
     """Pictures of a trace/compare file (accuracy and loss curves with seed bands, layer × step gradient-norm
     heat map, head-input variance) or of a probe file (the noise fraction against its floor; per layer the
     change rate, gradient norm, R² box plots and drift against their thresholds), or with -o FILE.html the
-    self-contained report page that --html writes. Needs the plot extra: pip install 'ftdoctor[plot]'.
+    self-contained report page that --html writes.
+
+    Needs the plot extra: pip install 'ftdoctor[plot]'
 
     Example: ftdoctor plot probe.h5 -o probe.html
     """
