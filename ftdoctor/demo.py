@@ -140,6 +140,11 @@ def _run_demo(workdir: Path, seed: int, console: Console) -> Path:
     table.render(doc, console)
     console.print(f"report written to {workdir / 'probe_target.json'}; the page to open in a browser: "
                   f"{workdir / 'probe.html'}")
+    from ftdoctor.report.html import have_matplotlib
+    if not have_matplotlib():
+        from rich.markup import escape
+        console.print(escape("note: without matplotlib the pages have every table but no chart; for the charts: "
+                             "pip install 'ftdoctor[plot]'"), style="yellow")
 
     from ftdoctor.fixes.demo_steps import demo_fix_steps
     demo_fix_steps(source, workdir, console, seed=seed)

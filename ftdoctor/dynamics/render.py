@@ -101,5 +101,6 @@ def demo_compare_step(source_path: Path, workdir: Path, console: Any, seed: int 
         console.print(f"picture written to {png} (accuracy and loss with seed bands, head-input variance, "
                       f"gradient-norm heat maps)")
     except FtdoctorError as exc:          # matplotlib missing: the demo goes on without the picture
-        console.print(f"[yellow]no picture: {exc.cause}[/] — {exc.remedy}")
+        from rich.markup import escape
+        console.print(f"[yellow]no picture: {escape(exc.cause)}[/] — {escape(exc.remedy)}")
     return result
