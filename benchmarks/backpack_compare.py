@@ -261,6 +261,12 @@ _KNOWN = {
     "BatchNorm module in training mode": "BatchNorm in training mode is not supported",
     "Expecting types [float, Node]": "its torch.fx converter cannot rewrite the graph "
                                      "(Expecting types [float, Node], got [Node, Node])",
+    "as child module 'output'": "BackPACK keeps each module's output in `module.output`, and the model has "
+                                "submodules named `output`",
+    "calling .item() on a Tensor": "data-dependent control flow in the model (its attention-mask checks read a "
+                                   "tensor's value), which vmap cannot batch",
+    "This layer has buffers and is not supported by Opacus": "BatchNorm (a layer with buffers) is not "
+                                                             "supported by Opacus",
 }
 
 

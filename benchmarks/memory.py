@@ -1,6 +1,6 @@
 """Peak memory of the probe pass: it must not grow with the dataset (SPEC §7).
 
-    python benchmarks/memory.py [--arch resnet18] [--small 1024] [--large 8192] [--threads 2]
+    python benchmarks/memory.py [--arch resnet18|vggish|vit|bert] [--small 1024] [--large 8192] [--threads 2]
     python benchmarks/memory.py --resnet50-224 [--batches 2]
 
 Accumulators are O(parameters + channels), never O(dataset) (SPEC §7). The
@@ -61,6 +61,30 @@ class LazyFake(Dataset):
         return x, y, int(i)
 
 
+class LazyText(Dataset):
+    """Token sequences generated on demand for a BERT-style model: item ``i`` is ({input_ids,
+    attention_mask}, y_i, i), 32 tokens with 8–32 of them real, seeded by ``i``."""
+
+    def __init__(self, count: int, length: int = 32, vocab: int = 4000, num_classes: int = 4) -> None:
+        self.count, self.length, self.vocab, self.num_classes = count, length, vocab, num_classes
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int, int]:
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(int(i))
+        real = int(torch.randint(8, self.length + 1, (), generator=g))
+        mask = (torch.arange(self.length) < real).long()
+        ids = torch.randint(1, self.vocab, (self.length,), generator=g) * mask
+        return {"input_ids": ids, "attention_mask": mask}, int(torch.randint(0, self.num_classes, (), generator=g)), i
+
+
+def data(arch: str, count: int, size: int) -> Dataset:
+    return LazyText(count) if arch == "bert" else LazyFake(count, size)
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux, macOS)."""
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
@@ -69,6 +93,10 @@ def peak_rss_bytes() -> int:
 
 def build(arch: str) -> nn.Module:
     import torchvision.models as tvm
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if arch in ("vit", "bert"):                 # the peers' small transformers (benchmarks/peers.py)
+        import peers
+        return (peers.vit if arch == "vit" else peers.bert)(1)[1]
     if arch == "vggish":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from overhead import VGGish
@@ -82,10 +110,11 @@ def child(arch: str, count: int, size: int, batch_size: int, threads: int) -> No
     torch.manual_seed(0)
     model = build(arch).eval()
     reference = copy.deepcopy(model)
-    warm = Bundle(LazyFake(min(batch_size, count), size), 10, batch_size, "lazy-fake")
+    classes = 4 if arch == "bert" else 10
+    warm = Bundle(data(arch, min(batch_size, count), size), classes, batch_size, "lazy")
     probe_model(model, warm, OPTIONS, reference=reference)   # one batch: kernels, allocator, thread pool
     before = peak_rss_bytes()
-    bundle = Bundle(LazyFake(count, size), 10, batch_size, "lazy-fake")
+    bundle = Bundle(data(arch, count, size), classes, batch_size, "lazy")
     t0 = time.perf_counter()
     run = probe_model(model, bundle, OPTIONS, reference=reference)
     seconds = time.perf_counter() - t0
@@ -106,7 +135,8 @@ def mb(n: float) -> str:
 
 def scaling(args: argparse.Namespace) -> None:
     print(header(args.threads))
-    print(f"{args.arch} at 32x32, batch 64, probes: noise, change_rate (exact), grad_norm, r2, drift "
+    what = "32 tokens" if args.arch == "bert" else "32x32"
+    print(f"{args.arch} at {what}, batch 64, probes: noise, change_rate (exact), grad_norm, r2, drift "
           f"(reference = a copy); each size in a fresh subprocess")
     rows = {}
     for count in (args.small, args.large):
@@ -140,7 +170,8 @@ def resnet50_224(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="resnet18", help="torchvision model name, or vggish")
+    ap.add_argument("--arch", default="resnet18", help="torchvision model name, vggish, vit (timm ViT-tiny) or "
+                    "bert (Hugging Face BERT-mini)")
     ap.add_argument("--small", type=int, default=1024)
     ap.add_argument("--large", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
