@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 SCHEMA = "ftdoctor.report/1"
 
 
+#: ``--dtype``: the precision of the model's forward and backward (under ``torch.autocast``; float32: none)
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass(frozen=True)
 class ProbeOptions:
     """Every option of ``ftdoctor probe`` that changes a figure (SPEC §3)."""
@@ -46,6 +50,7 @@ class ProbeOptions:
     r2_layers: tuple[str, ...] | None = None
     seed: int = 0
     thresholds: Thresholds = field(default_factory=Thresholds)
+    dtype: str = "float32"                      # float32 | bfloat16 | float16: the forward under autocast
 
     def validate(self, have_reference: bool) -> tuple[str, ...]:
         """The probes to run, or an FtdoctorError for a contradictory request."""
@@ -58,6 +63,8 @@ class ProbeOptions:
                 "--change-rate-mode batch cannot use --change-rate-loss ce: with labels the cross terms "
                 "of the batch gradient do not vanish",
                 "use --change-rate-mode exact with ce, or the random loss with batch mode")
+        if self.dtype not in DTYPES:
+            raise FtdoctorError(f"unknown --dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
         if self.head_init not in HEAD_INITS:
             raise FtdoctorError(f"unknown --head-init {self.head_init!r}", f"use one of {', '.join(HEAD_INITS)}")
         if self.seeds < 1:
@@ -195,7 +202,7 @@ def probe_model(model: nn.Module, data: DataBundle, options: ProbeOptions = Prob
     n = 0
     if data_probes:
         settings = PassSettings(seed=options.seed, change_rate_mode=options.change_rate_mode,
-                                change_rate_loss=options.change_rate_loss)
+                                change_rate_loss=options.change_rate_loss, autocast=DTYPES[options.dtype])
         world = distributed.world()
         batches = distributed.sharded_batches(data.dataset, batch_size or getattr(data, "batch_size", 64), world,
                                               workers=workers)
@@ -301,7 +308,7 @@ def _probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: D
                 "head_init": options.head_init if options.new_head else None, "seeds": options.seeds,
                 "head": head.name, "reference": str(reference) if reference is not None else None,
                 "r2_layers": list(options.r2_layers) if options.r2_layers else None,
-                "layer_order": how, "thresholds": options.thresholds.to_json()}
+                "layer_order": how, "thresholds": options.thresholds.to_json(), "dtype": options.dtype}
     data_info = bundle.info(run.num_samples)
     return Report(model=model_info(loaded, head), data=data_info, settings=settings, run=run, notes=notes,
                   run_args=RunArgs.of(model_path, model_opts, data, options.new_head))

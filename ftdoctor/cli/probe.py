@@ -8,7 +8,8 @@ import typer
 
 from ftdoctor import progress
 from ftdoctor.cli.app import app, console, output_format, print_notes, print_page_written
-from ftdoctor.cli.shared import (OUTPUT_PANEL, PROBE_PANEL, CRLoss, CRMode, Data, DataFlags, Hdf5, Head, HeadInit,
+from ftdoctor.cli.shared import (OUTPUT_PANEL, PROBE_PANEL, CRLoss, CRMode, Data, DataFlags, DType, Hdf5, Head,
+                                 HeadInit,
                                  HtmlOut, ImageSize, ModelArg, OutputJson, Quiet, Seed, csv, data_options,
                                  model_options)
 
@@ -59,6 +60,10 @@ def probe(
         rich_help_panel=PROBE_PANEL)] = CRLoss.random,
     r2_layers: Annotated[Optional[str], typer.Option("--r2-layers", help="Glob(s) of layers for r2, comma-separated.",
                                                      rich_help_panel=PROBE_PANEL)] = None,
+    dtype: Annotated[DType, typer.Option(
+        "--dtype", help="Precision of the model's forward and backward: bfloat16 or float16 run them under "
+        "torch.autocast (faster on GPUs); every sum stays float64. README: what it changes in each figure.",
+        rich_help_panel=PROBE_PANEL)] = DType.float32,
     head: Head = None, seed: Seed = 0, format: Format = "table", output: OutputJson = None, hdf5: Hdf5 = None,
     html: HtmlOut = None, quiet: Quiet = False, model_opts: Any = None, data_flags: DataFlags = DataFlags(),
 ) -> None:
@@ -72,7 +77,7 @@ def probe(
     fmt = output_format(format, "probe")
     options = ProbeOptions(probes=csv(probes), head=head, new_head=new_head, head_init=head_init.value, seeds=seeds,
                            change_rate_mode=change_rate_mode.value, change_rate_loss=change_rate_loss.value,
-                           r2_layers=csv(r2_layers), seed=seed)
+                           r2_layers=csv(r2_layers), seed=seed, dtype=dtype.value)
     report = run_probe(model, model=model_opts, data=data_flags.options(data, seed), options=options,
                        reference=reference, output=output, hdf5=hdf5, html=html)
     if report.main_process:                 # under torchrun rank 0 alone prints

@@ -56,6 +56,16 @@ class PassSettings:
     seed: int = 0
     change_rate_mode: str = "exact"    # exact | batch
     change_rate_loss: str = "random"   # random | ce
+    #: the model's forward (and so its backward) under torch.autocast in this dtype (bfloat16, float16); the
+    #: losses are formed from float32 logits and every accumulator stays float64. None: the model's own dtype
+    autocast: torch.dtype | None = None
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device``'s type in ``dtype``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -163,8 +173,10 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                 leaf = forward.input_leaf(x) if need_rand and not rand_weight_grads else None
                 x_in = leaf if leaf is not None else x
                 cap.input_leaf = leaf
-                with torch.set_grad_enabled(need_graph):
+                with torch.set_grad_enabled(need_graph), autocast(device, settings.autocast):
                     logits = forward.logits(model, x_in)
+                if settings.autocast is not None:
+                    logits = logits.float()          # the losses in float32, as mixed-precision training forms them
                 check_logits(logits, y, num_classes)
                 batch.logits = logits.detach()
                 if ref_cap is not None:
