@@ -91,8 +91,13 @@ MODELS = [cnn(SmallCNN, "SmallCNN (contract)"), cnn(VGGish, "VGG-style (no BN)")
 
 
 # ------------------------------------------------------------------------------------- the sides
+def to(x: Any, device: torch.device) -> Any:
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
 def ftdoctor_g2(model: nn.Module, inputs: Any, y: torch.Tensor, classes: int, batch: int, layers) -> dict:
-    run = probe_model(model, Bundle(inputs, y, classes, batch), OPTIONS, layers=layers)
+    device = next(model.parameters()).device
+    run = probe_model(model, Bundle(inputs, y, classes, batch), OPTIONS, layers=layers, device=device)
     return {k[: -len("/grad_sq_mean")] + ".weight": a for k, a in run.results["change_rate"].arrays.items()
             if k.endswith("/grad_sq_mean")}
 
@@ -120,7 +125,7 @@ def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _mean(acc: dict[str, torch.Tensor], n: int) -> dict[str, np.ndarray]:
-    return {k: (v / n).numpy() for k, v in acc.items()}
+    return {k: (v / n).cpu().numpy() for k, v in acc.items()}
 
 
 def backpack_g2(prepared: Any, inputs: Any, y: torch.Tensor, batch: int, call,
@@ -220,7 +225,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...: every side runs there")
     args = start(parser)
+    device = torch.device(args.device)
     n = args.batch * args.batches
     print(f"batch {args.batch}, {args.batches} batches; G² = Σ_i (∂ CE_i / ∂W)² / N per weight, eval mode on "
           f"every side; ratio = ftdoctor's time / the peer's (below 1: ftdoctor is faster)")
@@ -230,6 +237,8 @@ def main() -> None:
         except ImportError as exc:
             print(f"\n{make.__name__}: not run ({exc.name} is not installed)")
             continue
+        model = model.to(device)
+        inputs, y = to(inputs, device), y.to(device)
         print(f"\n{name}", flush=True)
         # found once, as the peers wrap their model once: neither side's setup is timed
         layers, _ = layer_order(model, first(inputs))

@@ -138,6 +138,7 @@ class Capture:
                 g = g * self.grad_scale
             dtype = persample.computation_dtype(x, g)
             sink = self.grad_sq_sink(name, dtype) if self.grad_sq_sink is not None else None
-            w, _ = persample.grad_sq_sum(module, x, g, out=sink)
+            with torch.profiler.record_function("ftdoctor.per_example_squares"):
+                w, _ = persample.grad_sq_sum(module, x, g, out=sink)
             self.grad_sq[name] = w if w is sink else w.detach()   # the sink itself: the probe knows it
         return on_grad

@@ -35,7 +35,8 @@ group, and there is no Python loop over examples.  Three kernels compute it;
     for large maps with small per-group weights (first layers, depthwise).
 
 Batches are processed in chunks so that what is materialised per chunk stays
-under ``max_chunk_bytes``.
+under ``max_chunk_bytes`` (default :func:`chunk_budget`: 256 MB on the CPU, a quarter of the free memory
+of a GPU, at most 2 GB).
 """
 from __future__ import annotations
 
@@ -84,12 +85,25 @@ def supports(module: nn.Module) -> str | None:
     return None
 
 
+#: what one chunk of per-example work may materialise on the CPU, and at most on a GPU
+CPU_CHUNK_BYTES, MAX_CHUNK_BYTES = 256 * 2**20, 2 * 2**30
+
+
+def chunk_budget(device: torch.device) -> int:
+    """Bytes a chunk of per-example work may take on ``device``: the CPU's fixed budget, or a quarter of what
+    a CUDA device has free now (at most 2 GB, at least 32 MB)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(MAX_CHUNK_BYTES, max(free // 4, 32 * 2**20)))
+    return CPU_CHUNK_BYTES
+
+
 def grad_sq_sum(
     module: nn.Module,
     x: Tensor,
     g: Tensor,
     *,
-    max_chunk_bytes: int = 256 * 2**20,
+    max_chunk_bytes: int | None = None,
     method: Method = "auto",
     out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
@@ -128,6 +142,8 @@ def grad_sq_sum(
         return w, b
     if method not in ("auto", "pairs", "bmm", "conv"):
         raise ValueError(f"grad_sq_sum: unknown method {method!r}")
+    if max_chunk_bytes is None:
+        max_chunk_bytes = chunk_budget(x.device)
     with torch.no_grad():
         x, g = _common_dtype(x.detach(), g.detach())
         if out is not None and (out.shape != module.weight.shape or out.dtype != x.dtype):

@@ -173,7 +173,8 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                 leaf = forward.input_leaf(x) if need_rand and not rand_weight_grads else None
                 x_in = leaf if leaf is not None else x
                 cap.input_leaf = leaf
-                with torch.set_grad_enabled(need_graph), autocast(device, settings.autocast):
+                with torch.set_grad_enabled(need_graph), autocast(device, settings.autocast), \
+                        torch.profiler.record_function("ftdoctor.forward"):
                     logits = forward.logits(model, x_in)
                 if settings.autocast is not None:
                     logits = logits.float()          # the losses in float32, as mixed-precision training forms them
@@ -191,15 +192,16 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                     loss_r = (eta * logits).sum()
                     if rand_weight_grads:
                         cap.phase = None
-                        rand_g = torch.autograd.grad(loss_r, params, retain_graph=need_ce, allow_unused=True)
+                        with torch.profiler.record_function("ftdoctor.backward_random"):
+                            rand_g = torch.autograd.grad(loss_r, params, retain_graph=need_ce, allow_unused=True)
                     else:
                         # only the gradients at the root layers' outputs are asked for: autograd forms
                         # no weight gradient, the tensor hooks see every layer's output gradient on the way
                         cap.phase, cap.grad_scale = "grad_sq", 1.0
                         # (inputs that carry no gradient, token ids: every weight is a target instead)
-                        torch.autograd.grad(loss_r, cap.root_edges or ([leaf] if leaf is not None else params),
-                                            retain_graph=need_ce,
-                                            allow_unused=True)
+                        with torch.profiler.record_function("ftdoctor.backward_random"):
+                            torch.autograd.grad(loss_r, cap.root_edges or ([leaf] if leaf is not None else params),
+                                                retain_graph=need_ce, allow_unused=True)
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 if need_ce:
                     # the global batch's mean CE: local sum / global size (DDP's averaging)
@@ -207,7 +209,8 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                     ce_sq = want_grad_sq and loss_kind == "ce"
                     # per-example terms CE_n = global_size · (this loss's share): scale the output gradient
                     cap.phase, cap.grad_scale = ("grad_sq", float(global_size)) if ce_sq else (None, 1.0)
-                    ce_g = torch.autograd.grad(loss_ce, params, allow_unused=True)
+                    with torch.profiler.record_function("ftdoctor.backward_ce"):
+                        ce_g = torch.autograd.grad(loss_ce, params, allow_unused=True)
                     if ce_sq:
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 cap.phase = None
@@ -223,13 +226,15 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                 if ref_cap is not None:
                     # in line, after the backward passes (the reference's outputs then never coexist with
                     # the graph), unless start() overlapped it with them
-                    batch.ref_outputs = ref_cap.finish(x_ref)
+                    with torch.profiler.record_function("ftdoctor.reference_forward"):
+                        batch.ref_outputs = ref_cap.finish(x_ref)
             if rand_weight_grads:
                 batch.rand_grads = _grads_by_layer(layers, _reduce_grads(params, rand_g, all_reduce))
             if need_ce:
                 batch.ce_grads = _grads_by_layer(layers, _reduce_grads(params, ce_g, all_reduce))
             for probe in probes:
-                probe.update(batch)
+                with torch.profiler.record_function(f"ftdoctor.update.{type(probe).__name__}"):
+                    probe.update(batch)
             seen += batch.size
             bar.advance(int(global_size))
             del batch

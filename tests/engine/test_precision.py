@@ -67,3 +67,11 @@ def test_the_gpu_gives_the_cpus_figures(model):
             for k, v in b.items():
                 if isinstance(v, float):
                     assert rel(a[k], v) < 1e-4, (probe, b["name"], k)
+
+
+def test_per_example_chunks_follow_the_device():
+    from ftdoctor.engine.persample import CPU_CHUNK_BYTES, MAX_CHUNK_BYTES, chunk_budget
+    assert chunk_budget(torch.device("cpu")) == CPU_CHUNK_BYTES
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        assert chunk_budget(torch.device("cuda")) == min(MAX_CHUNK_BYTES, max(free // 4, 32 * 2**20))
