@@ -81,8 +81,10 @@ def pairs(items: Iterable[tuple[str, Any]]) -> str:
 
 
 def command(cmd: str) -> str:
-    """A copy-ready command: the exact text to paste, and a button that copies it."""
-    return f'<div class="cmd"><code>{esc(cmd)}</code><button class="copy" type="button">copy</button></div>'
+    """A copy-ready command: the exact text to paste, and a button that copies it. Lines wrap between the
+    arguments, never inside a flag (``--data`` must not read as ``-`` and ``-data``)."""
+    words = " ".join(f'<span class="w">{esc(w)}</span>' if len(w) <= 40 else esc(w) for w in cmd.split(" "))
+    return f'<div class="cmd"><code>{words}</code><button class="copy" type="button">copy</button></div>'
 
 
 def details(summary: str, body: str, open_: bool = False) -> str:

@@ -212,9 +212,11 @@ def check_page(cf: CheckFile, charts: Charts | None) -> tuple[str, str]:
             if r is None:
                 row.append("")
                 continue
-            mark = {True: "✓", False: "✗", None: "–"}[r.get("passed") if r.get("passed") in (True, False) else None]
-            row.append(f'<span class="{"pass" if r.get("passed") else "fail" if r.get("passed") is False else ""}" '
-                       f'title="{esc(r.get("message", ""))}">{mark} {cell(r.get("value"))}</span>')
+            passed = r.get("passed") if r.get("passed") in (True, False) else None
+            mark = {True: "✓", False: "✗", None: "–"}[passed]
+            shown = "" if passed is None and r.get("value") is None else f" {cell(r.get('value'))}"   # not run
+            row.append(f'<span class="{ {True: "pass", False: "fail", None: ""}[passed]}" '
+                       f'title="{esc(r.get("message", ""))}">{mark}{shown}</span>')
         matrix.append(row)
     per = []
     for c in cps:
