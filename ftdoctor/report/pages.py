@@ -22,10 +22,14 @@ _TALL = 11.0
 def body(content: Content, charts: Charts | None) -> tuple[str, str]:
     """(title, body HTML) of the page for ``content``."""
     if isinstance(content, ProbeFile):
-        return probe_page(content, charts)
-    if isinstance(content, CheckFile):
-        return check_page(content, charts)
-    return dynamics_page(content, charts)
+        title, page = probe_page(content, charts)
+    elif isinstance(content, CheckFile):
+        title, page = check_page(content, charts)
+    else:
+        title, page = dynamics_page(content, charts)
+    if 'id="charts"' not in page:              # no chart drawn (no matplotlib): no link to them
+        page = page.replace('<a href="#charts">Charts</a>', "")
+    return title, page
 
 
 def _toc(entries: list[tuple[str, str]]) -> str:

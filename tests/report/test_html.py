@@ -108,6 +108,7 @@ def test_page_without_matplotlib_has_the_tables_and_says_how_to_get_charts(monke
         "depth_ratio": 0.5, "layers": [{"name": "conv1", "grad_norm": 0.125}]}}, "findings": [], "skipped": []}
     page = html.render(content.ProbeFile(doc, {}))
     assert "<svg" not in page and "pip install 'ftdoctor[plot]'" in page and 'title="0.125"' in page
+    assert 'href="#charts"' not in page
 
 
 def test_html_lands_nowhere_near_an_input_and_a_failed_run_leaves_none(report_pages, tmp_path):
