@@ -39,17 +39,9 @@ from torch import nn
 
 from ftdoctor.diagnose import ProbeOptions, probe_model
 
+from ftdoctor.forward import logits, to_device as to
+
 DEVICE = torch.device("cpu")
-
-
-def logits(model: nn.Module, x) -> torch.Tensor:
-    """The one call of a model: images positionally, token ids and masks as keywords."""
-    out = model(**x) if isinstance(x, dict) else model(x)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def to(x, device: torch.device):
-    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
 
 class VGGish(nn.Module):

@@ -35,6 +35,7 @@ from torch import nn
 
 from backpack_compare import VGGish, SmallCNN, agreement, first_line
 from ftdoctor.diagnose import ProbeOptions, probe_model
+from ftdoctor.forward import as_logits, head, to_device
 from ftdoctor.model import layer_order
 from transformers_overhead import Bundle, batches_of
 
@@ -91,19 +92,11 @@ MODELS = [cnn(SmallCNN, "SmallCNN (contract)"), cnn(VGGish, "VGG-style (no BN)")
 
 
 # ------------------------------------------------------------------------------------- the sides
-def to(x: Any, device: torch.device) -> Any:
-    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
-
-
 def ftdoctor_g2(model: nn.Module, inputs: Any, y: torch.Tensor, classes: int, batch: int, layers) -> dict:
     device = next(model.parameters()).device
     run = probe_model(model, Bundle(inputs, y, classes, batch), OPTIONS, layers=layers, device=device)
     return {k[: -len("/grad_sq_mean")] + ".weight": a for k, a in run.results["change_rate"].arrays.items()
             if k.endswith("/grad_sq_mean")}
-
-
-def first(inputs: Any) -> Any:
-    return {k: v[:1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:1]
 
 
 def double(inputs: Any) -> Any:
@@ -131,6 +124,7 @@ def _mean(acc: dict[str, torch.Tensor], n: int) -> dict[str, np.ndarray]:
 def backpack_g2(prepared: Any, inputs: Any, y: torch.Tensor, batch: int, call,
                 stop: int | None = None) -> dict:
     from backpack import backpack
+    from backpack.extensions import SumGradSquared
     model, lossfn = prepared
     acc: dict[str, torch.Tensor] = {}
     for x, t in _batches(inputs, y, batch, stop):
@@ -147,8 +141,6 @@ def backpack_g2(prepared: Any, inputs: Any, y: torch.Tensor, batch: int, call,
 
 def backpack_prepare(model: nn.Module) -> Any:
     from backpack import extend
-    global SumGradSquared
-    from backpack.extensions import SumGradSquared
     return extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss(reduction="sum"))
 
 
@@ -187,7 +179,7 @@ def vmap_prepare(model: nn.Module) -> Any:
             out = functional_call(model, (p, buffers), (), {k: v[None] for k, v in x.items()})
         else:
             out = functional_call(model, (p, buffers), (x[None],))
-        return F.cross_entropy(_logits(out), t[None])
+        return F.cross_entropy(as_logits(out), t[None])
     per_example = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=8)
     return params, per_example
 
@@ -203,10 +195,6 @@ def vmap_g2(prepared: Any, inputs: Any, y: torch.Tensor, batch: int, call,
                 sq = (g.double() ** 2).sum(0)
                 acc[name] = acc[name] + sq if name in acc else sq
     return _mean(acc, min(len(y), batch * stop) if stop else len(y))
-
-
-def _logits(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out
 
 
 PEERS = {"BackPACK": (backpack_prepare, backpack_g2), "Opacus": (opacus_prepare, opacus_g2),
@@ -238,16 +226,14 @@ def main() -> None:
             print(f"\n{make.__name__}: not run ({exc.name} is not installed)")
             continue
         model = model.to(device)
-        inputs, y = to(inputs, device), y.to(device)
+        inputs, y = to_device(inputs, device), y.to(device)
         print(f"\n{name}", flush=True)
         # found once, as the peers wrap their model once: neither side's setup is timed
-        layers, _ = layer_order(model, first(inputs))
+        layers, _ = layer_order(model, head(inputs, 1))
         # equality in float64, on one batch: float32's rounding alone differs by more than 1e-5 on small G²
         model64, inputs64 = copy.deepcopy(model).double(), double(inputs)
-        layers64, _ = layer_order(model64, first(inputs64))
-        ours = ftdoctor_g2(model64, inputs64[:args.batch] if not isinstance(inputs64, dict) else
-                           {k: v[:args.batch] for k, v in inputs64.items()}, y[:args.batch], classes, args.batch,
-                           layers64)
+        layers64, _ = layer_order(model64, head(inputs64, 1))
+        ours = ftdoctor_g2(model64, head(inputs64, args.batch), y[:args.batch], classes, args.batch, layers64)
         for peer, (prepare, g2) in PEERS.items():
             try:
                 theirs = g2(prepare(model64), inputs64, y, args.batch, call, stop=1)

@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 import overhead
 import peers
 from ftdoctor.diagnose import ProbeOptions, probe_model
+from ftdoctor.forward import logits, to_device
 
 
 def build(name: str, batches: int):
@@ -41,7 +42,7 @@ def train(model, bundle, device) -> None:
     model.train()
     for x, y, _ in bundle.loader():
         with record_function("train.forward"):
-            loss = F.cross_entropy(overhead.logits(model, overhead.to(x, device)), y.to(device))
+            loss = F.cross_entropy(logits(model, to_device(x, device)), y.to(device))
         model.zero_grad(set_to_none=True)
         with record_function("train.backward"):
             loss.backward()

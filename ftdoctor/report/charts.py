@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ftdoctor.report.content import CheckFile, ProbeFile
-from ftdoctor.thresholds import Thresholds, parse_floor_multiple
+from ftdoctor.thresholds import Thresholds
 
 #: one row of a per-layer chart, and the width of one of its panels, in inches
 ROW, PANEL = 0.17, 2.4
@@ -96,16 +96,19 @@ def layer_ticks(ax: Any, names: Sequence[str], axis: str = "y", room: int | None
 
 def thresholds_of(report: dict[str, Any]) -> Thresholds:
     """The thresholds a report was judged by (its ``settings.thresholds``, else the defaults)."""
+    from ftdoctor.check.config import validate_settings
+    from ftdoctor.errors import FtdoctorError
     given = (report.get("settings") or {}).get("thresholds") or report.get("thresholds") or {}
     kw: dict[str, Any] = {}
-    for key in Thresholds.keys():
-        v = given.get(key)
-        if isinstance(v, str):
-            v = parse_floor_multiple(v)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and key != "expect_num_classes":
-            kw[key] = float(v)
-        elif v is not None and key == "max_noise_fraction":
-            kw[key] = v
+    for key in ("max_noise_fraction", "max_excess_noise_fraction", "max_change_rate_spread", "max_change_rate_cv",
+                "min_depth_ratio", "min_r2_median", "max_drift_rel"):
+        try:        # as pyproject's [tool.ftdoctor.check] is read; a damaged or disabled one keeps its default line
+            value = validate_settings({key: given[key]}, "the report")[key] if isinstance(given, dict) \
+                and key in given else None
+        except FtdoctorError:
+            value = None
+        if value is not None:
+            kw[key] = value
     return Thresholds(**kw)
 
 
