@@ -172,3 +172,13 @@ def probe_verdict(findings: list[dict[str, Any]]) -> tuple[str, str, str]:
         tone, head = "pass", "Healthy: no figure crosses its threshold"
     tally = ", ".join(f"{n} {s}{'s' if n != 1 and s != 'info' else ''}" for s, n in counts.items() if n) or "no findings"
     return tone, head, tally
+
+
+def check_names(checkpoints: list[Any]) -> list[str]:
+    """Every check's name across a check report's checkpoints, in first-seen order (the columns of its matrix)."""
+    names: list[str] = []
+    for c in checkpoints:
+        if isinstance(c, dict):
+            names += [r["name"] for r in c.get("checks") or [] if isinstance(r, dict) and "name" in r
+                      and r["name"] not in names]
+    return names

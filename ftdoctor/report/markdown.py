@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftdoctor.report.content import SEVERITIES, probe_verdict
+from ftdoctor.report.content import SEVERITIES, check_names, probe_verdict
 from ftdoctor.report.formats import text_format
 from ftdoctor.report.table import layer_rows, summary_items
 
@@ -59,9 +59,7 @@ def render_check(doc: dict[str, Any]) -> str:
     for c in failed:
         lines += [f"- `{c['path']}`"] + [f"  - **{r['name']}**: {r['message']}" for r in c["checks"]
                                         if r["passed"] is False]
-    names: list[str] = []
-    for c in cps:
-        names += [r["name"] for r in c["checks"] if r["name"] not in names]
+    names = check_names(cps)
     rows = []
     for c in cps:
         by = {r["name"]: r for r in c["checks"]}

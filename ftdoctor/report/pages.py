@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ftdoctor.report import charts as ch
-from ftdoctor.report.content import SEVERITIES, CheckFile, Content, ProbeFile, TraceFile, probe_verdict
+from ftdoctor.report.content import (SEVERITIES, CheckFile, Content, ProbeFile, TraceFile, check_names,
+                                     probe_verdict)
 from ftdoctor.report.html import (Charts, badge, cell, command, details, esc, number, pairs, section,
                                   suggested_commands, table)
 
@@ -204,9 +205,7 @@ def check_page(cf: CheckFile, charts: Charts | None) -> tuple[str, str]:
                 cards.append(f'<div class="finding error">{badge("failed", "fail")} <b>{esc(c.get("path"))}</b> '
                              f'<code>{esc(r.get("name"))}</code><p class="msg">{esc(message)}</p>'
                              f'{"".join(command(x) for x in cmds)}</div>')
-    names: list[str] = []
-    for c in cps:
-        names += [r["name"] for r in c.get("checks") or [] if isinstance(r, dict) and r.get("name") not in names]
+    names = check_names(cps)
     matrix = []
     for c in cps:
         by = {r.get("name"): r for r in c.get("checks") or [] if isinstance(r, dict)}
