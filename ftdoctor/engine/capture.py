@@ -31,9 +31,12 @@ class Capture:
         self.grad_scale = 1.0
         # a probe's running sum to add a layer's squares into in place, or None (grad_sq_sum's out=)
         self.grad_sq_sink: Callable[[str, torch.dtype], Tensor | None] | None = None
-        # roots: set input_leaf (the model's input, requiring grad) before the forward
+        # roots: set find_roots, and input_leaf (the model's input, requiring grad; None for token ids or a
+        # mapping of inputs), before the forward
+        self.find_roots = False
         self.input_leaf: Tensor | None = None
         self.root_edges: list[GradientEdge] = []
+        self._out_edges: dict[str, GradientEdge] = {}   # each hooked layer's output, for late()
         self._stops: set[Node] = set()     # this forward's affine outputs
         self._dead: set[Node] = set()      # nodes known not to reach the input past no affine output
         self._owner = threading.get_ident()   # hooks fired on another thread are not this pass's
@@ -69,10 +72,18 @@ class Capture:
 
     def forget_graph(self) -> None:
         """Drop what refers to this forward's autograd graph (once its backward passes are done)."""
+        self.find_roots = False
         self.input_leaf = None
         self.root_edges = []
+        self._out_edges = {}
         self._stops.clear()
         self._dead.clear()
+
+    def late(self) -> list[GradientEdge]:
+        """The outputs of the layers whose per-example squares a backward to :attr:`root_edges` did not
+        reach (their hooks have not fired): without an input leaf, a layer fed by the input only through
+        something that is not an affine layer (a functional embedding) lies above no root."""
+        return [self._out_edges[name] for name in self.inputs if name in self._out_edges]
 
     def _is_root(self, out_node: Node) -> bool:
         """Whether the layer whose output's node is ``out_node`` reads :attr:`input_leaf` through no
@@ -113,9 +124,10 @@ class Capture:
             if self.want_grad_sq and isinstance(out, Tensor) and out.requires_grad:
                 # taken now: an in-place op after the layer would move the tensor's own edge
                 edge = get_gradient_edge(out)
-                # a root: reads the input, or reads nothing differentiable (token ids into an embedding)
-                if self.input_leaf is not None and (not (isinstance(x, Tensor) and x.requires_grad)
-                                                    or self._is_root(edge.node)):
+                # a root: reads nothing differentiable (the input, token ids into an embedding), or reads
+                # the input leaf through no other affine layer
+                if self.find_roots and (not (isinstance(x, Tensor) and x.requires_grad)
+                                        or (self.input_leaf is not None and self._is_root(edge.node))):
                     self.root_edges.append(edge)
                 self._stops.add(edge.node)
                 # a layer called on something not batched like the examples (BERT's position embeddings,
@@ -124,6 +136,7 @@ class Capture:
                                                        and x.shape[0] == self.batch_size))
                 if name not in self.unsupported and x is not None and batched:
                     self.inputs[name] = x.detach()
+                    self._out_edges[name] = edge
                     out.register_hook(self._grad_hook(name, module))
         return hook
 

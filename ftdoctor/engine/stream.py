@@ -15,9 +15,13 @@ decided by what the probes declared in :attr:`Probe.needs`:
   layers — those fed by the model's input through no other affine layer — so
   it forms no weight gradient and no gradient below them (resnet18's first
   convolution would cost 10 ms a batch for a 3-channel input gradient nobody
-  reads). Every layer whose output depends on the input lies on a path from
-  the loss to a root; a layer whose output does not (e.g. a Linear on learned
-  queries) is listed in ``skipped``.
+  reads). A layer reading token ids (an embedding) is a root too, so a text
+  model's backward forms no weight gradient either. Every layer whose output
+  depends on the input lies on a path from the loss to a root; a layer whose
+  output does not (e.g. a Linear on learned queries) is listed in ``skipped``.
+  Without an input tensor to start from (token ids, a mapping of inputs) a
+  layer may lie above no root (fed through a functional embedding): a second
+  backward to its output reaches it.
 * ``rand_grads`` / ``ce_grads`` — batch gradients of the affine weights.
 
 The model is left as it was: hooks removed, the train/eval flags and
@@ -170,9 +174,10 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
             if batch.size:
                 # the reference sees the batch as loaded, even if the model's forward changes its input in place
                 x_ref = forward.clone(x) if ref_cap is not None else None
-                leaf = forward.input_leaf(x) if need_rand and not rand_weight_grads else None
+                roots = need_rand and not rand_weight_grads
+                leaf = forward.input_leaf(x) if roots else None
                 x_in = leaf if leaf is not None else x
-                cap.input_leaf = leaf
+                cap.input_leaf, cap.find_roots = leaf, roots
                 with torch.set_grad_enabled(need_graph), autocast(device, settings.autocast), \
                         torch.profiler.record_function("ftdoctor.forward"):
                     logits = forward.logits(model, x_in)
@@ -198,10 +203,15 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                         # only the gradients at the root layers' outputs are asked for: autograd forms
                         # no weight gradient, the tensor hooks see every layer's output gradient on the way
                         cap.phase, cap.grad_scale = "grad_sq", 1.0
-                        # (inputs that carry no gradient, token ids: every weight is a target instead)
+                        # (no root at all: every weight is a target instead)
+                        targets = cap.root_edges or ([leaf] if leaf is not None else params)
+                        # without an input leaf, a layer may lie above no root: a second backward reaches it
+                        again = leaf is None and bool(cap.root_edges)
                         with torch.profiler.record_function("ftdoctor.backward_random"):
-                            torch.autograd.grad(loss_r, cap.root_edges or ([leaf] if leaf is not None else params),
-                                                retain_graph=need_ce, allow_unused=True)
+                            torch.autograd.grad(loss_r, targets, retain_graph=need_ce or again, allow_unused=True)
+                            late = cap.late() if again else []
+                            if late:
+                                torch.autograd.grad(loss_r, late, retain_graph=need_ce, allow_unused=True)
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 if need_ce:
                     # the global batch's mean CE: local sum / global size (DDP's averaging)

@@ -114,3 +114,83 @@ def _close(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) <= 1e-9 * max(1.0, abs(a))
     return a == b
+
+
+def test_a_text_model_s_random_backward_forms_no_weight_gradient():
+    """The embeddings that read the token ids are the roots: the random loss's backward stops at their outputs,
+    as it stops at an image model's first layers, and forms no weight gradient at all."""
+    model = tiny_bert()
+    n, length = 8, 6
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 50, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    formed = []
+    handles = [p.register_hook(lambda grad, name=name: formed.append(name)) for name, p in model.named_parameters()]
+    try:
+        run = probe_model(model, TokenBundle(ids, mask, torch.randint(0, 3, (n,), generator=g), 3, batch_size=4),
+                          ProbeOptions(probes=("change_rate",)))
+    finally:
+        for h in handles:
+            h.remove()
+    assert formed == []
+    assert "bert.encoder.layer.1.output.dense" in {l["name"] for l in run.results["change_rate"].figures["layers"]}
+
+
+class _Ids(torch.utils.data.Dataset):
+    def __init__(self, ids: torch.Tensor, y: torch.Tensor) -> None:
+        self.ids, self.y = ids, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.ids[i], int(self.y[i]), i
+
+
+class IdsBundle(TensorBundle):
+    """Batches of bare token-id tensors (no mapping, nothing that can carry a gradient)."""
+
+    def __init__(self, ids, y, num_classes, batch_size):
+        super().__init__(ids.float(), y, num_classes, batch_size)
+        self.ids = ids
+
+    @property
+    def dataset(self):
+        return _Ids(self.ids, self.y)
+
+
+class _TwoPaths(torch.nn.Module):
+    """Token ids reach ``a`` through a functional embedding (no affine module: no root below ``a``) and ``b``
+    through an ``nn.Embedding`` (a root)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(20, 8))
+        self.emb = torch.nn.Embedding(20, 8)
+        self.a, self.b, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        u = self.a(torch.nn.functional.embedding(ids, self.table))
+        return self.head(torch.tanh(u + self.b(self.emb(ids))).mean(1))
+
+
+def test_a_layer_above_no_root_is_still_measured_exactly():
+    torch.manual_seed(0)
+    model = _TwoPaths().double().eval()
+    n = 9
+    g = torch.Generator().manual_seed(4)
+    ids, y = torch.randint(0, 20, (n, 5), generator=g), torch.randint(0, 3, (n,), generator=g)
+    run = probe_model(model, IdsBundle(ids, y, 3, batch_size=4), ProbeOptions(probes=("change_rate",), seed=5))
+    names = ["emb", "a", "b", "head"]
+    assert {l["name"] for l in run.results["change_rate"].figures["layers"]} == set(names)
+    modules = dict(model.named_modules())
+    acc = {k: torch.zeros_like(modules[k].weight) for k in names}
+    for i in range(n):
+        logits = model(ids[i:i + 1])
+        ell = (example_normals(5, torch.tensor([i]), 3).to(logits.dtype) * logits).sum()
+        for k, grad in zip(names, torch.autograd.grad(ell, [modules[k].weight for k in names])):
+            acc[k] += grad ** 2
+    for k in names:
+        got = torch.as_tensor(run.results["change_rate"].arrays[f"{k}/grad_sq_mean"])
+        want = acc[k] / n
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-10, k
