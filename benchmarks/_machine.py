@@ -1,10 +1,14 @@
-"""What the benchmarks share: OpenMP's wait policy set before torch loads, the CLI's allocator
-settings, a one-line machine header, and the in-memory data bundle they feed to ``probe_model``.
+"""What the benchmarks share: the CLI's allocator settings, a one-line machine header, and the in-memory
+data bundle they feed to ``probe_model``.
 
-Import this module before ``torch``. With OpenMP's default (spinning) wait policy, a thread that
-waits for a descheduled peer burns its core: whenever anything else ran on this two-core machine a
-2-thread pass ran 20-30x slower (SmallCNN: 1305 vs 41 ms/batch at load 3), which measures the
-machine, not the code. ``OMP_WAIT_POLICY=PASSIVE`` (overridable from the environment) avoids that.
+OpenMP's wait policy is the one ``ftdoctor`` runs with: the environment's, else OpenMP's default (threads
+spin a while before they sleep). On this two-core VM the default is the faster one on an idle machine
+(resnet18 at 32×32: a training step 111 ms a batch against 151 ms with ``OMP_WAIT_POLICY=PASSIVE``, the
+exact probe pass 237 against 327 ms), but a spinning thread that waits for a descheduled peer burns its
+core: with anything else running, a 2-thread pass ran 20-30× slower (SmallCNN: 1305 vs 41 ms/batch at
+load 3). So the header prints the load average, and :func:`header` warns when it is high; on a busy
+machine run with ``OMP_WAIT_POLICY=PASSIVE`` (as ``ftdoctor`` itself should be there), which the
+header then shows.
 """
 from __future__ import annotations
 
@@ -14,8 +18,6 @@ import os
 import platform
 
 from ftdoctor.allocator import keep_freed_memory
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # As the ftdoctor command does at start (ftdoctor/allocator.py): freed large blocks stay in the
 # process. Both sides of every comparison run in this process, so both get it.
@@ -38,9 +40,23 @@ def header(threads: int) -> str:
     """torch version, threads, wait policy, CPU, core count and load: what a figure was measured on."""
     import torch
 
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"torch {torch.__version__}, threads={threads} (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), "
+    loads = os.getloadavg()
+    load = " ".join(f"{v:.2f}" for v in loads)
+    policy = os.environ.get("OMP_WAIT_POLICY") or "OpenMP's default"
+    line = (f"torch {torch.__version__}, threads={threads} (OMP_WAIT_POLICY={policy}), "
             f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load}")
+    return line
+
+
+def busy_warning() -> str | None:
+    """A warning when the machine looks busy (1-minute load above half its cores) and OpenMP's threads spin."""
+    cores = os.cpu_count() or 1
+    policy = os.environ.get("OMP_WAIT_POLICY", "")
+    if os.getloadavg()[0] <= cores / 2 or policy.upper() == "PASSIVE":
+        return None
+    return (f"warning: load average {os.getloadavg()[0]:.2f} on {cores} CPUs: if another process is running, "
+            "spinning OpenMP threads measure it, not the code; wait until it ends or run with "
+            "OMP_WAIT_POLICY=PASSIVE")
 
 
 class Bundle:
@@ -54,6 +70,32 @@ class Bundle:
         from torch.utils.data import DataLoader
 
         return DataLoader(self.dataset, batch_size=batch_size or self.batch_size)
+
+
+class Items:
+    """A dataset of (inputs, label, index) over batched inputs: an image tensor or a dict of token tensors."""
+
+    def __init__(self, inputs, y) -> None:
+        self.inputs, self.y = inputs, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        x = {k: v[i] for k, v in self.inputs.items()} if isinstance(self.inputs, dict) else self.inputs[i]
+        return x, int(self.y[i]), i
+
+
+def inputs_bundle(inputs, y, num_classes: int, batch_size: int) -> Bundle:
+    """A :class:`Bundle` over the batched ``inputs`` of a ``benchmarks/_models.py`` model (tensor or dict)."""
+    return Bundle(Items(inputs, y), num_classes, batch_size)
+
+
+def batches_of(inputs, y, batch: int):
+    """``(inputs, labels)`` slices of ``batch`` examples, in order."""
+    for lo in range(0, len(y), batch):
+        x = {k: v[lo:lo + batch] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[lo:lo + batch]
+        yield x, y[lo:lo + batch]
 
 
 def tensor_bundle(x, y, num_classes: int, batch_size: int) -> Bundle:
@@ -72,4 +114,7 @@ def start(parser: "argparse.ArgumentParser") -> "argparse.Namespace":
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(header(args.threads))
+    warning = busy_warning()
+    if warning:
+        print(warning)
     return args

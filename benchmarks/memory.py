@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-from _machine import Bundle, header  # before torch: sets OMP_WAIT_POLICY
+from _machine import Bundle, header  # before torch: the allocator settings
 
 import argparse  # noqa: E402
 import copy
@@ -94,12 +94,11 @@ def peak_rss_bytes() -> int:
 def build(arch: str) -> nn.Module:
     import torchvision.models as tvm
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    if arch in ("vit", "bert"):                 # the peers' small transformers (benchmarks/peers.py)
-        import peers
-        return (peers.vit if arch == "vit" else peers.bert)(1)[1]
+    if arch in ("vit", "bert"):                 # the small transformers of benchmarks/_models.py
+        import _models
+        return (_models.vit if arch == "vit" else _models.bert)(1)[1]
     if arch == "vggish":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from overhead import VGGish
+        from _models import VGGish
         return VGGish(num_classes=10)
     return getattr(tvm, arch)(num_classes=10)
 

@@ -5,7 +5,7 @@
 
 For torchvision resnet18 at 32×32 (batch 64), a VGG-style CNN without
 BatchNorm, a small timm ViT (4 blocks, 32×32) and a small Hugging Face BERT
-(2 layers, 32 tokens with padding) — the models of ``benchmarks/peers.py`` —
+(2 layers, 32 tokens with padding) — the models of ``benchmarks/_models.py`` —
 prints the median time of
 
 * a plain training step: forward + backward (+ nothing else) per batch,
@@ -25,7 +25,7 @@ exact ≤ 2.5× on the transformers.
 """
 from __future__ import annotations
 
-from _machine import header, tensor_bundle  # before torch: sets OMP_WAIT_POLICY
+from _machine import busy_warning, header, inputs_bundle, tensor_bundle  # before torch: the allocator settings
 
 import argparse  # noqa: E402
 import copy
@@ -37,29 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+from _models import VGGish, bert, vit
 from ftdoctor.diagnose import ProbeOptions, probe_model
 
 from ftdoctor.forward import logits, to_device as to
 
 DEVICE = torch.device("cpu")
-
-
-class VGGish(nn.Module):
-    """VGG-style: six 3×3 convs with ReLU and max-pooling, no BatchNorm, two Linear layers."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        chans = [3, 32, 32, 64, 64, 128, 128]
-        layers: list[nn.Module] = []
-        for i in range(6):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1), nn.ReLU(inplace=True)]
-            if i % 2 == 1:
-                layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers, nn.Flatten())
-        self.classifier = nn.Sequential(nn.Linear(128 * 4 * 4, 256), nn.ReLU(inplace=True), nn.Linear(256, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
 
 
 def train_steps(model: nn.Module, bundle) -> float:
@@ -139,11 +122,9 @@ def image_bundle(batches: int):
 
 
 def transformer(make, batches: int):
-    """The model and a bundle of 64-example batches from benchmarks/peers.py's builders."""
-    from _machine import Bundle
-    from transformers_overhead import _Items
+    """The model and a bundle of 64-example batches from a ``benchmarks/_models.py`` builder."""
     _, model, inputs, y, classes, _ = make(64 * batches)
-    return model, Bundle(_Items(inputs, y), classes, 64)
+    return model, inputs_bundle(inputs, y, classes, 64)
 
 
 def main() -> None:
@@ -157,9 +138,11 @@ def main() -> None:
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    import peers
     from torchvision.models import resnet18
     print(header(args.threads) + f", device {DEVICE}")
+    warning = busy_warning()
+    if warning:
+        print(warning)
     print(f"batch 64 ({args.batches} batches), median of {args.repeats} interleaved repeats; "
           f"ratios to a plain training step (forward + backward) over the same batches")
     for key in args.models.split(","):
@@ -168,7 +151,7 @@ def main() -> None:
         elif key == "vgg":
             bench("VGG-style (no BN, 32x32)", VGGish(), image_bundle(args.batches), args.repeats)
         else:
-            make = peers.vit if key == "vit" else peers.bert
+            make = vit if key == "vit" else bert
             model, bundle = transformer(make, args.batches)
             bench(make(1)[0], model, bundle, args.repeats, transformer=True)
 

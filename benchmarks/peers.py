@@ -10,22 +10,27 @@ example's cross-entropy, summed over the examples and divided by their number. T
 * Opacus's ``GradSampleModule``: the per-sample gradients (``p.grad_sample``) squared and summed;
 * ``torch.func``: ``vmap(grad(loss of one example))`` over the batch, squared and summed.
 
-For each model — the contract's SmallCNN, a VGG-style net, torchvision's resnet18, a small timm ViT and a
-small Hugging Face BERT — and each peer, the script checks that the figures agree within 1e-5 relative on
-every weight both measure, then times one pass over the same batches (median of interleaved repeats) and
-prints ftdoctor's time over the peer's. A peer that cannot run a model gets a row that says why. Every
-model runs in eval mode on every side (Opacus needs its modules in training mode to record activations:
-its BatchNorm layers are kept in eval mode, so the function is the same).
+For each model of ``benchmarks/_models.py`` — the contract's SmallCNN, a VGG-style net, torchvision's
+resnet18, a tiny torchvision ConvNeXt, a small timm ViT and a small Hugging Face BERT — and each peer, the
+script checks that the figures agree within 1e-5 relative on every weight both measure (in float64: float32's
+rounding alone differs by more than that on small G²), then times one pass over the same batches (median of
+interleaved repeats) and prints ftdoctor's time over the peer's. BackPACK is tried as ``extend(model)`` and,
+when that fails, with its torch.fx converter (``use_converter=True``). A peer that cannot run a model gets a
+row that says why, and a weight a peer does not measure is counted. Every model runs in eval mode on every
+side (Opacus needs its modules in training mode to record activations: its BatchNorm layers are kept in
+eval mode, so the function is the same). Neither side's setup (finding the layers, wrapping the model) is
+timed.
 """
 from __future__ import annotations
 
-from _machine import start  # before torch: sets OMP_WAIT_POLICY
+from _machine import start  # before torch: the allocator settings
 
 import argparse  # noqa: E402
 import copy
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -33,68 +38,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backpack_compare import VGGish, SmallCNN, agreement, first_line
+from _models import SmallCNN, VGGish, bert, cnn, resnet18, tiny_convnext, vit
+from _machine import batches_of, inputs_bundle
 from ftdoctor.diagnose import ProbeOptions, probe_model
 from ftdoctor.forward import as_logits, head, to_device
 from ftdoctor.model import layer_order
-from transformers_overhead import Bundle, batches_of
 
 warnings.filterwarnings("ignore")
 OPTIONS = ProbeOptions(probes=("change_rate",), change_rate_loss="ce")
 
 
-# ---------------------------------------------------------------------------------------- models
-def images(n: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def cnn(build: Callable[[], nn.Module], name: str) -> Callable[[int], tuple]:
-    def make(n: int) -> tuple:
-        torch.manual_seed(0)
-        x, y = images(n)
-        return name, build().eval(), x, y, 10, lambda m, b: m(b)
-    return make
-
-
-def resnet18() -> nn.Module:
-    from torchvision.models import resnet18 as tv_resnet18
-    return tv_resnet18(num_classes=10)
-
-
-def vit(n: int) -> tuple:
-    import timm
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
-                              depth=4)
-    x, y = images(n)
-    return "timm ViT-tiny (4 blocks, 32px)", model.eval(), x, y, 10, lambda m, b: m(b)
-
-
-def bert(n: int) -> tuple:
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=4000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=256, max_position_embeddings=64, num_labels=4,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = transformers.BertForSequenceClassification(config).eval()
-    g = torch.Generator().manual_seed(0)
-    length = 32
-    ids = torch.randint(1, 4000, (n, length), generator=g)
-    lengths = torch.randint(8, length + 1, (n,), generator=g)
-    mask = (torch.arange(length)[None] < lengths[:, None]).long()
-    return ("HF BERT-mini (2 layers, 32 tokens)", model, {"input_ids": ids * mask, "attention_mask": mask},
-            torch.randint(0, 4, (n,), generator=g), 4, lambda m, b: m(**b).logits)
-
-
 MODELS = [cnn(SmallCNN, "SmallCNN (contract)"), cnn(VGGish, "VGG-style (no BN)"), cnn(resnet18, "torchvision resnet18"),
-          vit, bert]
+          cnn(tiny_convnext, "torchvision ConvNeXt (2 small stages)"), vit, bert]
 
 
 # ------------------------------------------------------------------------------------- the sides
 def ftdoctor_g2(model: nn.Module, inputs: Any, y: torch.Tensor, classes: int, batch: int, layers) -> dict:
     device = next(model.parameters()).device
-    run = probe_model(model, Bundle(inputs, y, classes, batch), OPTIONS, layers=layers, device=device)
+    run = probe_model(model, inputs_bundle(inputs, y, classes, batch), OPTIONS, layers=layers, device=device)
     return {k[: -len("/grad_sq_mean")] + ".weight": a for k, a in run.results["change_rate"].arrays.items()
             if k.endswith("/grad_sq_mean")}
 
@@ -139,9 +100,14 @@ def backpack_g2(prepared: Any, inputs: Any, y: torch.Tensor, batch: int, call,
     return _mean(acc, min(len(y), batch * stop) if stop else len(y))
 
 
-def backpack_prepare(model: nn.Module) -> Any:
+def backpack_prepare(model: nn.Module, use_converter: bool = False) -> Any:
     from backpack import extend
-    return extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss(reduction="sum"))
+    return extend(copy.deepcopy(model), use_converter=use_converter), extend(nn.CrossEntropyLoss(reduction="sum"))
+
+
+def backpack_fx_prepare(model: nn.Module) -> Any:
+    """BackPACK's second try: its torch.fx converter rewrites in-place ops and residual additions into modules."""
+    return backpack_prepare(model, use_converter=True)
 
 
 def opacus_prepare(model: nn.Module) -> Any:
@@ -197,8 +163,59 @@ def vmap_g2(prepared: Any, inputs: Any, y: torch.Tensor, batch: int, call,
     return _mean(acc, min(len(y), batch * stop) if stop else len(y))
 
 
-PEERS = {"BackPACK": (backpack_prepare, backpack_g2), "Opacus": (opacus_prepare, opacus_g2),
-         "torch.func vmap": (vmap_prepare, vmap_g2)}
+#: each peer's ways to wrap a model, tried in order (row label, what the try is, prepare), and its G² pass
+PEERS = {"BackPACK": ([("", "extend(model)", backpack_prepare),
+                      (" (fx)", "use_converter=True", backpack_fx_prepare)], backpack_g2),
+         "Opacus": ([("", "", opacus_prepare)], opacus_g2),
+         "torch.func vmap": ([("", "", vmap_prepare)], vmap_g2)}
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How two sets of per-weight G² differ, over the weights both have."""
+
+    max_rel: float          # worst element-wise |a − b| / max(|a|, |b|) (both 0: equal)
+    worst: str              # the weight where it is
+    compared: int           # weights compared
+
+
+def agreement(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> Agreement:
+    worst_rel, worst, n = 0.0, "-", 0
+    for name, a in ours.items():
+        b = theirs.get(name)
+        if b is None:
+            continue
+        n += 1
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        denom = np.maximum(np.abs(a), np.abs(b))
+        rel = np.where(denom > 0, np.abs(a - b) / np.where(denom > 0, denom, 1.0), 0.0)
+        if float(rel.max()) > worst_rel:
+            worst_rel, worst = float(rel.max()), name
+    return Agreement(worst_rel, worst, n)
+
+
+# a peer's long messages, said short (the cause is in the model's code, named here)
+_KNOWN = {
+    "is a view and is being modified inplace": "an in-place op on a hooked module's output "
+                                               "(in-place ReLU, or the residual `out += identity`)",
+    "BatchNorm module in training mode": "BatchNorm in training mode is not supported",
+    "Expecting types [float, Node]": "its torch.fx converter cannot rewrite the graph "
+                                     "(Expecting types [float, Node], got [Node, Node])",
+    "as child module 'output'": "BackPACK keeps each module's output in `module.output`, and the model has "
+                                "submodules named `output`",
+    "calling .item() on a Tensor": "data-dependent control flow in the model (its attention-mask checks read a "
+                                   "tensor's value), which vmap cannot batch",
+    "This layer has buffers and is not supported by Opacus": "BatchNorm (a layer with buffers) is not "
+                                                             "supported by Opacus",
+}
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    for needle, short in _KNOWN.items():
+        if needle in text:
+            return f"{type(exc).__name__}: {short}"
+    return f"{type(exc).__name__}: {text[:100]}{'…' if len(text) > 100 else ''}"
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -234,19 +251,28 @@ def main() -> None:
         model64, inputs64 = copy.deepcopy(model).double(), double(inputs)
         layers64, _ = layer_order(model64, head(inputs64, 1))
         ours = ftdoctor_g2(model64, head(inputs64, args.batch), y[:args.batch], classes, args.batch, layers64)
-        for peer, (prepare, g2) in PEERS.items():
-            try:
-                theirs = g2(prepare(model64), inputs64, y, args.batch, call, stop=1)
-                prepared = prepare(model)
-            except ImportError as exc:
-                print(f"  {peer:<16} not installed ({exc.name})")
+        for peer, (ways, g2) in PEERS.items():
+            tried: list[str] = []
+            for label, how, prepare in ways:
+                try:
+                    theirs = g2(prepare(model64), inputs64, y, args.batch, call, stop=1)
+                    prepared = prepare(model)
+                    break
+                except ImportError as exc:
+                    tried = [f"not installed ({exc.name})"]
+                    break
+                except Exception as exc:  # noqa: BLE001 - what the peer says is the row
+                    tried.append((f"{how}: " if len(ways) > 1 else "") + first_line(exc))
+            else:
+                print(f"  {peer:<20} cannot run it: " + "; ".join(tried))
                 continue
-            except Exception as exc:  # noqa: BLE001 - what the peer says is the row
-                print(f"  {peer:<16} cannot run it: {first_line(exc)}")
+            if tried and tried[0].startswith("not installed"):
+                print(f"  {peer:<20} {tried[0]}")
                 continue
+            peer_name = peer + label
             a = agreement(ours, theirs)
-            missing = len(ours) - a.layers
-            same = "equal" if a.max_rel <= 1e-5 else f"DIFFER (max rel {a.max_rel:.1e} at {a.worst_layer})"
+            missing = len(ours) - a.compared
+            same = "equal" if a.max_rel <= 1e-5 else f"DIFFER (at {a.worst})"
             times: dict[str, list[float]] = {"ours": [], "theirs": []}
             for i in range(args.repeats):
                 order = ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours")
@@ -256,8 +282,8 @@ def main() -> None:
                         else (lambda: g2(prepared, inputs, y, args.batch, call))))
             ours_t, theirs_t = statistics.median(times["ours"]), statistics.median(times["theirs"])
             note = f"; {missing} weight(s) it does not measure" if missing else ""
-            print(f"  {peer:<16} {a.layers:3d} weights {same} (max rel {a.max_rel:.1e}){note}   "
-                  f"ftdoctor {1000 * ours_t / args.batches:7.1f} ms/batch   {peer} "
+            print(f"  {peer_name:<20} {a.compared:3d} weights {same} (max rel {a.max_rel:.1e}){note}   "
+                  f"ftdoctor {1000 * ours_t / args.batches:7.1f} ms/batch   {peer_name} "
                   f"{1000 * theirs_t / args.batches:7.1f} ms/batch   ratio {ours_t / theirs_t:4.2f}x", flush=True)
 
 

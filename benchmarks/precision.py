@@ -4,14 +4,14 @@
 
 The model's forward and backward run under ``torch.autocast``; the losses are formed from float32 logits and
 every accumulator stays float64. For resnet18 (32×32), the small timm ViT and the small Hugging Face BERT of
-``benchmarks/peers.py``, all five probes (the reference is a perturbed copy, so that R² and drift are not
+``benchmarks/_models.py``, all five probes (the reference is a perturbed copy, so that R² and drift are not
 trivially 1 and 0) run once in float32 and once per reduced dtype on the same batches; per figure the
 median and the largest relative difference over its values (a per-layer figure has one per layer) are
 printed, with the pass's time against float32's.
 """
 from __future__ import annotations
 
-from _machine import start  # before torch: sets OMP_WAIT_POLICY
+from _machine import inputs_bundle, start  # before torch: the allocator settings
 
 import argparse  # noqa: E402
 import copy
@@ -21,9 +21,8 @@ from collections import defaultdict
 
 import torch
 
-import peers
+import _models
 from ftdoctor.diagnose import ProbeOptions, probe_model
-from transformers_overhead import Bundle
 
 
 def figures(doc: dict) -> dict[str, list[float]]:
@@ -54,7 +53,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", default="bfloat16,float16")
     args = start(parser)
-    makers = [peers.cnn(peers.resnet18, "torchvision resnet18 (32x32)"), peers.vit, peers.bert]
+    makers = [_models.cnn(_models.resnet18, "torchvision resnet18 (32x32)"), _models.vit, _models.bert]
     for make in makers:
         name, model, inputs, y, classes, _ = make(64 * args.batches)
         model = model.to(args.device)
@@ -62,7 +61,7 @@ def main() -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.02 * p.std().nan_to_num() * torch.randn_like(p))
-        bundle = Bundle(inputs, y, classes, 64)
+        bundle = inputs_bundle(inputs, y, classes, 64)
         base, t32 = run(model, bundle, reference, "float32", args.device)
         want = figures(base)
         print(f"\n{name}: float32 pass {t32:.1f} s", flush=True)

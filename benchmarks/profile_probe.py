@@ -13,7 +13,7 @@ that ran it (a range on the overlap thread counts on its own).
 """
 from __future__ import annotations
 
-from _machine import start, tensor_bundle  # before torch: sets OMP_WAIT_POLICY
+from _machine import start, tensor_bundle  # before torch: the allocator settings
 
 import argparse  # noqa: E402
 import copy
@@ -24,17 +24,17 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import overhead
-import peers
+from _models import VGGish, bert, vit
 from ftdoctor.diagnose import ProbeOptions, probe_model
 from ftdoctor.forward import logits, to_device
 
 
 def build(name: str, batches: int):
     if name in ("vit", "bert"):
-        return overhead.transformer(peers.vit if name == "vit" else peers.bert, batches)
+        return overhead.transformer(vit if name == "vit" else bert, batches)
     torch.manual_seed(0)
     from torchvision.models import resnet18
-    model = resnet18(num_classes=10) if name == "resnet18" else overhead.VGGish()
+    model = resnet18(num_classes=10) if name == "resnet18" else VGGish()
     return model, tensor_bundle(torch.randn(64 * batches, 3, 32, 32), torch.randint(0, 10, (64 * batches,)), 10, 64)
 
 

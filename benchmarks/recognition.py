@@ -9,7 +9,7 @@ named), and their ratio. Target: recognition within 2x of the named load, and we
 """
 from __future__ import annotations
 
-from _machine import start  # before torch: sets OMP_WAIT_POLICY
+from _machine import start  # before torch: the allocator settings
 
 import argparse  # noqa: E402
 import statistics
