@@ -144,6 +144,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
     need_rand = ("rand_grads" in needs) or (want_grad_sq and loss_kind == "random")
     rand_weight_grads = need_rand and not (want_grad_sq and loss_kind == "random" and exact)
     need_ce = ("ce_grads" in needs) or (want_grad_sq and loss_kind == "ce")
+    ce_weight_grads = "ce_grads" in needs
     need_graph = need_rand or need_ce
     params = _affine_params(layers)
     ref_pairs = list(reference_pairs)
@@ -174,7 +175,8 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
             if batch.size:
                 # the reference sees the batch as loaded, even if the model's forward changes its input in place
                 x_ref = forward.clone(x) if ref_cap is not None else None
-                roots = need_rand and not rand_weight_grads
+                # a backward that only feeds the per-example squares stops at the root layers' outputs
+                roots = (need_rand and not rand_weight_grads) or (need_ce and not ce_weight_grads)
                 leaf = forward.input_leaf(x) if roots else None
                 x_in = leaf if leaf is not None else x
                 cap.input_leaf, cap.find_roots = leaf, roots
@@ -200,18 +202,9 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                         with torch.profiler.record_function("ftdoctor.backward_random"):
                             rand_g = torch.autograd.grad(loss_r, params, retain_graph=need_ce, allow_unused=True)
                     else:
-                        # only the gradients at the root layers' outputs are asked for: autograd forms
-                        # no weight gradient, the tensor hooks see every layer's output gradient on the way
                         cap.phase, cap.grad_scale = "grad_sq", 1.0
-                        # (no root at all: every weight is a target instead)
-                        targets = cap.root_edges or ([leaf] if leaf is not None else params)
-                        # without an input leaf, a layer may lie above no root: a second backward reaches it
-                        again = leaf is None and bool(cap.root_edges)
                         with torch.profiler.record_function("ftdoctor.backward_random"):
-                            torch.autograd.grad(loss_r, targets, retain_graph=need_ce or again, allow_unused=True)
-                            late = cap.late() if again else []
-                            if late:
-                                torch.autograd.grad(loss_r, late, retain_graph=need_ce, allow_unused=True)
+                            _to_roots(loss_r, cap, leaf, params, retain=need_ce)
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 if need_ce:
                     # the global batch's mean CE: local sum / global size (DDP's averaging)
@@ -220,7 +213,10 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                     # per-example terms CE_n = global_size · (this loss's share): scale the output gradient
                     cap.phase, cap.grad_scale = ("grad_sq", float(global_size)) if ce_sq else (None, 1.0)
                     with torch.profiler.record_function("ftdoctor.backward_ce"):
-                        ce_g = torch.autograd.grad(loss_ce, params, allow_unused=True)
+                        if ce_weight_grads:
+                            ce_g = torch.autograd.grad(loss_ce, params, allow_unused=True)
+                        else:
+                            _to_roots(loss_ce, cap, leaf, params, retain=False)
                     if ce_sq:
                         batch.grad_sq, cap.grad_sq = cap.grad_sq, {}
                 cap.phase = None
@@ -240,7 +236,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                         batch.ref_outputs = ref_cap.finish(x_ref)
             if rand_weight_grads:
                 batch.rand_grads = _grads_by_layer(layers, _reduce_grads(params, rand_g, all_reduce))
-            if need_ce:
+            if ce_weight_grads:
                 batch.ce_grads = _grads_by_layer(layers, _reduce_grads(params, ce_g, all_reduce))
             for probe in probes:
                 with torch.profiler.record_function(f"ftdoctor.update.{type(probe).__name__}"):
@@ -249,6 +245,18 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
             bar.advance(int(global_size))
             del batch
     return seen
+
+
+def _to_roots(loss: Tensor, cap: Capture, leaf: Tensor | None, params: Sequence[Tensor], retain: bool) -> None:
+    """Backward ``loss`` only as far as the root layers' outputs: autograd forms no weight gradient, and the
+    tensor hooks see every layer's output gradient on the way (no root at all: every weight is a target
+    instead). Without an input leaf a layer may lie above no root: a second backward reaches it."""
+    targets = cap.root_edges or ([leaf] if leaf is not None else params)
+    again = leaf is None and bool(cap.root_edges)
+    torch.autograd.grad(loss, targets, retain_graph=retain or again, allow_unused=True)
+    late = cap.late() if again else []
+    if late:
+        torch.autograd.grad(loss, late, retain_graph=retain, allow_unused=True)
 
 
 def _reduce_grads(params: Sequence[Tensor], grads: Sequence[Tensor | None] | None,

@@ -96,3 +96,22 @@ def test_overlap_only_where_it_pays_and_is_safe(monkeypatch):
         assert engine.overlap_allowed(model, other, "cpu")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("loss, probes", [("random", ("change_rate",)), ("ce", ("change_rate",)),
+                                          ("random", ("change_rate", "noise"))])
+def test_a_backward_that_only_feeds_the_per_example_squares_forms_no_weight_gradient(loss, probes):
+    """Exact mode asks autograd for the root layers' output gradients only, whichever loss the squares are
+    of; a weight gradient is formed only for a probe that reads one (grad_norm: the cross-entropy's)."""
+    torch.manual_seed(0)
+    model = BNCNN(10)
+    formed = []
+    handles = [p.register_hook(lambda g, n=name: formed.append(n)) for name, p in model.named_parameters()]
+    try:
+        run = probe_model(model, make_bundle((3, 16, 16), n=12, num_classes=10, batch_size=6),
+                          ProbeOptions(probes=probes, change_rate_loss=loss))
+    finally:
+        for h in handles:
+            h.remove()
+    assert formed == []
+    assert all(layer["change_rate"] for layer in run.results["change_rate"].figures["layers"])
