@@ -82,8 +82,10 @@ class Capture:
     def late(self) -> list[GradientEdge]:
         """The outputs of the layers whose per-example squares a backward to :attr:`root_edges` did not
         reach (their hooks have not fired): without an input leaf, a layer fed by the input only through
-        something that is not an affine layer (a functional embedding) lies above no root."""
-        return [self._out_edges[name] for name in self.inputs if name in self._out_edges]
+        something that is not an affine layer (a functional embedding) lies above no root. A layer called
+        more than once is not one of them: its squares are never formed (its hook leaves its input)."""
+        return [self._out_edges[name] for name in self.inputs
+                if name in self._out_edges and self.calls.get(name, 0) == 1]
 
     def _is_root(self, out_node: Node) -> bool:
         """Whether the layer whose output's node is ``out_node`` reads :attr:`input_leaf` through no

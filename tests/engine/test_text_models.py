@@ -194,3 +194,28 @@ def test_a_layer_above_no_root_is_still_measured_exactly():
         got = torch.as_tensor(run.results["change_rate"].arrays[f"{k}/grad_sq_mean"])
         want = acc[k] / n
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-10, k
+
+
+class _Shared(torch.nn.Module):
+    """ALBERT's way: one Linear applied twice per forward (its per-example squares are not formed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.shared, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(self.emb(ids))))).mean(1))
+
+
+def test_a_layer_called_twice_costs_no_second_backward(monkeypatch):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(6)
+    ids, y = torch.randint(0, 20, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g)
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    run = probe_model(_Shared().eval(), IdsBundle(ids, y, 3, batch_size=4), ProbeOptions(probes=("change_rate",)))
+    assert len(calls) == 2                                  # one backward per batch
+    assert {l["name"] for l in run.results["change_rate"].figures["layers"]} == {"emb", "head"}
+    assert "shared" in {s.name for s in run.skipped}
