@@ -6,9 +6,9 @@ spin a while before they sleep). On this two-core VM the default is the faster o
 (resnet18 at 32×32: a training step 111 ms a batch against 151 ms with ``OMP_WAIT_POLICY=PASSIVE``, the
 exact probe pass 237 against 327 ms), but a spinning thread that waits for a descheduled peer burns its
 core: with anything else running, a 2-thread pass ran 20-30× slower (SmallCNN: 1305 vs 41 ms/batch at
-load 3). So the header prints the load average, and :func:`header` warns when it is high; on a busy
-machine run with ``OMP_WAIT_POLICY=PASSIVE`` (as ``ftdoctor`` itself should be there), which the
-header then shows.
+load 3). So the header prints the policy and the load average, and :func:`busy_warning` warns when the
+load is high; on a busy machine run with ``OMP_WAIT_POLICY=PASSIVE`` (as ``ftdoctor`` itself should be
+there).
 """
 from __future__ import annotations
 
@@ -40,21 +40,18 @@ def header(threads: int) -> str:
     """torch version, threads, wait policy, CPU, core count and load: what a figure was measured on."""
     import torch
 
-    loads = os.getloadavg()
-    load = " ".join(f"{v:.2f}" for v in loads)
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     policy = os.environ.get("OMP_WAIT_POLICY") or "OpenMP's default"
-    line = (f"torch {torch.__version__}, threads={threads} (OMP_WAIT_POLICY={policy}), "
+    return (f"torch {torch.__version__}, threads={threads} (OMP_WAIT_POLICY={policy}), "
             f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load}")
-    return line
 
 
 def busy_warning() -> str | None:
     """A warning when the machine looks busy (1-minute load above half its cores) and OpenMP's threads spin."""
-    cores = os.cpu_count() or 1
-    policy = os.environ.get("OMP_WAIT_POLICY", "")
-    if os.getloadavg()[0] <= cores / 2 or policy.upper() == "PASSIVE":
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
+    if load <= cores / 2 or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         return None
-    return (f"warning: load average {os.getloadavg()[0]:.2f} on {cores} CPUs: if another process is running, "
+    return (f"warning: load average {load:.2f} on {cores} CPUs: if another process is running, "
             "spinning OpenMP threads measure it, not the code; wait until it ends or run with "
             "OMP_WAIT_POLICY=PASSIVE")
 

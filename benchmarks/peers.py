@@ -24,7 +24,7 @@ timed.
 """
 from __future__ import annotations
 
-from _machine import start  # before torch: the allocator settings
+from _machine import batches_of, inputs_bundle, start  # before torch: the allocator settings
 
 import argparse  # noqa: E402
 import copy
@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from _models import SmallCNN, VGGish, bert, cnn, resnet18, tiny_convnext, vit
-from _machine import batches_of, inputs_bundle
 from ftdoctor.diagnose import ProbeOptions, probe_model
 from ftdoctor.forward import as_logits, head, to_device
 from ftdoctor.model import layer_order
