@@ -10,8 +10,9 @@ decided by what the probes declared in :attr:`Probe.needs`:
 
 * ``grad_sq`` — Σ_n (∂ℓ_n/∂W)², per example, batched from each affine layer's
   input (forward hook) and the gradient at its output (tensor hook), no loop
-  over examples (:mod:`ftdoctor.engine.persample`). For the random loss the
-  backward asks autograd only for the gradients at the outputs of the *root*
+  over examples (:mod:`ftdoctor.engine.persample`). A backward that only feeds
+  them (the random loss's; the cross-entropy's when no probe reads its batch
+  gradient) asks autograd only for the gradients at the outputs of the *root*
   layers — those fed by the model's input through no other affine layer — so
   it forms no weight gradient and no gradient below them (resnet18's first
   convolution would cost 10 ms a batch for a 3-channel input gradient nobody
