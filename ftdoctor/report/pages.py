@@ -144,8 +144,7 @@ def probe_page(pf: ProbeFile, charts: Charts | None) -> tuple[str, str]:
                 ("layers", "Every figure"), ("settings", "Settings and provenance")])
     rows = []
     for v in _verdicts(doc):
-        status = "skipped" if v.passed is None else ("pass" if v.passed else "fail")
-        rows.append([esc(v.key), number(v.value), number(v.threshold), badge(status, status),
+        rows.append([esc(v.key), number(v.value), number(v.threshold), _outcome_badge(v.passed),
                      f'<span class="text">{esc(v.message)}</span>'])
     summary = "".join(f"<tr><td>{esc(k)}</td><td class=\"text\">{esc(t)}</td></tr>" for k, t in _summary(doc))
     figures = (table(("threshold", "figure", "limit", "verdict", "what it says"), rows) if rows else "") + (
@@ -215,15 +214,13 @@ def check_page(cf: CheckFile, charts: Charts | None) -> tuple[str, str]:
             if r is None:
                 row.append("")
                 continue
-            passed = r.get("passed") if r.get("passed") in (True, False) else None
-            mark = {True: "✓", False: "✗", None: "–"}[passed]
-            shown = "" if passed is None and r.get("value") is None else f" {cell(r.get('value'))}"   # not run
-            row.append(f'<span class="{ {True: "pass", False: "fail", None: ""}[passed]}" '
-                       f'title="{esc(r.get("message", ""))}">{mark}{shown}</span>')
+            status, mark = _outcome(r.get("passed"))
+            shown = "" if status == "skipped" and r.get("value") is None else f" {cell(r.get('value'))}"  # not run
+            row.append(f'<span class="{status}" title="{esc(r.get("message", ""))}">{mark}{shown}</span>')
         matrix.append(row)
     per = []
     for c in cps:
-        rows = [[esc(r.get("name")), badge(_status(r), _status(r)), cell(r.get("value")), cell(r.get("threshold")),
+        rows = [[esc(r.get("name")), _outcome_badge(r.get("passed")), cell(r.get("value")), cell(r.get("threshold")),
                  f'<span class="text">{esc(r.get("message", ""))}</span>']
                 for r in c.get("checks") or [] if isinstance(r, dict)]
         info = f"arch {esc(c.get('arch') or '?')}, sha256 <code>{esc(c.get('sha256') or '?')}</code>"
@@ -244,8 +241,19 @@ def check_page(cf: CheckFile, charts: Charts | None) -> tuple[str, str]:
     return title, body
 
 
-def _status(r: dict[str, Any]) -> str:
-    return "skipped" if r.get("passed") is None else ("pass" if r.get("passed") else "fail")
+def _outcome(passed: Any) -> tuple[str, str]:
+    """A judgement's or a check's outcome → its class and mark: True passed, False failed, anything else
+    (None: the check did not run) skipped."""
+    if passed is True:
+        return "pass", "✓"
+    if passed is False:
+        return "fail", "✗"
+    return "skipped", "–"
+
+
+def _outcome_badge(passed: Any) -> str:
+    status, _ = _outcome(passed)
+    return badge(status, status)
 
 
 # -- trace / compare --------------------------------------------------------------------------------
