@@ -136,29 +136,6 @@ def test_a_text_model_s_random_backward_forms_no_weight_gradient():
     assert "bert.encoder.layer.1.output.dense" in {l["name"] for l in run.results["change_rate"].figures["layers"]}
 
 
-class _Ids(torch.utils.data.Dataset):
-    def __init__(self, ids: torch.Tensor, y: torch.Tensor) -> None:
-        self.ids, self.y = ids, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        return self.ids[i], int(self.y[i]), i
-
-
-class IdsBundle(TensorBundle):
-    """Batches of bare token-id tensors (no mapping, nothing that can carry a gradient)."""
-
-    def __init__(self, ids, y, num_classes, batch_size):
-        super().__init__(ids.float(), y, num_classes, batch_size)
-        self.ids = ids
-
-    @property
-    def dataset(self):
-        return _Ids(self.ids, self.y)
-
-
 class _TwoPaths(torch.nn.Module):
     """Token ids reach ``a`` through a functional embedding (no affine module: no root below ``a``) and ``b``
     through an ``nn.Embedding`` (a root)."""
@@ -180,7 +157,7 @@ def test_a_layer_above_no_root_is_still_measured_exactly():
     n = 9
     g = torch.Generator().manual_seed(4)
     ids, y = torch.randint(0, 20, (n, 5), generator=g), torch.randint(0, 3, (n,), generator=g)
-    run = probe_model(model, IdsBundle(ids, y, 3, batch_size=4), ProbeOptions(probes=("change_rate",), seed=5))
+    run = probe_model(model, TensorBundle(ids, y, 3, batch_size=4), ProbeOptions(probes=("change_rate",), seed=5))
     names = ["emb", "a", "b", "head"]
     assert {l["name"] for l in run.results["change_rate"].figures["layers"]} == set(names)
     modules = dict(model.named_modules())
@@ -215,7 +192,7 @@ def test_a_layer_called_twice_costs_no_second_backward(monkeypatch):
     calls = []
     grad = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
-    run = probe_model(_Shared().eval(), IdsBundle(ids, y, 3, batch_size=4), ProbeOptions(probes=("change_rate",)))
+    run = probe_model(_Shared().eval(), TensorBundle(ids, y, 3, batch_size=4), ProbeOptions(probes=("change_rate",)))
     assert len(calls) == 2                                  # one backward per batch
     assert {l["name"] for l in run.results["change_rate"].figures["layers"]} == {"emb", "head"}
     assert "shared" in {s.name for s in run.skipped}
