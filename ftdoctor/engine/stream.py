@@ -146,6 +146,8 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
     rand_weight_grads = need_rand and not (want_grad_sq and loss_kind == "random" and exact)
     need_ce = ("ce_grads" in needs) or (want_grad_sq and loss_kind == "ce")
     ce_weight_grads = "ce_grads" in needs
+    # a backward that only feeds the per-example squares stops at the root layers' outputs
+    roots = (need_rand and not rand_weight_grads) or (need_ce and not ce_weight_grads)
     need_graph = need_rand or need_ce
     params = _affine_params(layers)
     ref_pairs = list(reference_pairs)
@@ -176,8 +178,6 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
             if batch.size:
                 # the reference sees the batch as loaded, even if the model's forward changes its input in place
                 x_ref = forward.clone(x) if ref_cap is not None else None
-                # a backward that only feeds the per-example squares stops at the root layers' outputs
-                roots = (need_rand and not rand_weight_grads) or (need_ce and not ce_weight_grads)
                 leaf = forward.input_leaf(x) if roots else None
                 x_in = leaf if leaf is not None else x
                 cap.input_leaf, cap.find_roots = leaf, roots
