@@ -9,8 +9,7 @@ import typer
 from ftdoctor import progress
 from ftdoctor.cli.app import app, console, output_format, print_notes, print_page_written
 from ftdoctor.cli.shared import (OUTPUT_PANEL, PROBE_PANEL, CRLoss, CRMode, Data, DataFlags, DType, Hdf5, Head,
-                                 HeadInit,
-                                 HtmlOut, ImageSize, ModelArg, OutputJson, Quiet, Seed, csv, data_options,
+                                 HeadInit, HtmlOut, ImageSize, ModelArg, OutputJson, Quiet, Seed, csv, data_options,
                                  model_options)
 
 Format = Annotated[str, typer.Option("--format", help="table, json or markdown (probe).",
