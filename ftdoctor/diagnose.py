@@ -257,7 +257,7 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
     from ftdoctor import distributed
     from ftdoctor.data import input_paths
     from ftdoctor.outputs import Output, journal
-    from ftdoctor.report import get as get_format, load_formats
+    from ftdoctor.report import write_files
 
     outputs = [Output(Path(p), flag) for p, flag in ((output, "--output"), (hdf5, "--hdf5"), (html, "--html"))
                if p is not None]
@@ -272,13 +272,7 @@ def probe(model_path: str | Path, *, model: "ckpt.ModelOptions" = None, data: Da
             distributed.teardown()
         report.main_process = world.is_main
         if world.is_main:
-            load_formats()
-            if hdf5 is not None:
-                get_format("hdf5", "probe").write(report, Path(hdf5))
-            if output is not None:
-                get_format("json", "probe").write(report, Path(output))
-            if html is not None:
-                get_format("html", "probe").write(report, Path(html))
+            write_files(report, (("hdf5", hdf5), ("json", output), ("html", html)))
     return report
 
 

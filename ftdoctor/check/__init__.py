@@ -126,13 +126,8 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
         report = CheckReport(verdicts, thresholds, config=config,
                              data=getattr(data, "data", None) if data is not None else None,
                              reference=str(reference) if reference is not None else None)
-        from ftdoctor.report import get as get_format
-        from ftdoctor.report import load_formats
-        load_formats()
-        if output is not None:
-            get_format(output_format, "check").write(report, Path(output))
-        if html is not None:
-            get_format("html", "check").write(report, Path(html))
+        from ftdoctor.report import write_files
+        write_files(report, ((output_format, output), ("html", html)))
     return report
 
 

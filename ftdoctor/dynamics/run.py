@@ -123,14 +123,10 @@ def trace(model_path: str | Path, *, model: Any = None, data: Any, options: Trac
 
 def _write(result: TraceResult | CompareResult, hdf5: str | Path | None, output: str | Path | None,
            html: str | Path | None = None) -> None:
-    from ftdoctor.report import get as get_format, load_formats
-    load_formats()
+    from ftdoctor.report import write_files
     if hdf5 is not None:
         write_hdf5(hdf5, result)
-    if output is not None:
-        get_format("json", result.kind).write(result, Path(output))
-    if html is not None:
-        get_format("html", result.kind).write(result, Path(html))
+    write_files(result, (("json", output), ("html", html)))
 
 
 def _trace(model_path: str | Path, model: Any, data: Any, options: TraceOptions, eval_split: str,
