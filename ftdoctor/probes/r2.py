@@ -62,6 +62,9 @@ def _layout(out: Tensor, kind: str) -> tuple[int, int, int]:
 _GRAM_MIN_POSITIONS = 64
 # ...through a work buffer of at most this size, a chunk of examples at a time.
 _GRAM_CHUNK_BYTES = 32 * 2**20
+# Smaller maps and linear outputs of at least this many elements are reduced pair by pair; smaller ones
+# (resnet18's late maps) are stacked, as their per-layer operations cost more in dispatch than in arithmetic.
+_STACK_MAX_ELEMENTS = 2**16
 
 
 def shifted_sums(pairs: list[tuple[Tensor, Tensor, Tensor, Tensor]], kind: str) -> list[Tensor]:
@@ -74,18 +77,23 @@ def shifted_sums(pairs: list[tuple[Tensor, Tensor, Tensor, Tensor]], kind: str) 
     squares would lose it whenever a channel's mean dwarfs its spread, and no float64 copy of the
     activations is made. :func:`unshift` turns the accumulated sums into raw ones, in float64.
 
-    Two ways, by map size (measured, two threads, a batch of 64):
+    Three ways, by map size (measured, two threads, a batch of 64):
 
     * large maps — ``a'`` and ``b'`` side by side per (example, channel), their 2×2 Gram matrices
       by one batched matrix product, added over examples in float64: four passes over the
       activations instead of about twenty (VGG-style at 32×32: 17 → 10 ms a batch, in isolation);
-    * small maps, and linear layers — the pairs stacked and reduced together, a handful of tensor
-      operations for all of them: per-layer operations on resnet18's small late maps cost more in
-      dispatch than in arithmetic (resnet18 at 32×32: 14 → 9 ms a batch, in isolation).
+    * large outputs of small maps or linear layers (a ViT's tokens) — pair by pair, a few
+      elementwise passes each: stacking them first would copy every activation (a 4-block ViT-tiny's
+      16 token outputs: 35 → 18 ms a batch, in isolation);
+    * small ones — the pairs stacked and reduced together, a handful of tensor operations for all of
+      them: per-layer operations on resnet18's small late maps cost more in dispatch than in
+      arithmetic (resnet18 at 32×32: 14 → 9 ms a batch, in isolation).
     """
     lead, c, positions = _layout(pairs[0][0], kind)
     if positions >= _GRAM_MIN_POSITIONS:
         return [_gram_sums(a, b, sa, sb, lead, c, positions) for a, b, sa, sb in pairs]
+    if pairs[0][0].numel() >= _STACK_MAX_ELEMENTS:
+        return [_pair_sums(a, b, sa, sb, lead, c) for a, b, sa, sb in pairs]
     # stacks of at most _GRAM_CHUNK_BYTES (a ViT's token outputs are large and many of one shape)
     per_pair = 2 * pairs[0][0].numel() * pairs[0][2].element_size()
     step = max(1, _GRAM_CHUNK_BYTES // max(1, per_pair))
@@ -100,6 +108,17 @@ def shifted_sums(pairs: list[tuple[Tensor, Tensor, Tensor, Tensor]], kind: str) 
     second = x.square().sum((1, 3))
     cross = (x[:k] * x[k:]).sum((1, 3))
     return [torch.stack([first[i], first[k + i], second[i], second[k + i], cross[i]]) for i in range(k)]
+
+
+def _pair_sums(a: Tensor, b: Tensor, shift_a: Tensor, shift_b: Tensor, lead: int, c: int) -> Tensor:
+    """:func:`shifted_sums` of one pair, by elementwise passes over it."""
+    positions = a.numel() // (lead * c)
+    # (rows, C) when the channel is last: a reduction over (0, 2) with a trailing 1 is several times slower
+    shape, per_channel, dims = ((lead, c), (c,), 0) if positions == 1 else ((lead, c, positions), (1, c, 1), (0, 2))
+    x = a.reshape(shape).to(shift_a.dtype) - shift_a.view(per_channel)    # new tensors: squared in place
+    y = b.reshape(shape).to(shift_b.dtype) - shift_b.view(per_channel)
+    cross = (x * y).sum(dims)
+    return torch.stack([x.sum(dims), y.sum(dims), x.square_().sum(dims), y.square_().sum(dims), cross])
 
 
 def _gram_sums(a: Tensor, b: Tensor, shift_a: Tensor, shift_b: Tensor, lead: int, c: int, q: int) -> Tensor:

@@ -97,13 +97,14 @@ def test_drift_closed_form_and_new_layers():
     assert math.isclose(fig["sp_penalty"], 0.25 * n, rel_tol=1e-6)  # float32 weights
 
 
-@pytest.mark.parametrize("path", ["gram", "gram in chunks of one example", "stacked"])
+@pytest.mark.parametrize("path", ["gram", "gram in chunks of one example", "stacked", "pair by pair"])
 def test_r2_keeps_its_digits_when_a_channel_mean_dwarfs_its_spread(path, monkeypatch):
     # activations ~1e4 ± 1 over several batches: float32 sums of raw squares would lose the
     # variance entirely; the figures must still match float64 truth from the same activations,
-    # by either way of reducing them (r2.shifted_sums)
-    if path == "stacked":
+    # by every way of reducing them (r2.shifted_sums)
+    if path in ("stacked", "pair by pair"):
         monkeypatch.setattr(r2_module, "_GRAM_MIN_POSITIONS", 10**9)
+        monkeypatch.setattr(r2_module, "_STACK_MAX_ELEMENTS", 1 if path == "pair by pair" else 10**9)
     elif path != "gram":
         monkeypatch.setattr(r2_module, "_GRAM_CHUNK_BYTES", 1)
     torch.manual_seed(0)
@@ -122,6 +123,44 @@ def test_r2_keeps_its_digits_when_a_channel_mean_dwarfs_its_spread(path, monkeyp
     ident = 1 - ((a - b) ** 2).sum(1) / ((b - b.mean(1, keepdim=True)) ** 2).sum(1)
     assert torch.allclose(torch.as_tensor(res.arrays["features.0/r2"]), want, rtol=1e-6)
     assert torch.allclose(torch.as_tensor(res.arrays["features.0/r2_identity"]), ident, rtol=1e-6)
+
+
+class _Tokens(torch.nn.Module):
+    """Linear layers on (batch, tokens, features): R² over channels-last outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(6, 8)
+        self.mix = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(torch.relu(self.embed(x)))).mean(1))
+
+
+@pytest.mark.parametrize("path", ["stacked", "pair by pair"])
+def test_r2_of_token_outputs_matches_float64_truth(path, monkeypatch):
+    # channels-last outputs of Linear layers, pooled over examples and tokens, with a mean that
+    # dwarfs the spread: both ways of reducing them give the float64 figures
+    monkeypatch.setattr(r2_module, "_STACK_MAX_ELEMENTS", 1 if path == "pair by pair" else 10**9)
+    torch.manual_seed(0)
+    ref = _Tokens().eval()
+    model = copy.deepcopy(ref)
+    with torch.no_grad():
+        ref.embed.bias.add_(1e3)
+        model.embed.bias.add_(1e3 + 2.0)
+        model.mix.weight.add_(0.3 * torch.randn_like(model.mix.weight))
+    bundle = make_bundle((5, 6), n=36, num_classes=4, batch_size=10)
+    res = probe_model(model, bundle, ProbeOptions(probes=("r2",)), reference=ref).results["r2"]
+    for name in ("embed", "mix"):
+        with torch.no_grad():
+            a = getattr(model, name)(model.embed(bundle.x).relu() if name == "mix" else bundle.x)
+            b = getattr(ref, name)(ref.embed(bundle.x).relu() if name == "mix" else bundle.x)
+        a, b = a.reshape(-1, 8).T.double(), b.reshape(-1, 8).T.double()
+        want = torch.stack([torch.corrcoef(torch.stack([a[c], b[c]]))[0, 1] ** 2 for c in range(8)])
+        ident = 1 - ((a - b) ** 2).sum(1) / ((b - b.mean(1, keepdim=True)) ** 2).sum(1)
+        assert torch.allclose(torch.as_tensor(res.arrays[f"{name}/r2"]), want, rtol=1e-6), name
+        assert torch.allclose(torch.as_tensor(res.arrays[f"{name}/r2_identity"]), ident, rtol=1e-6), name
 
 
 def test_r2_merge_of_two_processes_equals_one_pass():
