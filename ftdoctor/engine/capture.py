@@ -41,6 +41,14 @@ class Capture:
         self._dead: set[Node] = set()      # nodes known not to reach the input past no affine output
         self._owner = threading.get_ident()   # hooks fired on another thread are not this pass's
         self.unsupported: dict[str, str] = {}
+        # outputs: kept as they are, not copied, when a pristine copy of the input lets the forward run again
+        # (keep_without_copy): only the layers whose output a later op of the forward changed in place are
+        # copied — the first batch copies all and finds them by version counter, later batches check
+        # (outputs_intact)
+        self.keep_without_copy = False
+        self.copied_outputs: set[str] | None = None    # None: not known yet
+        self._kept: dict[str, tuple[Tensor, int]] = {}   # each kept output and its version then
+        self.recapturing = False    # the forward again, copying every output (outputs_intact)
         self.batch_size: int | None = None   # examples in this forward (set per batch by the stream)
         self._handles: list = []
         if grad_sq:
@@ -65,6 +73,7 @@ class Capture:
     def clear(self) -> None:
         self.inputs.clear()
         self.outputs.clear()
+        self._kept.clear()
         self.calls.clear()
         self.grad_sq = {}
         self.head_input = None
@@ -116,13 +125,15 @@ class Capture:
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
             if threading.get_ident() != self._owner:   # e.g. a reference reaching the model's modules
                 return
+            if self.recapturing:
+                self.outputs[name] = out.detach().clone()
+                return
             self.calls[name] = self.calls.get(name, 0) + 1
             x = args[0] if args else None
             if is_head and self.want_head_input and x is not None:
                 self.head_input = x.detach()
             if self.want_outputs:
-                # clone: an in-place activation after the layer would overwrite it
-                self.outputs[name] = out.detach().clone()
+                self._keep_output(name, out)
             if self.want_grad_sq and isinstance(out, Tensor) and out.requires_grad:
                 # taken now: an in-place op after the layer would move the tensor's own edge
                 edge = get_gradient_edge(out)
@@ -141,6 +152,26 @@ class Capture:
                     self._out_edges[name] = edge
                     out.register_hook(self._grad_hook(name, module))
         return hook
+
+    def _keep_output(self, name: str, out: Tensor) -> None:
+        copy = not (self.keep_without_copy and self.copied_outputs is not None and name not in self.copied_outputs)
+        # a copy where an in-place op after the layer (a ReLU(inplace=True)) would overwrite the output
+        self.outputs[name] = out.detach().clone() if copy else out.detach()
+        if self.keep_without_copy:
+            self._kept[name] = (out, out._version)
+
+    def outputs_intact(self) -> bool:
+        """After the forward: whether every output kept without a copy is as the layer produced it.
+
+        A layer's output that a later op of this forward changed in place is copied from the next
+        batch on; when it was kept without a copy this time (the model changes it only on some
+        inputs), this returns False and the caller runs the forward again under :attr:`recapturing`.
+        """
+        changed = {name for name, (out, version) in self._kept.items() if out._version != version}
+        self._kept.clear()
+        lost = changed - self.copied_outputs if self.copied_outputs is not None else set()
+        self.copied_outputs = (self.copied_outputs or set()) | changed
+        return not lost
 
     def _grad_hook(self, name: str, module: nn.Module) -> Callable[[Tensor], None]:
         def on_grad(g: Tensor) -> None:

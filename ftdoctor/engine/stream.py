@@ -166,6 +166,9 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
         pairers = [p for p in probes if "outputs" in p.needs]
         if ref_cap is not None and len(pairers) == 1:
             ref_cap.taker = pairers[0]
+        # the layers' outputs need no copy where nothing changes them in place: the input's copy for the
+        # reference (x_ref) lets the forward run again when something does
+        cap.keep_without_copy = ref_cap is not None
         for x, y, idx, global_size in batches:
             x = forward.to_device(x, device, non_blocking=True)
             y = y.to(device, non_blocking=True)
@@ -184,6 +187,14 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                 with torch.set_grad_enabled(need_graph), autocast(device, settings.autocast), \
                         torch.profiler.record_function("ftdoctor.forward"):
                     logits = forward.logits(model, x_in)
+                if x_ref is not None and not cap.outputs_intact():
+                    # an output kept without a copy was changed in place by a later op of the forward
+                    cap.recapturing = True
+                    try:
+                        with torch.no_grad(), autocast(device, settings.autocast):
+                            forward.logits(model, forward.clone(x_ref))
+                    finally:
+                        cap.recapturing = False
                 if settings.autocast is not None:
                     logits = logits.float()          # the losses in float32, as mixed-precision training forms them
                 check_logits(logits, y, num_classes)

@@ -163,6 +163,51 @@ def test_r2_of_token_outputs_matches_float64_truth(path, monkeypatch):
         assert torch.allclose(torch.as_tensor(res.arrays[f"{name}/r2_identity"]), ident, rtol=1e-6), name
 
 
+class _ChangesInPlaceSometimes(torch.nn.Module):
+    """Doubles its conv's output in place, but only for a batch holding a marked example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4, 3)
+        self.forwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forwards += 1
+        h = self.conv(x)
+        if bool((x[:, 0, 0, 0] > 50).any()):
+            h.mul_(2.0)
+        return self.head(h.relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("marked", [None, 3, 20])
+def test_r2_sees_outputs_as_the_layer_made_them_even_when_changed_in_place_later(marked):
+    # outputs are kept without a copy unless a later op changes them in place: the first batch finds
+    # such layers (copied from then on); a change first seen on a later batch runs that forward again
+    torch.manual_seed(0)
+    ref = _ChangesInPlaceSometimes().eval()
+    model = copy.deepcopy(ref)
+    with torch.no_grad():
+        model.conv.weight.add_(0.2 * torch.randn_like(model.conv.weight))
+    bundle = make_bundle((3, 6, 6), n=40, num_classes=3, batch_size=16)
+    if marked is not None:
+        bundle.x[marked, 0, 0, 0] = 100.0
+    before = model.forwards
+    res = probe_model(model, bundle, ProbeOptions(probes=("r2",)), reference=ref).results["r2"]
+    with torch.no_grad():
+        a = model.conv(bundle.x).transpose(0, 1).reshape(4, -1).double()
+        b = ref.conv(bundle.x).transpose(0, 1).reshape(4, -1).double()
+    want = torch.stack([torch.corrcoef(torch.stack([a[c], b[c]]))[0, 1] ** 2 for c in range(4)])
+    ident = 1 - ((a - b) ** 2).sum(1) / ((b - b.mean(1, keepdim=True)) ** 2).sum(1)
+    assert torch.allclose(torch.as_tensor(res.arrays["conv/r2"]), want, rtol=1e-6)
+    assert torch.allclose(torch.as_tensor(res.arrays["conv/r2_identity"]), ident, rtol=1e-6)
+    # the first batch copies everything; a change first seen in the second batch costs one forward more
+    marked_forwards, before = model.forwards - before, model.forwards
+    probe_model(model, make_bundle((3, 6, 6), n=40, num_classes=3, batch_size=16), ProbeOptions(probes=("r2",)),
+                reference=ref)
+    assert marked_forwards - (model.forwards - before) == (1 if marked == 20 else 0)
+
+
 def test_r2_merge_of_two_processes_equals_one_pass():
     # each process shifts by its own first batch's means: merging must unshift both first
     from ftdoctor.diagnose import find_head, reference_pairs
