@@ -1,10 +1,11 @@
 """Cost of the probe pass relative to a plain training step over the same batches (SPEC §7).
 
-    python benchmarks/overhead.py [--repeats 5] [--batches 16] [--threads 2] [--models resnet18,vgg,vit,bert]
-                                  [--device cpu]
+    python benchmarks/overhead.py [--repeats 5] [--batches 16] [--threads 2] [--models resnet18,vgg,vit,vit65,bert]
+                                  [--device cpu] [--batch 64] [--image-size 32]
 
 For torchvision resnet18 at 32×32 (batch 64), a VGG-style CNN without
-BatchNorm, a small timm ViT (4 blocks, 32×32) and a small Hugging Face BERT
+BatchNorm, a small timm ViT (4 blocks, 32×32) in 8×8 patches (17 tokens an
+example) and in 4×4 patches (``vit65``: 65 tokens), and a small Hugging Face BERT
 (2 layers, 32 tokens with padding) — the models of ``benchmarks/_models.py`` —
 prints the median time of
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-from _models import VGGish, bert, vit
+from _models import VGGish, bert, vit, vit65
 from ftdoctor.diagnose import ProbeOptions, probe_model
 
 from ftdoctor.forward import logits, to_device as to
@@ -116,15 +117,19 @@ def bench(name: str, model: nn.Module, bundle, repeats: int, transformer: bool =
     return med
 
 
-def image_bundle(batches: int):
+def image_bundle(batches: int, size: int = 32, batch: int = 64):
     torch.manual_seed(0)
-    return tensor_bundle(torch.randn(64 * batches, 3, 32, 32), torch.randint(0, 10, (64 * batches,)), 10, 64)
+    return tensor_bundle(torch.randn(batch * batches, 3, size, size), torch.randint(0, 10, (batch * batches,)), 10,
+                         batch)
 
 
-def transformer(make, batches: int):
-    """The model and a bundle of 64-example batches from a ``benchmarks/_models.py`` builder."""
-    _, model, inputs, y, classes, _ = make(64 * batches)
-    return model, inputs_bundle(inputs, y, classes, 64)
+def transformer(make, batches: int, batch: int = 64):
+    """The model and a bundle of ``batch``-example batches from a ``benchmarks/_models.py`` builder."""
+    _, model, inputs, y, classes, _ = make(batch * batches)
+    return model, inputs_bundle(inputs, y, classes, batch)
+
+
+TRANSFORMERS = {"vit": vit, "vit65": vit65, "bert": bert}
 
 
 def main() -> None:
@@ -132,9 +137,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, default=16)   # 1024 examples, probe's default
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--models", default="resnet18,vgg,vit,bert", help="comma-separated: resnet18, vgg, vit, bert")
+    ap.add_argument("--models", default="resnet18,vgg,vit,vit65,bert",
+                    help="comma-separated: resnet18, vgg, vit (17 tokens), vit65 (65 tokens), bert")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ...")
+    ap.add_argument("--batch", type=int, default=64, help="examples per batch")
+    ap.add_argument("--image-size", type=int, default=32, help="resnet18's input size (the others are built for 32)")
     args = ap.parse_args()
+    keys = args.models.split(",")
+    unknown = sorted(set(keys) - {"resnet18", "vgg", *TRANSFORMERS})
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}")
+    if args.image_size != 32 and set(keys) != {"resnet18"}:
+        ap.error("--image-size is for resnet18 alone (--models resnet18)")
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -143,16 +157,18 @@ def main() -> None:
     warning = busy_warning()
     if warning:
         print(warning)
-    print(f"batch 64 ({args.batches} batches), median of {args.repeats} interleaved repeats; "
+    print(f"batch {args.batch} ({args.batches} batches), median of {args.repeats} interleaved repeats; "
           f"ratios to a plain training step (forward + backward) over the same batches")
-    for key in args.models.split(","):
+    size = args.image_size
+    for key in keys:
         if key == "resnet18":
-            bench("resnet18 (32x32)", resnet18(num_classes=10), image_bundle(args.batches), args.repeats)
+            bench(f"resnet18 ({size}x{size})", resnet18(num_classes=10), image_bundle(args.batches, size, args.batch),
+                  args.repeats)
         elif key == "vgg":
-            bench("VGG-style (no BN, 32x32)", VGGish(), image_bundle(args.batches), args.repeats)
+            bench("VGG-style (no BN, 32x32)", VGGish(), image_bundle(args.batches, batch=args.batch), args.repeats)
         else:
-            make = vit if key == "vit" else bert
-            model, bundle = transformer(make, args.batches)
+            make = TRANSFORMERS[key]
+            model, bundle = transformer(make, args.batches, args.batch)
             bench(make(1)[0], model, bundle, args.repeats, transformer=True)
 
 
