@@ -23,7 +23,7 @@ eval mode, so the function is the same). Neither side's setup (finding the layer
 timed. The batches are the probe's defaults, as in ``overhead.py``: 16 batches of 64 (1,024 examples).
 ftdoctor's timed call is a whole probe run — the pass, then its figures and findings — and the peer's its
 loop alone: over a few small batches of a tiny model that fixed cost of a run (about 4 ms) decides the
-ratio (the contract's SmallCNN, 4 batches of 32: 1.07× Opacus's time; 16 batches of 64: 0.86×).
+ratio (the contract's SmallCNN, 4 batches of 32: 0.97–1.07× Opacus's time; 16 batches of 64: 0.85–0.86×).
 """
 from __future__ import annotations
 
