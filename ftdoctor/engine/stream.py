@@ -188,13 +188,7 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
                         torch.profiler.record_function("ftdoctor.forward"):
                     logits = forward.logits(model, x_in)
                 if x_ref is not None and not cap.outputs_intact():
-                    # an output kept without a copy was changed in place by a later op of the forward
-                    cap.recapturing = True
-                    try:
-                        with torch.no_grad(), autocast(device, settings.autocast):
-                            forward.logits(model, forward.clone(x_ref))
-                    finally:
-                        cap.recapturing = False
+                    _outputs_again(model, cap, x_ref, device, settings.autocast)
                 if settings.autocast is not None:
                     logits = logits.float()          # the losses in float32, as mixed-precision training forms them
                 check_logits(logits, y, num_classes)
@@ -257,6 +251,18 @@ def run_pass(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor, i
             bar.advance(int(global_size))
             del batch
     return seen
+
+
+def _outputs_again(model: nn.Module, cap: Capture, x: Tensor, device: torch.device | str,
+                   dtype: torch.dtype | None) -> None:
+    """The forward again on a copy of the batch as loaded, every layer's output copied: an output kept
+    without a copy was changed in place by a later op of the first forward (:meth:`Capture.outputs_intact`)."""
+    cap.recapturing = True
+    try:
+        with torch.no_grad(), autocast(device, dtype):
+            forward.logits(model, forward.clone(x))
+    finally:
+        cap.recapturing = False
 
 
 def _to_roots(loss: Tensor, cap: Capture, leaf: Tensor | None, params: Sequence[Tensor], retain: bool) -> None:
