@@ -19,10 +19,13 @@ class Inspection:
     layers: list[dict[str, Any]]
     order: str                                   # "forward" or "registration"
     notes: list[str] = field(default_factory=list)
+    #: what the pickle scan found in the file (ftdoctor.checkpoint.pickle_scan.PickleScan)
+    pickle_scan: Any = None
     kind: ClassVar[str] = "inspect"
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "model": self.model, "layers": self.layers}
+        return {"schema": SCHEMA, "model": self.model, "layers": self.layers,
+                "pickle_scan": self.pickle_scan.to_json() if self.pickle_scan is not None else None}
 
 
 def inspect(path: str | Path, model: ckpt.ModelOptions | None = None, *, head: str | None = None,
@@ -54,4 +57,4 @@ def _inspect(path: str | Path, model: ckpt.ModelOptions | None = None, *, head: 
                      "pass --image-size)")
     info = model_info(loaded, head_layer)
     info["num_params"] = count_params(loaded.model)
-    return Inspection(model=info, layers=rows, order=order, notes=notes)
+    return Inspection(model=info, layers=rows, order=order, notes=notes, pickle_scan=loaded.scan)

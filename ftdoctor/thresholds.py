@@ -23,6 +23,10 @@ Defaults, and why:
 * ``max_drift_rel`` 0.5 — a layer moved by half its own norm.
 * ``expect_num_classes`` — unset: no class-count check.
 * ``require_finite`` — NaN/Inf weights fail.
+* ``pickle_safe`` — a checkpoint whose pickles name a global that can act (``posix.system``,
+  ``builtins.eval``, any callable the pickle calls that is not data: :mod:`ftdoctor.checkpoint.pickle_rules`)
+  fails. On by default; only a ``pickle_safe = false`` key in the config turns it off (no flag does), and
+  the report then says it was off.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ class Thresholds:
     max_drift_rel: float = 0.5
     expect_num_classes: int | None = None
     require_finite: bool = True
+    pickle_safe: bool = True
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -12,6 +12,7 @@ The checks, in the order they are reported:
 ==============================  ==========  ===============================================
 check                           needs       passes when
 ==============================  ==========  ===============================================
+``pickle_safe``                 —           no pickle in it names a global that can act
 ``loadable``                    —           the file loads into a model
 ``require_finite``              —           no NaN/Inf in any parameter or buffer
 ``head_found``                  —           the model has an affine head (SPEC §1)
@@ -117,7 +118,7 @@ def check(paths: Sequence[str | Path], *, model: Any = None, data: Any = None,
     outputs = [Output(Path(p), flag) for p, flag in ((output, "--output"), (html, "--html")) if p is not None]
     with journal(outputs, inputs):
         plan = planned_checks(thresholds, with_data=data is not None, with_reference=reference is not None)
-        shared = _Shared(data=data, reference=reference, model_opts=model_opts, new_head=new_head)
+        shared = _Shared(data=data, reference=reference, model_opts=model_opts, new_head=new_head, config=config)
         verdicts = tuple(judge(p, model_opts=_model_for(p, model_opts, resolved), thresholds=thresholds,
                                shared=shared, plan=plan,
                                head=head, new_head=new_head, head_init=head_init, seed=seed,

@@ -23,6 +23,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 OFF = "off"
+#: keys that are true or false (not thresholds)
+BOOLEAN_KEYS = ("require_finite", "pickle_safe")
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ def validate_settings(table: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 
 def _validate_value(key: str, value: Any, source: str) -> Any:
-    if key == "require_finite":
+    if key in BOOLEAN_KEYS:
         if isinstance(value, bool):
             return value
         raise FtdoctorError(f"{key} in {source} must be true or false, got {value!r}",

@@ -1,6 +1,8 @@
 """Judging one checkpoint: the planned checks in order, each a :class:`~.results.CheckResult`.
 
-The data-free checks come first (``loadable``, ``require_finite``,
+``pickle_safe`` comes first: every pickle of the checkpoint is scanned before anything is loaded
+(:mod:`ftdoctor.checkpoint.pickle_scan`), and a checkpoint that fails it is not loaded at all. The
+data-free checks follow (``loadable``, ``require_finite``,
 ``head_found``, ``expect_num_classes``, ``max_drift_rel``); with data,
 ``runs_on_data`` and then every threshold key a probe owns
 (``Probe.thresholds``), decided by that probe's :meth:`~ftdoctor.probes.base.Probe.judge`
@@ -35,8 +37,8 @@ def probe_of(key: str) -> str:
 
 
 def planned_checks(thresholds: Thresholds, *, with_data: bool, with_reference: bool) -> list[str]:
-    """The checks every checkpoint gets, in report order."""
-    names = ["loadable"]
+    """The checks every checkpoint gets, in report order (``pickle_safe`` always: off, it says so)."""
+    names = ["pickle_safe", "loadable"]
     if thresholds.require_finite:
         names.append("require_finite")
     names.append("head_found")
@@ -94,6 +96,23 @@ def finite_check(model: nn.Module) -> CheckResult:
                        f"diverged; re-export it from a good step")
 
 
+def pickle_check(scan: Any, enabled: bool, config: str | None) -> CheckResult:
+    """``pickle_safe``: fails when a pickle of the checkpoint names a global that can act; the value is how many.
+    Off (``pickle_safe = false`` in the config), it is reported as not run, with what the scan found."""
+    unsafe = len(scan.unsafe)
+    if not enabled:
+        where = config or "the thresholds given"
+        return CheckResult("pickle_safe", None, unsafe, False,
+                           f"off (pickle_safe = false in {where}): not judged; the scan found {scan.summary()}")
+    if unsafe:
+        return CheckResult("pickle_safe", False, unsafe, True,
+                           f"{scan.summary()}: whoever loads this file with full unpickling (torch.load with "
+                           "weights_only=False, older Lightning, many training scripts) runs them, so it was not "
+                           "loaded (hint: rebuild the file from a trusted copy of the weights, e.g. "
+                           "torch.save(model.state_dict(), PATH) or .safetensors)")
+    return CheckResult("pickle_safe", True, 0, True, scan.summary())
+
+
 def as_result(v: Verdict, run: RunArgs) -> CheckResult:
     return CheckResult(v.key, v.passed, v.value, v.threshold, check_message(v, run))
 
@@ -115,6 +134,7 @@ class _Shared:
     bundles: dict[Any, Any] = field(default_factory=dict)
     references: dict[str | None, nn.Module] = field(default_factory=dict)
     new_head: bool = False
+    config: str | None = None       # where the thresholds came from (named when pickle_safe is off)
 
     def run_args(self, path: Path, model_opts: Any = None) -> RunArgs:
         """What a suggested command repeats for this checkpoint."""
@@ -160,6 +180,7 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
           image_size: int | None = None) -> CheckpointVerdict:
     """Run the planned checks on one checkpoint; only configuration problems raise."""
     from ftdoctor import checkpoint as ckpt
+    from ftdoctor.checkpoint.pickle_scan import scan_checkpoint
     from ftdoctor.model import find_head
     from ftdoctor.session import ModelCannotTakeData, find_layers, install_new_head, with_head
 
@@ -175,15 +196,20 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
         by_name = {r.name: r for r in ordered + _skipped(rest, reason, t)}
         return CheckpointVerdict(str(path), tuple(by_name[n] for n in plan), **info)
 
+    scan = scan_checkpoint(path)
+    results["pickle_safe"] = pickle_check(scan, t.pickle_safe, shared.config)
+    if results["pickle_safe"].passed is False and (scan.acting or model_opts.trust_checkpoint):
+        return done(pickle_scan=scan)          # never loaded: loading it is what the check guards against
+    # (a damaged pickle alone is read as far as weights_only or the inert reader go: loadable says why not)
     try:
-        loaded = ckpt.load_model(path, model_opts)
+        loaded = ckpt.load_model(path, model_opts, scan=scan)
     except FtdoctorError as exc:
         results["loadable"] = CheckResult("loadable", False, False, None, _error_text(exc))
-        return done()
+        return done(pickle_scan=scan)
     net = loaded.model
     results["loadable"] = CheckResult("loadable", True, True, None,
                                       f"{describe_storage(loaded)}, architecture {loaded.arch or 'unknown'}")
-    info = {"sha256": loaded.sha256, "arch": loaded.arch}
+    info = {"sha256": loaded.sha256, "arch": loaded.arch, "pickle_scan": scan}
     finite = True
     if "require_finite" in plan:
         results["require_finite"] = finite_check(net)

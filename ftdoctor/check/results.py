@@ -41,6 +41,8 @@ class CheckpointVerdict:
     checks: tuple[CheckResult, ...]
     sha256: str | None = None
     arch: str | None = None
+    #: what the pickle scan found (:class:`ftdoctor.checkpoint.pickle_scan.PickleScan`), every global listed
+    pickle_scan: Any = None
 
     @property
     def passed(self) -> bool:
@@ -52,7 +54,8 @@ class CheckpointVerdict:
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "passed": self.passed, "sha256": self.sha256, "arch": self.arch,
-                "checks": [c.to_json() for c in self.checks]}
+                "checks": [c.to_json() for c in self.checks],
+                "pickle_scan": self.pickle_scan.to_json() if self.pickle_scan is not None else None}
 
 
 @dataclass(frozen=True)

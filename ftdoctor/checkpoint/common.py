@@ -95,6 +95,8 @@ class LoadedModel:
     container: Container
     notes: list[str] = field(default_factory=list)
     source: str = ""
+    #: what the pickle scan found in the file (:class:`~.pickle_scan.PickleScan`)
+    scan: Any = None
 
 
 def sha256_file(path: Path) -> str:

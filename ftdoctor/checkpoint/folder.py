@@ -181,20 +181,24 @@ def _weights(folder: Path) -> tuple[tuple[str, ...], str | None, dict[str, Any],
                         "copy the weight files into the folder, or pass the weight file itself")
 
 
-def read_folder(folder: Path, opts: Any, given: Path | None = None) -> Any:
+def read_folder(folder: Path, opts: Any, given: Path | None = None, scan: Any = None) -> Any:
     """A model folder as one :class:`~.reading.CheckpointFile`: the weights of every file merged under their
-    keys (each file read like a checkpoint file), the layout in its container."""
+    keys (each file read like a checkpoint file), the layout in its container. Every file of the folder is
+    scanned for pickles first (``scan``, unless given), since a fix copies the others into its output."""
     from ftdoctor.checkpoint.common import Container
-    from ftdoctor.checkpoint.reading import CheckpointFile, read_file
+    from ftdoctor.checkpoint.pickle_scan import scan_checkpoint
+    from ftdoctor.checkpoint.reading import CheckpointFile, admit, read_file
 
     found = layout(folder)
     state: dict[str, torch.Tensor] = {}
     notes: list[str] = []
+    scan = scan or scan_checkpoint(folder)
+    admit(scan, opts.trust_checkpoint, notes)
     if given is not None and given != folder:
         notes.append(f"{given.name} is part of the model folder {folder}: read the folder (its config.json says "
                      "how to build it)")
     for name in found.files:
-        part = read_file(folder / name, opts)
+        part = read_file(folder / name, opts, scan=scan, part=True)
         if part.state_dict is None:
             raise FtdoctorError(f"{folder / name} holds no state dict", "re-create the folder with save_pretrained")
         clash = [k for k in part.state_dict if k in state]
@@ -205,7 +209,7 @@ def read_folder(folder: Path, opts: Any, given: Path | None = None) -> Any:
         notes.extend(part.notes)
     digest, size = folder_digest(folder, files_of(found))
     container = Container(found.format, metadata=None, folder=found)
-    return CheckpointFile(folder, digest, size, state, container, notes)
+    return CheckpointFile(folder, digest, size, state, container, notes, scan)
 
 
 def folder_digest(folder: Path, names: list[str]) -> tuple[str, int]:

@@ -3,6 +3,7 @@ it (:mod:`.sources`), move it to the device in ``eval()`` mode."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,16 +13,18 @@ from ftdoctor.checkpoint.sources import on_device, ordered_sources
 from ftdoctor.errors import FtdoctorError
 
 
-def load_model(path: str | Path, opts: ModelOptions = ModelOptions()) -> LoadedModel:
+def load_model(path: str | Path, opts: ModelOptions = ModelOptions(), scan: Any = None) -> LoadedModel:
     """Read a checkpoint of any supported format into an ``eval()`` model on ``opts.device``.
 
-    Every unusable input raises :class:`FtdoctorError` (cause + remedy).
+    Every unusable input raises :class:`FtdoctorError` (cause + remedy); a checkpoint whose pickles name a
+    global that can act is one, unless ``opts.trust_checkpoint``. ``scan``: its
+    :class:`~.pickle_scan.PickleScan`, when the caller made it already (and admitted it).
     """
     path = Path(path)
     device = parse_device(opts.device)
     if opts.num_classes is not None and opts.num_classes < 1:
         raise FtdoctorError(f"--num-classes {opts.num_classes} is not a class count", "give a positive integer")
-    ckpt = read_checkpoint(path, opts)
+    ckpt = read_checkpoint(path, opts, scan=scan)
     for source in ordered_sources():
         plan = source.recognise(ckpt, opts)
         if plan is not None:

@@ -7,15 +7,16 @@ layout, not loaded: that needs ``--trust-checkpoint``, see
 :mod:`.torchscript`), or a ``torch.save`` file through
 ``torch.load(weights_only=True)`` — full unpickling only with
 ``--trust-checkpoint``, and never under a torch older than 2.6
-(CVE-2025-32434). A pickle that asks for more than tensors is refused, naming
-the globals it wants, found without executing it.
+(CVE-2025-32434). Before anything is unpickled, every pickle of the file is
+scanned (:mod:`.pickle_scan`): one that names a global that can act is refused
+without ``--trust-checkpoint``, naming the global and where it sits; one whose
+extras are inert data (a Lightning ``.ckpt``'s hyper-parameters) is read with
+them as placeholders (:mod:`.inert`).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import pickle
-import pickletools
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class CheckpointFile:
     payload: Any
     container: Container
     notes: list[str] = field(default_factory=list)
+    #: what the pickle scan found (:mod:`.pickle_scan`); None only for a file read without one
+    scan: Any = None
 
     @property
     def format(self) -> str:
@@ -53,21 +56,47 @@ class CheckpointFile:
         return self.payload if isinstance(self.payload, Mapping) else None
 
 
-def read_checkpoint(path: Path, opts: ModelOptions) -> CheckpointFile:
+def read_checkpoint(path: Path, opts: ModelOptions, scan: Any = None) -> CheckpointFile:
     """Read ``path`` (every check of the module doc); FtdoctorError for anything unusable. A model folder
-    (or a weight file inside one) is read whole (:mod:`.folder`)."""
+    (or a weight file inside one) is read whole (:mod:`.folder`). ``scan``: the checkpoint's
+    :class:`~.pickle_scan.PickleScan` when the caller has made it already (``check``)."""
     from ftdoctor.checkpoint import folder
 
     found = folder.folder_of(path)
     if found is not None:
-        return folder.read_folder(found, opts, given=path)
+        return folder.read_folder(found, opts, given=path, scan=scan)
     if path.is_dir():
         folder.layout(path)     # raises: says what a model folder needs
-    return read_file(path, opts)
+    return read_file(path, opts, scan=scan)
 
 
-def read_file(path: Path, opts: ModelOptions) -> CheckpointFile:
-    """One checkpoint file (a folder's weight file too), with every check of the module doc."""
+def admit(scan: Any, trust: bool, notes: list[str]) -> None:
+    """Refuse a checkpoint whose pickles name a global that can act (:mod:`.pickle_rules`), naming it and where
+    it sits, unless ``trust`` (``--trust-checkpoint``): then say in ``notes`` what ran."""
+    acting = scan.acting
+    if not acting:
+        return
+    first = acting[0]
+    more = f" (and {len(acting) - 1} more unsafe global(s))" if len(acting) > 1 else ""
+    if trust:
+        names = _listing([f.name for f in acting], 4)
+        notes.append(f"loaded with --trust-checkpoint although its pickle names {names}: code from the file "
+                     "ran as it loaded")
+        return
+    import shlex
+
+    raise FtdoctorError(
+        f"{scan.path} was not loaded: its pickle names {first.describe()}, which can run code when the file is "
+        f"loaded ({first.reason}){more}",
+        f"see every global it names with: ftdoctor check {shlex.quote(scan.path)}; pass --trust-checkpoint only "
+        "if you made the file yourself")
+
+
+def read_file(path: Path, opts: ModelOptions, scan: Any = None, part: bool = False) -> CheckpointFile:
+    """One checkpoint file, with every check of the module doc; a folder's weight file with ``part`` (``scan``
+    is then the folder's, admitted by :func:`~.folder.read_folder`)."""
+    from ftdoctor.checkpoint.pickle_scan import scan_checkpoint
+
     size = regular_file(path, "the checkpoint").st_size   # before any byte is read: no FIFO, no device
     try:
         digest = sha256_file(path)
@@ -76,16 +105,19 @@ def read_file(path: Path, opts: ModelOptions) -> CheckpointFile:
     if size == 0:
         raise _unreadable(path, "the file is empty")
     notes: list[str] = []
+    scan = scan or scan_checkpoint(path)
+    if not part:
+        admit(scan, opts.trust_checkpoint, notes)
     if _looks_like_safetensors(path):
         state, metadata = _read_safetensors(path)
         bounds.check_tensors(state, path, size)
-        return CheckpointFile(path, digest, size, state, Container("safetensors", metadata=metadata), notes)
+        return CheckpointFile(path, digest, size, state, Container("safetensors", metadata=metadata), notes, scan)
     bounds.check_zip_entries(path, size)
     if _looks_like_torchscript(path):
-        return CheckpointFile(path, digest, size, None, Container("torchscript"), notes)
+        return CheckpointFile(path, digest, size, None, Container("torchscript"), notes, scan)
     if not _is_zip(path):
         bounds.check_legacy_storages(path, size)
-    obj = _torch_load(path, opts.trust_checkpoint, notes)
+    obj = _torch_load(path, opts.trust_checkpoint, notes, _needs_more_than_weights(scan, path), bool(scan.acting))
     bounds.check_tensors(obj, path, size)
     wrapper_key, payload = _find_payload(path, obj, notes)
     wrapper = None
@@ -94,7 +126,15 @@ def read_file(path: Path, opts: ModelOptions) -> CheckpointFile:
         wrapper[wrapper_key] = None
     fmt = "module" if isinstance(payload, nn.Module) else "state_dict"
     return CheckpointFile(path, digest, size, payload, Container(fmt, wrapper_key=wrapper_key, wrapper=wrapper),
-                          notes)
+                          notes, scan)
+
+
+def _needs_more_than_weights(scan: Any, path: Path) -> list[str]:
+    """The globals of ``path``'s pickles beyond what ``weights_only`` allows (empty: it will do)."""
+    from ftdoctor.checkpoint.pickle_rules import WEIGHTS
+
+    mine = [f for f in scan.findings if not f.file or Path(scan.path) / f.file == path]
+    return list(dict.fromkeys(f.name for f in mine if f.kind != WEIGHTS and not f.damage))
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -151,8 +191,10 @@ def _looks_like_torchscript(path: Path) -> bool:
     return False
 
 
-def _torch_load(path: Path, trust: bool, notes: list[str]) -> Any:
-    """``torch.load(weights_only=True)``; full unpickling only with ``--trust-checkpoint``.
+def _torch_load(path: Path, trust: bool, notes: list[str], beyond: list[str], acted: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` when the scan found nothing beyond weights; the inert reader for a
+    training checkpoint whose extras are data (``beyond``, the scan's names); full unpickling only with
+    ``--trust-checkpoint`` (``acted``: :func:`admit` has said which unsafe globals that runs).
 
     Before torch 2.6, ``weights_only=True`` itself could run code from a crafted
     file (CVE-2025-32434): under such a torch only ``--trust-checkpoint`` reads a pickle.
@@ -166,33 +208,35 @@ def _torch_load(path: Path, trust: bool, notes: list[str]) -> Any:
                 "on a machine with a current torch")
         notes.append(f"torch {torch.__version__} < 2.6: read with --trust-checkpoint, fully unpickled")
         return _trusted_load(path)
-    try:
-        with _quiet():
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        unsafe = _unsafe_globals(path, str(exc))
-        if not unsafe:
-            raise _unreadable(
-                path,
-                _short(exc),
-                "torch.load(weights_only=True) cannot read it; re-save it with torch.save(model.state_dict(), PATH) "
-                "(or pass --trust-checkpoint if it is a pickle from a source you trust)",
-            ) from None
-        if not trust:
-            inert = _inert_load(path, notes)
-            if inert is not None:
-                return inert
-            raise FtdoctorError(
-                f"{path} is a pickle that asks for {_listing(unsafe)}; unpickling it could run arbitrary code, "
-                "so it was not loaded",
-                "pass --trust-checkpoint only if you trust where this file comes from, "
-                "or re-save it as a state dict or .safetensors",
-            ) from None
-    except Exception as exc:  # corrupt zip, truncated legacy pickle, random bytes, ...
-        raise _unreadable(path, _corruption_reason(path, exc)) from None
-
-    notes.append(f"loaded with --trust-checkpoint: fully unpickled (needs {_listing(unsafe, 3)})")
-    return _trusted_load(path)
+    if not beyond:
+        try:
+            with _quiet():
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:   # what the scan took for weights, this torch does not allow
+            beyond = re.findall(r"GLOBAL ([\w.]+)", str(exc))
+            if not beyond:                       # no global: an opcode weights_only does not take (FRAME)
+                inert = None if trust else _inert_load(path, notes)
+                if inert is not None:
+                    return inert
+                raise _unreadable(
+                    path, _short(exc),
+                    "torch.load(weights_only=True) cannot read it; re-save it with torch.save(model.state_dict(), "
+                    "PATH) (or pass --trust-checkpoint if it is a pickle from a source you trust)") from None
+        except Exception as exc:  # corrupt zip, truncated legacy pickle, random bytes, ...
+            raise _unreadable(path, _corruption_reason(path, exc)) from None
+    if trust:
+        if not acted:
+            notes.append(f"loaded with --trust-checkpoint: fully unpickled (needs {_listing(beyond, 3)})")
+        return _trusted_load(path)
+    inert = _inert_load(path, notes)
+    if inert is not None:
+        return inert
+    raise FtdoctorError(
+        f"{path} is a pickle of {_listing(beyond)}, not a state dict: building it needs those classes imported "
+        "and run, so it was not loaded",
+        "pass --trust-checkpoint only if you trust where this file comes from, "
+        "or re-save it as a state dict or .safetensors",
+    ) from None
 
 
 def _inert_load(path: Path, notes: list[str]) -> Any:
@@ -213,8 +257,9 @@ def _inert_load(path: Path, notes: list[str]) -> Any:
     if not _is_state_dict(payload):
         return None
     names = placeholders_in(obj)
-    notes.append(f"read without running anything from the file: {_listing(names, 4)} kept as inert placeholders "
-                 "(not imported, not run) and written back as they were")
+    if names:
+        notes.append(f"read without running anything from the file: {_listing(names, 4)} kept as inert "
+                     "placeholders (not imported, not run) and written back as they were")
     return obj
 
 
@@ -250,77 +295,6 @@ def _corruption_reason(path: Path, exc: Exception) -> str:
     if isinstance(exc, EOFError):
         return "the file ends too early (truncated)"
     return f"not a torch.save file, safetensors or TorchScript archive ({_short(exc)})"
-
-
-def _unsafe_globals(path: Path, message: str) -> list[str]:
-    """The globals a pickle imports beyond what ``weights_only`` allows, found without executing it."""
-    names: list[str] = re.findall(r"GLOBAL ([\w.]+)", message)
-    if _is_zip(path):
-        with contextlib.suppress(Exception):
-            names += torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    else:  # legacy torch.save files and raw pickles: get_unsafe_globals_in_checkpoint needs a zip
-        allowed = _allowed_globals()
-        names += [name for name in _pickle_globals(path) if name not in allowed]
-    return list(dict.fromkeys(names))
-
-
-def _allowed_globals() -> set[str]:
-    allowed: set[str] = set()
-    with contextlib.suppress(Exception):
-        from torch import _weights_only_unpickler
-
-        allowed |= set(_weights_only_unpickler._get_allowed_globals())
-    with contextlib.suppress(Exception):
-        for entry in torch.serialization.get_safe_globals():
-            obj = entry[0] if isinstance(entry, tuple) else entry
-            allowed.add(f"{obj.__module__}.{obj.__qualname__}")
-    return allowed
-
-_IDENTIFIER = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
-
-_STRING_OPS = frozenset(
-    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
-)
-
-
-def _pickle_globals(path: Path, max_pickles: int = 8) -> list[str]:
-    """``module.name`` of every GLOBAL / STACK_GLOBAL in the pickles at the start of a file.
-
-    Uses ``pickletools.genops``, which only parses opcodes: nothing is imported
-    or called. A legacy ``torch.save`` file is several pickles in a row
-    followed by raw storage bytes, so parsing stops at the first failure.
-    """
-    found: list[str] = []
-    with open(path, "rb") as f:
-        for _ in range(max_pickles):
-            memo: dict[int, Any] = {}
-            recent: list[Any] = []  # values of the last pushes, enough for STACK_GLOBAL
-            try:
-                for op, arg, _pos in pickletools.genops(f):
-                    name = op.name
-                    if name == "GLOBAL" and isinstance(arg, str):
-                        found.append(arg.replace(" ", "."))
-                        recent.append(None)
-                    elif name == "STACK_GLOBAL":
-                        if len(recent) >= 2 and isinstance(recent[-2], str) and isinstance(recent[-1], str):
-                            found.append(f"{recent[-2]}.{recent[-1]}")
-                        recent.append(None)
-                    elif name in _STRING_OPS:
-                        recent.append(arg)
-                    elif name == "MEMOIZE":
-                        memo[len(memo)] = recent[-1] if recent else None
-                    elif name in {"PUT", "BINPUT", "LONG_BINPUT"}:
-                        memo[int(arg)] = recent[-1] if recent else None
-                    elif name in {"GET", "BINGET", "LONG_BINGET"}:
-                        recent.append(memo.get(int(arg)))
-                    elif name in {"FRAME", "PROTO"}:
-                        pass
-                    else:
-                        recent.append(None)
-                    del recent[:-2]
-            except Exception:  # not (or no longer) a pickle
-                break
-    return [name for name in dict.fromkeys(found) if _IDENTIFIER.fullmatch(name)]
 
 
 def _find_payload(path: Path, obj: Any, notes: list[str]) -> tuple[str | None, Any]:

@@ -105,7 +105,8 @@ def loaded(ckpt: CheckpointFile, model: nn.Module, fmt: str, arch: str | None, c
             f"drop --num-classes (it is read from the head) or pass --num-classes {num_classes}; "
             "--new-head replaces the head for a dataset with another class count",
         )
-    return LoadedModel(model, path, ckpt.sha256, fmt, arch, num_classes, head_key, container, notes, source)
+    return LoadedModel(model, path, ckpt.sha256, fmt, arch, num_classes, head_key, container, notes, source,
+                       ckpt.scan)
 
 
 def on_device(result: LoadedModel, device: torch.device) -> LoadedModel:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,14 +34,26 @@ def write_sidecar(out: Path, record: dict) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class Saved:
+    """What :func:`save_model` wrote: the output's sha256 and the pickle scan of the output."""
+
+    sha256: str
+    scan: Any
+
+
 def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force: bool = False,
-               notes: list[str] | None = None, class_names: Sequence[str] | None = None) -> str:
-    """Write ``model`` to ``out`` in ``loaded``'s format and container; return the file's sha256.
+               notes: list[str] | None = None, class_names: Sequence[str] | None = None) -> Saved:
+    """Write ``model`` to ``out`` in ``loaded``'s format and container; return its sha256 and pickle scan.
 
     A state dict keeps its wrapper dict (other entries untouched, but for a head of another class count:
     :mod:`.retarget`, which says what it changed in ``notes``), key names, prefix and stored dtypes; a
     safetensors file keeps its metadata; a full pickled module stays one; a model folder's config gets the
     new class count (and ``class_names``, the data's, when they are known). TorchScript cannot be written back.
+
+    The output is scanned like any input (:mod:`.pickle_scan`): it may name a global that can act only when the
+    input did and was loaded with ``--trust-checkpoint`` (then ``notes`` get a warning); otherwise the write
+    fails (and the command's journal removes it), so nothing ftdoctor writes carries code on unasked.
     """
     from ftdoctor.checkpoint.sources import MODEL_SOURCES
 
@@ -67,7 +79,28 @@ def save_model(loaded: LoadedModel, model: nn.Module, out: str | Path, *, force:
             notes.extend(said)
             if found.left_out:
                 notes.append(f"not copied: {', '.join(found.left_out)} (links to files outside {loaded.path})")
-    return source.save(loaded, model, out)
+    sha = source.save(loaded, model, out)
+    return Saved(sha, _check_output(loaded, out, notes))
+
+
+def _check_output(loaded: LoadedModel, out: Path, notes: list[str] | None) -> Any:
+    """The pickle scan of a written output: unsafe globals only as the trusted input carried them."""
+    from ftdoctor.checkpoint.pickle_scan import scan_checkpoint
+    from ftdoctor.errors import FtdoctorError
+
+    scan = scan_checkpoint(out)
+    acting = scan.acting
+    if not acting:
+        return scan
+    names = ", ".join(dict.fromkeys(f.name for f in acting))
+    trusted = loaded.scan is not None and bool(loaded.scan.acting)
+    if not trusted:
+        raise FtdoctorError(f"the output {out} would name {names}, which can run code when it is loaded; nothing "
+                            "was written", "report this: an output of ftdoctor must never carry code")
+    if notes is not None:
+        notes.append(f"warning: {out} carries the same code as its input ({names}): whoever loads it with full "
+                     "unpickling runs it, as --trust-checkpoint ran it here")
+    return scan
 
 
 def _head_outputs(model: nn.Module, head_key: str | None) -> int | None:

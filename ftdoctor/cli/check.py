@@ -66,7 +66,8 @@ def check(
         rich_help_panel=THRESHOLD_PANEL, show_default=False)] = None,
     head: Head = None, seed: Seed = 0,
     format: Annotated[Optional[str], typer.Option(
-        "--format", help="text, json, junit, github or markdown (default: github when GITHUB_ACTIONS=true, else text).",
+        "--format", help="text, json, junit, github, markdown or sarif (default: github when GITHUB_ACTIONS=true, "
+                         "else text).",
         rich_help_panel=OUTPUT_PANEL, show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", help="Write the report in --format to FILE (atomically); the terminal then gets the text "
@@ -76,10 +77,13 @@ def check(
     """CI gate: judge checkpoints against thresholds; exit 0 all passed, 1 any check failed, 2 unusable
     config or input.
 
-    Data-free checks (loadable, require_finite, head_found, expect_num_classes, max_drift_rel) always run;
-    the probe checks (noise, change rates, gradient depth, R²) run with --data. A checkpoint that cannot be
-    loaded (corrupt, truncated, unsafe pickle) is a failed `loadable` check, exit 1, reported in every
-    format; bad config or flags, no matching checkpoint or an empty directory exit 2. Thresholds: the
+    Every pickle in a checkpoint is scanned first: one that names a global that can act (os.system, eval,
+    any callable it calls that is not data) fails `pickle_safe` and is never loaded; only a `pickle_safe =
+    false` key in the config turns that off. Data-free checks (loadable, require_finite, head_found,
+    expect_num_classes, max_drift_rel) always run; the probe checks (noise, change rates, gradient depth,
+    R²) run with --data. A checkpoint that cannot be loaded (corrupt, truncated) is a failed `loadable`
+    check, exit 1, reported in every format; bad config or flags, no matching checkpoint or an empty
+    directory exit 2. Thresholds: the
     \\[tool.ftdoctor.check] table of the nearest pyproject.toml above the working directory, or --config;
     flags win. Checkpoints that cannot be recognised get an architecture from its \\[tool.ftdoctor.check.arch]
     table ("GLOB" = "ARCH"; --arch wins).

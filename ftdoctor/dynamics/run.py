@@ -143,12 +143,14 @@ def _trace(model_path: str | Path, model: Any, data: Any, options: TraceOptions,
         notes.append(f"the head {layers_head} normalises its input first (ENTAME eq. 20): a saved checkpoint "
                      f"carries the buffers {layers_head}.feature_norm.mean/var")
     if save is not None:
-        sha = ckpt.save_model(loaded, tuned, Path(save), force=force, notes=notes)
+        saved = ckpt.save_model(loaded, tuned, Path(save), force=force, notes=notes)
     result = TraceResult(minfo, dinfo, settings, run, tuple(notes))
     if save is not None:
         ckpt.write_sidecar(Path(save), {
             "command": "trace", "method": options.method, "parameters": settings, "seed": options.seed,
-            "input": {"path": str(loaded.path), "sha256": loaded.sha256}, "output": {"sha256": sha},
+            "input": {"path": str(loaded.path), "sha256": loaded.sha256}, "output": {"sha256": saved.sha256},
+            "pickle_scan": {"input": loaded.scan.to_json() if loaded.scan is not None else None,
+                            "output": saved.scan.to_json()},
             "versions": {"ftdoctor": ftdoctor.__version__, "torch": torch.__version__.split("+")[0]},
             "final": run.final(options.window)})
     return result

@@ -53,6 +53,8 @@ class FixResult:
     output_sha256: str | None = None
     sidecar: Path | None = None
     notes: list[str] = field(default_factory=list)
+    input_scan: Any = None        # the pickle scans of the input and the output (ftdoctor.checkpoint.pickle_scan)
+    output_scan: Any = None
     kind: ClassVar[str] = "fix"
 
     @property
@@ -74,9 +76,14 @@ class FixResult:
             "verification": {"passed": o.passed, "checks": [c.to_json() for c in o.checks], **o.figures},
             "left_alone": [l.to_json() for l in o.left_alone],
             "notes": list(self.notes) + list(o.notes),
+            "pickle_scan": {"input": _scan_json(self.input_scan), "output": _scan_json(self.output_scan)},
         }
 
     to_json = record
+
+
+def _scan_json(scan: Any) -> dict[str, Any] | None:
+    return scan.to_json() if scan is not None else None
 
 
 class FixFailed(VerificationFailed):
@@ -217,7 +224,7 @@ def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "
                   "subset": data.subset,
                   "batch_size": data.batch_size, "image_size": data.image_size, "normalize": data.normalize,
                   "split": data.split, "device": model_opts.device},
-        out=out if write else None, notes=notes)
+        out=out if write else None, notes=notes, input_scan=loaded.scan)
     if not outcome.passed:
         failed = "; ".join(f"{c.name} = {_fmt(c.after)} (wanted {c.target})" for c in outcome.failures())
         raise FixFailed(f"{method} did not pass its verification: {failed}; nothing was written",
@@ -225,8 +232,8 @@ def _fix(model_path: Path, method: str, out: Path, data: "DataOptions", model: "
     if not write:
         return result
     try:
-        result.output_sha256 = ckpt.save_model(loaded, net, out, force=force, notes=result.notes,
-                                               class_names=bundle.class_names)
+        saved = ckpt.save_model(loaded, net, out, force=force, notes=result.notes, class_names=bundle.class_names)
+        result.output_sha256, result.output_scan = saved.sha256, saved.scan
         result.sidecar = ckpt.write_sidecar(out, result.record())
     except FtdoctorError:
         raise

@@ -1,5 +1,5 @@
 """Output formats, one module each, behind one interface looked up by name (:mod:`.formats`): rich ``table``,
-``json``, ``markdown``, ``hdf5``, and for ``check`` its ``text`` table, ``junit`` and ``github``; ``plot`` draws
+``json``, ``markdown``, ``hdf5``, and for ``check`` its ``text`` table, ``junit``, ``github`` and ``sarif``; ``plot`` draws
 pictures of HDF5 files."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ftdoctor.report.formats import FORMATS, OutputFormat, get, names, register_
 
 def load_formats() -> None:
     """Import the format modules (each registers itself); cheap to call again."""
-    from ftdoctor.report import check_text, github, hdf5, html, json, junit, markdown, table  # noqa: F401
+    from ftdoctor.report import check_text, github, hdf5, html, json, junit, markdown, sarif, table  # noqa: F401
 
 
 def write_files(result: Any, files: Iterable[tuple[str, Any]]) -> None:

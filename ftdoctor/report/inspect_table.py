@@ -23,3 +23,5 @@ def render(res: Inspection, console: Console) -> None:
                   f"{m['num_params']:,} parameters, {len(res.layers)} affine layers "
                   f"({res.order} order), head [bold]{m['head']}[/] → {m['num_classes']} classes"
                   + (f", [bold red]non-finite weights in {', '.join(bad[:5])}[/]" if bad else ""))
+    if res.pickle_scan is not None:
+        console.print(f"pickles: {res.pickle_scan.summary()}", soft_wrap=True, markup=False)

@@ -127,7 +127,7 @@ def test_false_disables_a_check_and_bare_keys_work_with_config(tmp_path):
     plan = planned_checks(t, with_data=True, with_reference=False)
     assert "max_change_rate_cv" not in plan and "min_depth_ratio" in plan and "min_r2_median" not in plan
     assert planned_checks(t, with_data=False, with_reference=True) == [
-        "loadable", "require_finite", "head_found", "max_drift_rel"]
+        "pickle_safe", "loadable", "require_finite", "head_found", "max_drift_rel"]
 
 
 def test_invalid_toml_is_a_config_error(tmp_path):
@@ -161,7 +161,8 @@ def test_pass_and_fail_in_one_call_every_format(work, capsys, monkeypatch):
     verdicts = {c["path"]: c["passed"] for c in doc["checkpoints"]}
     assert verdicts == {"good.pt": True, "nan.pt": False}
     bad = {c["name"]: c for c in doc["checkpoints"][1]["checks"]}
-    assert [c["name"] for c in doc["checkpoints"][1]["checks"]] == ["loadable", "require_finite", "head_found"]
+    assert [c["name"] for c in doc["checkpoints"][1]["checks"]] == ["pickle_safe", "loadable", "require_finite",
+                                                                     "head_found"]
     assert bad["require_finite"]["passed"] is False and bad["require_finite"]["value"] == 2   # 1 NaN + 1 Inf
     assert "features.3.weight" in bad["require_finite"]["message"]
     assert bad["head_found"]["passed"] is True and bad["head_found"]["value"] == "fc"
@@ -172,7 +173,7 @@ def test_pass_and_fail_in_one_call_every_format(work, capsys, monkeypatch):
     root = ET.parse(work / "r.xml").getroot()
     suites = root.findall("testsuite")
     assert [s.get("name") for s in suites] == ["good.pt", "nan.pt"]
-    assert len(root.findall(".//testcase")) == 6 and len(root.findall(".//failure")) == 1
+    assert len(root.findall(".//testcase")) == 8 and len(root.findall(".//failure")) == 1
     assert root.get("failures") == "1" and suites[1].get("failures") == "1"
     failure = suites[1].find("testcase[@name='require_finite']/failure")
     assert "features.3.weight" in failure.get("message")
@@ -206,13 +207,13 @@ def test_github_chosen_by_itself_under_actions(work, capsys, monkeypatch):
 
 def test_nan_fails_require_finite_naming_layer_and_can_be_disabled(work, capsys):
     code, out, err = run("check", "nan.pt", *ARCH, "--format", "json", capsys=capsys)
-    msg = json.loads(out)["checkpoints"][0]["checks"][1]
+    msg = json.loads(out)["checkpoints"][0]["checks"][2]
     assert code == 1 and msg["name"] == "require_finite"
     assert "features.3.weight (2 of 576 values NaN and Inf)" in msg["message"]
     code, out, err = run("check", "nan.pt", *ARCH, "--no-require-finite", "--format", "json", capsys=capsys)
     doc = json.loads(out)
     assert code == 0 and doc["thresholds"]["require_finite"] is False
-    assert [c["name"] for c in doc["checkpoints"][0]["checks"]] == ["loadable", "head_found"]
+    assert [c["name"] for c in doc["checkpoints"][0]["checks"]] == ["pickle_safe", "loadable", "head_found"]
 
 
 def test_expect_num_classes_from_pyproject_and_flag(work, capsys):
@@ -386,7 +387,7 @@ def test_only_the_probes_the_thresholds_need_run(work, npz, capsys, monkeypatch)
     code, out, err = run("check", "good.pt", *ARCH, *DATA, *off, "--format", "json", capsys=capsys)
     assert asked == [("noise",)]
     names = [c["name"] for c in json.loads(out)["checkpoints"][0]["checks"]]
-    assert names == ["loadable", "require_finite", "head_found", "runs_on_data", "max_noise_fraction",
+    assert names == ["pickle_safe", "loadable", "require_finite", "head_found", "runs_on_data", "max_noise_fraction",
                      "max_excess_noise_fraction"]
     asked.clear()
     run("check", "good.pt", *ARCH, *DATA, "--reference", "good.pt", "--max-noise-fraction", "off",

@@ -147,9 +147,10 @@ def test_state_dict_round_trip_keeps_wrapper_prefix_and_values(usermodels, tmp_p
     if prefix:
         assert any(prefix in note for note in first.notes)
     out = tmp_path / "out.ckpt"
-    digest = save_model(first, first.model, out)
+    saved = save_model(first, first.model, out)
 
-    assert digest == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert saved.sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert saved.scan.safe and saved.scan.pickles          # the output scanned like any input
     assert sha256_file(src) == before  # the input is never modified
     original, written = raw(src), raw(out)
     if wrapper is None:

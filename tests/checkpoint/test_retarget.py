@@ -105,8 +105,9 @@ def test_a_lightning_checkpoint_with_objects_in_its_hyper_parameters_needs_no_tr
     assert isinstance(fixed.hparams.loss, torch.nn.CrossEntropyLoss) and fixed.hparams.loss.label_smoothing == 0.1
 
 
-def test_code_in_a_checkpoint_extra_never_runs(tmp_path):
-    """A reduce that would call os.system stays inert: the marker file is never created."""
+def test_code_in_a_checkpoint_extra_is_refused_and_never_carried_on(tmp_path):
+    """A training checkpoint whose extra would call os.system: inspect and fix refuse it (exit 2, naming
+    posix.system), nothing is written, the marker file is never created; check fails it."""
     import os
 
     class Evil:
@@ -120,9 +121,8 @@ def test_code_in_a_checkpoint_extra_never_runs(tmp_path):
                  ("fix", str(tmp_path / "evil.ckpt"), "--arch", "ftdoctor.zoo:ShapesNet", "--method", "rifle",
                   "--data", "shapes:5", "--max-samples", "16", "-o", str(tmp_path / "out.ckpt"))):
         code, out, err = run_cli(*args)
-        assert code == 0, err
-        assert not (tmp_path / "PWNED").exists()
-    from ftdoctor.checkpoint.inert import PickleModule
-    back = torch.load(tmp_path / "out.ckpt", weights_only=False, pickle_module=PickleModule)
-    assert "posix.system" in repr(back["callbacks"]["x"]) or "os.system" in repr(back["callbacks"]["x"])
+        assert code == 2 and "posix.system (REDUCE" in err and "--trust-checkpoint" in err, err
+        assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out.ckpt").exists()
+    code, out, err = run_cli("check", str(tmp_path / "evil.ckpt"), "--arch", "ftdoctor.zoo:ShapesNet")
+    assert code == 1 and "pickle_safe" in out and "posix.system" in out
     assert not (tmp_path / "PWNED").exists()

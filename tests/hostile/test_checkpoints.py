@@ -97,14 +97,16 @@ def _checks(out: str) -> dict[str, dict]:
     ("corrupt.pt", "not a readable checkpoint"),
     ("corrupt.safetensors", "safetensors"),
     ("empty.pt", "empty"),
-    ("evil_alone.pt", "--trust-checkpoint"),
 ])
 def test_unloadable_is_a_failed_loadable_check_and_a_probe_error(files, capsys, name, fragment):
     code, out, err, created = run(files, "check", name, "good.pt", *ARCH, "--format", "json", capsys=capsys)
     assert code == 1 and "Traceback" not in err and created == []
     checks = _checks(out)
     assert checks["loadable"]["passed"] is False and fragment in checks["loadable"]["message"]
-    assert all(c["passed"] is None for n, c in checks.items() if n != "loadable")       # skipped, said why
+    # a damaged pickle cannot be judged past its damage: pickle_safe fails too, saying where
+    if checks["pickle_safe"]["passed"] is False:
+        assert "damaged" in checks["pickle_safe"]["message"] and "offset" in checks["pickle_safe"]["message"]
+    assert all(c["passed"] is None for n, c in checks.items() if n not in ("loadable", "pickle_safe"))
     assert json.loads(out)["checkpoints"][1]["passed"] is True                            # the good one still judged
     code, out, err, created = run(files, "probe", name, *ARCH, *DATA, "--output", "r.json", "--hdf5", "r.h5",
                                   capsys=capsys)
@@ -113,14 +115,19 @@ def test_unloadable_is_a_failed_loadable_check_and_a_probe_error(files, capsys, 
     assert not (files / MARKER).exists()
 
 
-def test_malicious_pickle_names_its_globals_and_runs_nothing(files, capsys):
-    code, out, err, created = run(files, "check", "evil_alone.pt", *ARCH, "--format", "json", capsys=capsys)
-    msg = _checks(out)["loadable"]["message"]
-    assert code == 1 and "open" in msg and "--trust-checkpoint" in msg
-    assert not (files / MARKER).exists() and created == []
-    # beside a state dict, the same object is read inert: the weights are judged, nothing runs
-    code, out, err, created = run(files, "check", "evil.pt", *ARCH, "--format", "json", capsys=capsys)
-    assert code == 0 and _checks(out)["loadable"]["passed"] is True
+@pytest.mark.parametrize("name", ["evil_alone.pt", "evil.pt"])
+def test_malicious_pickle_fails_pickle_safe_naming_its_global_and_runs_nothing(files, capsys, name):
+    """Alone or beside a state dict, a pickle that calls builtins.open fails pickle_safe and is never loaded;
+    probe refuses it naming the global and the remedy."""
+    code, out, err, created = run(files, "check", name, *ARCH, "--format", "json", capsys=capsys)
+    checks = _checks(out)
+    assert code == 1 and checks["pickle_safe"]["passed"] is False and created == []
+    assert "io.open (REDUCE" in checks["pickle_safe"]["message"]      # builtins.open is io.open
+    assert all(c["passed"] is None and "pickle_safe failed" in c["message"]
+               for n, c in checks.items() if n != "pickle_safe")
+    code, out, err, created = run(files, "probe", name, *ARCH, *DATA, capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 2 and "io.open" in err
+    assert "--trust-checkpoint" in err and f"ftdoctor check {name}" in err
     assert not (files / MARKER).exists() and created == []
 
 
@@ -227,9 +234,9 @@ def test_damaged_checkpoints_never_crash_check(files, data):
         sys.path.pop(0)
     (verdict,) = report.checkpoints
     names = [c.name for c in verdict.checks]
-    assert names == ["loadable", "require_finite", "head_found"]
-    if verdict.checks[0].passed is False:
-        assert all(c.passed is None for c in verdict.checks[1:])
+    assert names == ["pickle_safe", "loadable", "require_finite", "head_found"]
+    if verdict.checks[1].passed is False:
+        assert all(c.passed is None for c in verdict.checks[2:])
     json.dumps(report.to_json(), allow_nan=False)       # always valid JSON
 
 

@@ -15,14 +15,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_a_malicious_extra_beside_a_state_dict_runs_nothing(good_model, nets_dir, legacy):
-    """The extra is read as an inert placeholder (never called): the weights are used, the global is named."""
+def test_a_malicious_extra_beside_a_state_dict_is_refused_and_runs_nothing(good_model, nets_dir, legacy):
+    """The extra's pickle calls io.open: every command refuses the file naming it (check fails pickle_safe);
+    nothing runs, nothing is written."""
     evil = nets_dir / "evil.pt"
     torch.save({"state_dict": torch.load(good_model), "x": Evil(nets_dir / CANARY)}, evil,
                _use_new_zipfile_serialization=not legacy)
-    assert_clean(run(nets_dir, "probe", evil, *ARCH, "--data", "shapes:10", *SMALL), 0)
-    assert_clean(run(nets_dir, "inspect", evil, *ARCH), 0, mentions=("open", "inert"))
-    assert_clean(run(nets_dir, "check", evil, *ARCH), 0, mentions=("loadable",))
+    assert_clean(run(nets_dir, "probe", evil, *ARCH, "--data", "shapes:10", *SMALL), 2,
+                 mentions=("io.open (REDUCE", "--trust-checkpoint"))
+    assert_clean(run(nets_dir, "inspect", evil, *ARCH), 2, mentions=("io.open", "ftdoctor check"))
+    assert_clean(run(nets_dir, "check", evil, *ARCH), 1, mentions=("pickle_safe", "io.open"))
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
