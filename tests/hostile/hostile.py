@@ -31,6 +31,44 @@ ARCH = ("--arch", "ftd_hostile_nets:SmallCNN")
 SMALL = ("--max-samples", "32", "--batch-size", "16", "--quiet")
 
 
+#: a TorchScript module whose __setstate__ writes a file of its choosing when the archive is loaded
+PAYLOAD = textwrap.dedent('''
+    import torch
+    from typing import Tuple
+
+    class Payload(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.ones(1)
+
+        def forward(self, x):
+            return x * self.scale
+
+        @torch.jit.export
+        def __getstate__(self) -> Tuple[torch.Tensor, bool]:
+            return (self.scale, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
+            # TorchScript can write files: a shared mapping of a path it chooses
+            t = torch.from_file("CANARY", True, 8, dtype=torch.uint8)
+            t.fill_(65)
+            self.training = state[1]
+            self.scale = state[0] + t[:1].float() * 0
+
+    class Evil(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = Payload()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+            self.fc = torch.nn.Linear(4, 10)
+
+        def forward(self, x):
+            return self.fc(self.features(self.pre(x)))
+''')
+
+
 class Evil:
     """Unpickled with full pickle, this would create the canary file (an absolute path)."""
 

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import pickle
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hostile import ARCH, CANARY, SMALL, Evil, assert_clean, run
+from hostile import ARCH, CANARY, PAYLOAD, SMALL, Evil, assert_clean, run
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -81,43 +80,6 @@ def test_the_genuine_cifar_layout_still_loads(good_model, nets_dir):
             "--format", "json")
     assert_clean(o, 0)
     assert '"num_samples": 20' in o.out
-
-
-PAYLOAD = textwrap.dedent('''
-    import torch
-    from typing import Tuple
-
-    class Payload(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.ones(1)
-
-        def forward(self, x):
-            return x * self.scale
-
-        @torch.jit.export
-        def __getstate__(self) -> Tuple[torch.Tensor, bool]:
-            return (self.scale, self.training)
-
-        @torch.jit.export
-        def __setstate__(self, state: Tuple[torch.Tensor, bool]) -> None:
-            # TorchScript can write files: a shared mapping of a path it chooses
-            t = torch.from_file("CANARY", True, 8, dtype=torch.uint8)
-            t.fill_(65)
-            self.training = state[1]
-            self.scale = state[0] + t[:1].float() * 0
-
-    class Evil(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pre = Payload()
-            self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
-                                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-            self.fc = torch.nn.Linear(4, 10)
-
-        def forward(self, x):
-            return self.fc(self.features(self.pre(x)))
-''')
 
 
 def test_torchscript_runs_nothing_without_trust(nets_dir):
