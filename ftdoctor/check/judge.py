@@ -106,7 +106,7 @@ def pickle_check(scan: Any, enabled: bool, config: str | None) -> CheckResult:
                            f"off (pickle_safe = false in {where}): not judged; the scan found {scan.summary()}")
     if unsafe:
         return CheckResult("pickle_safe", False, unsafe, True,
-                           f"{scan.summary()}: whoever loads this file with full unpickling (torch.load with "
+                           f"{scan.summary()}. Whoever loads this file with full unpickling (torch.load with "
                            "weights_only=False, older Lightning, many training scripts) runs them, so it was not "
                            "loaded (hint: rebuild the file from a trusted copy of the weights, e.g. "
                            "torch.save(model.state_dict(), PATH) or .safetensors)")
@@ -171,6 +171,15 @@ def _threshold_of(name: str, t: Thresholds) -> Any:
     return getattr(t, name) if name in Thresholds.keys() else None
 
 
+def _file_digest(path: Path) -> str | None:
+    """The sha256 of a checkpoint file that was scanned but not loaded (a CI log can name the very file)."""
+    from ftdoctor.checkpoint.common import sha256_file
+    try:
+        return sha256_file(path) if path.is_file() else None
+    except (OSError, FtdoctorError):
+        return None
+
+
 def _error_text(exc: FtdoctorError) -> str:
     return f"{exc.cause} (hint: {exc.remedy})"
 
@@ -199,7 +208,7 @@ def judge(path: Path, *, model_opts: Any, thresholds: Thresholds, shared: _Share
     scan = scan_checkpoint(path)
     results["pickle_safe"] = pickle_check(scan, t.pickle_safe, shared.config)
     if results["pickle_safe"].passed is False and (scan.acting or model_opts.trust_checkpoint):
-        return done(pickle_scan=scan)          # never loaded: loading it is what the check guards against
+        return done(pickle_scan=scan, sha256=_file_digest(path))   # never loaded: that is what it guards against
     # (a damaged pickle alone is read as far as weights_only or the inert reader go: loadable says why not)
     try:
         loaded = ckpt.load_model(path, model_opts, scan=scan)

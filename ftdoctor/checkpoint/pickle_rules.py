@@ -61,8 +61,8 @@ _LOADS = "unpickles (and so runs) more data"
 
 #: modules (and their submodules) whose globals act; importing some of them acts by itself
 UNSAFE_MODULES: Mapping[str, str] = {
-    "os": f"{_RUNS} and {_FILES} (os.system, os.remove, ...)", "posix": "os under its Unix name",
-    "nt": "os under its Windows name", "subprocess": _RUNS, "pty": f"{_RUNS} on a terminal",
+    "os": f"{_RUNS} and {_FILES} (os.system, os.remove, ...)", "posix": f"{_RUNS} and {_FILES}, as os does under its Unix name",
+    "nt": f"{_RUNS} and {_FILES}, as os does under its Windows name", "subprocess": _RUNS, "pty": f"{_RUNS} on a terminal",
     "shutil": "copies, moves and deletes files and trees", "sys": "the interpreter's state: modules, hooks, exit",
     "socket": _NET, "ssl": _NET, "asyncio": f"{_RUNS} and {_NET}", "selectors": _NET, "socketserver": _NET,
     "http": _NET, "httplib": _NET, "urllib": _NET, "urllib2": _NET, "ftplib": _NET, "smtplib": _NET,

@@ -82,7 +82,7 @@ class PickleScan:
         if self.unsafe:
             more = f" and {len(self.unsafe) - 3} more" if len(self.unsafe) > 3 else ""
             return (f"{scanned}: {len(self.unsafe)} unsafe global(s): "
-                    f"{'; '.join(f.describe() for f in self.unsafe[:3])}{more} ({self.unsafe[0].reason})")
+                    f"{'; '.join(f.describe() for f in self.unsafe[:3])}{more}; {self.unsafe[0].reason}")
         inert = self.inert
         text = f"{scanned}: no global that can act"
         if inert:

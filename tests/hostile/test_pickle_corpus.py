@@ -179,7 +179,8 @@ def test_the_scan_names_the_global_and_how_it_is_used(corpus):
     nested = scan_checkpoint(found["zip_nested_in_bytes"]).acting
     assert nested and "a pickle inside" in nested[0].pickle
     ts = scan_checkpoint(found["torchscript_setstate"]).acting
-    assert ts and ts[0].name == "__torch__.ftd_payload.Payload" and "__setstate__" in ts[0].reason
+    assert ts and "__setstate__" in ts[0].reason                # (TorchScript mangles the name per process)
+    assert ts[0].name.startswith("__torch__.ftd_payload.") and ts[0].name.endswith(".Payload")
     folder = scan_checkpoint(found["hf_training_args_bin"]).acting
     assert folder and folder[0].file == "training_args.bin"
 
