@@ -36,4 +36,6 @@ def test_applies_on_glibc_and_is_idempotent():
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_freed_blocks_are_reused_without_page_faults():
     out = subprocess.run([sys.executable, "-c", _ROUNDS], capture_output=True, text=True, check=True)
-    assert int(out.stdout.strip()) < 4096        # one fresh 16 MB block alone would fault 4096 times
+    # without reuse the last three rounds fault 3 x 8 x 4096 = 98304 times (each 16 MB block is 4096
+    # fresh pages); with it, at most a few blocks' worth (a CI machine measured one block, 4096)
+    assert int(out.stdout.strip()) < 4 * 4096
