@@ -35,7 +35,7 @@ from ftdoctor.heads import ENTAME_PHI_W, entame_phi_w, generator_for, init_head_
 from ftdoctor.model import AffineLayer, find_head, layer_order, new_head_like, set_module
 
 __all__ = ["FeatureNorm", "FeatureNormLinear", "entame_init_", "entame_phi_w", "attach_head", "L2SP",
-           "RifleSchedule", "param_groups", "ENTAME_PHI_W"]
+           "RifleSchedule", "param_groups", "own_group", "swap_parameters", "ENTAME_PHI_W"]
 
 
 def entame_init_(head: nn.Module, phi_w: float = ENTAME_PHI_W, *,
@@ -88,6 +88,40 @@ def attach_head(model: nn.Module, num_classes: int, *, init: str = "entame", hea
     return AffineLayer(old.name, new)
 
 
+def own_group(optimizer: torch.optim.Optimizer, head: nn.Module) -> dict:
+    """Give the head's parameters a parameter group of their own in an optimizer already built (a framework's
+    ``AdamW`` with decay and no-decay groups), so :class:`RifleSchedule` can drive the head alone.
+
+    The head's parameters leave the groups they were in; the new group (``name`` "head") copies the
+    hyper-parameters of the first of them. Optimizer state is keyed by parameter, so momentum and moments
+    are kept. A learning-rate scheduler built before keeps driving the groups it knew (LambdaLR zips its
+    factors with the groups: the new one, last, is left to the RIFLE schedule). Returns the head's group.
+    """
+    ids = {id(p) for p in head.parameters()}
+    groups = [g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])]
+    if len(groups) == 1 and all(id(p) in ids for p in groups[0]["params"]):
+        return groups[0]
+    if not groups:
+        raise FtdoctorError("the head's parameters are not in the optimizer",
+                            "build the optimizer after attaching the head, from the model's parameters")
+    template = {k: v for k, v in groups[0].items() if k != "params"}
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    optimizer.add_param_group({**template, "params": list(head.parameters()), "name": "head"})
+    return optimizer.param_groups[-1]
+
+
+def swap_parameters(optimizer: torch.optim.Optimizer, pairs: Mapping[Tensor, Tensor]) -> None:
+    """Replace parameters in an optimizer's groups (a module replaced by one holding copies, as
+    :func:`~ftdoctor.featurenorm.insert_feature_norm` does); their state moves with them."""
+    by_id = {id(old): new for old, new in pairs.items()}
+    for g in optimizer.param_groups:
+        g["params"] = [by_id.get(id(p), p) for p in g["params"]]
+    for old, new in pairs.items():
+        if old in optimizer.state:
+            optimizer.state[new] = optimizer.state.pop(old)
+
+
 def param_groups(model: nn.Module, head: nn.Module, lr: float, *, head_lr: float | None = None) -> list[dict]:
     """Two optimizer parameter groups, ``backbone`` and ``head``, so a schedule can drive the head alone."""
     head_ids = {id(p) for p in head.parameters()}
@@ -132,6 +166,8 @@ class L2SP:
                 self._shared.append((name, p, w0.detach().to(device=p.device, dtype=p.dtype).clone()))
             else:
                 self._new.append((name, p))
+        self._by_name = {n: (p, w0) for n, p, w0 in self._shared}
+        self._by_name.update({n: (p, None) for n, p in self._new})
 
     @property
     def shared(self) -> tuple[str, ...]:
@@ -152,6 +188,19 @@ class L2SP:
         """``Σ_new ‖w‖²`` (before β/2)."""
         terms = [(p ** 2).sum() for _, p in self._new]
         return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    @torch.no_grad()
+    def gradient(self, name: str) -> Tensor | None:
+        """The penalty's gradient for parameter ``name``: ``α (w − w⁰)`` if shared, ``β w`` if new, None
+        when that term is off (α or β is 0) or the name is not a parameter of the model. What a loop that
+        cannot change its loss adds to the parameter's gradient instead (:mod:`ftdoctor.monitor.methods`)."""
+        entry = self._by_name.get(name)
+        if entry is None:
+            return None
+        p, w0 = entry
+        if w0 is not None:
+            return self.alpha * (p.detach() - w0) if self.alpha else None
+        return self.beta * p.detach() if self.beta else None
 
     def __call__(self) -> Tensor:
         out = torch.zeros(())

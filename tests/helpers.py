@@ -196,3 +196,34 @@ def layer_squares_vs_loop(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[
         for n, m in layers.items():
             want[n] += m.weight.grad ** 2
     return {n: (grad_sq_sum(m, *captured[n])[0], want[n]) for n, m in layers.items()}
+
+
+def flat_figures(block, prefix: str = "") -> dict:
+    """A probe's JSON block as {path: leaf}: nested dicts and lists flattened (rows by position)."""
+    out: dict = {}
+    if isinstance(block, dict):
+        for k, v in block.items():
+            out.update(flat_figures(v, f"{prefix}/{k}"))
+    elif isinstance(block, (list, tuple)):
+        for i, v in enumerate(block):
+            out.update(flat_figures(v, f"{prefix}/{i}"))
+    else:
+        out[prefix] = block
+    return out
+
+
+def assert_figures_close(mine: dict, truth: dict, rel: float = 1e-5, skip: tuple[str, ...] = ()) -> int:
+    """Every number of ``mine`` within ``rel`` (relative, with a 1e-12 floor) of ``truth``, every other leaf
+    equal, the same keys; returns how many numbers were compared."""
+    a, b = flat_figures(mine), flat_figures(truth)
+    keys = [k for k in b if not any(s in k for s in skip)]
+    assert sorted(k for k in a if not any(s in k for s in skip)) == sorted(keys)
+    n = 0
+    for k in keys:
+        x, t = a[k], b[k]
+        if isinstance(t, float) and isinstance(x, (int, float)) and not isinstance(x, bool):
+            assert abs(x - t) <= rel * max(abs(t), 1e-12), (k, x, t)
+            n += 1
+        else:
+            assert x == t, (k, x, t)
+    return n
