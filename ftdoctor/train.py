@@ -88,14 +88,16 @@ def attach_head(model: nn.Module, num_classes: int, *, init: str = "entame", hea
     return AffineLayer(old.name, new)
 
 
-def own_group(optimizer: torch.optim.Optimizer, head: nn.Module) -> dict:
+def own_group(optimizer: torch.optim.Optimizer, head: nn.Module, scheduler: object = None) -> dict:
     """Give the head's parameters a parameter group of their own in an optimizer already built (a framework's
     ``AdamW`` with decay and no-decay groups), so :class:`RifleSchedule` can drive the head alone.
 
     The head's parameters leave the groups they were in; the new group (``name`` "head") copies the
     hyper-parameters of the first of them. Optimizer state is keyed by parameter, so momentum and moments
-    are kept. A learning-rate scheduler built before keeps driving the groups it knew (LambdaLR zips its
-    factors with the groups: the new one, last, is left to the RIFLE schedule). Returns the head's group.
+    are kept. A learning-rate ``scheduler`` built before (Trainer's LambdaLR) gets the new group too, as a
+    copy of the template group's entries in its per-group lists (``base_lrs``, ``lr_lambdas``, …): it then
+    writes the head group's rate after each optimizer step as for the others, and :class:`RifleSchedule`
+    sets it again before the next one. Returns the head's group.
     """
     ids = {id(p) for p in head.parameters()}
     groups = [g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])]
@@ -105,9 +107,15 @@ def own_group(optimizer: torch.optim.Optimizer, head: nn.Module) -> dict:
         raise FtdoctorError("the head's parameters are not in the optimizer",
                             "build the optimizer after attaching the head, from the model's parameters")
     template = {k: v for k, v in groups[0].items() if k != "params"}
+    index = next(i for i, g in enumerate(optimizer.param_groups) if g is groups[0])
+    count = len(optimizer.param_groups)
     for g in groups:
         g["params"] = [p for p in g["params"] if id(p) not in ids]
     optimizer.add_param_group({**template, "params": list(head.parameters()), "name": "head"})
+    if scheduler is not None:
+        for key, value in list(vars(scheduler).items()):
+            if isinstance(value, list) and len(value) == count:
+                value.append(value[index])
     return optimizer.param_groups[-1]
 
 

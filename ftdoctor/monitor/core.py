@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -77,6 +78,7 @@ class Measurement:
     loss: float | None = None            # the mean cross-entropy of the step's examples
     accuracy: float | None = None        # the fraction the logits got right
     lr: float | None = None              # the head's learning rate, when the monitor knows the optimizer
+    feature_var: float | None = None     # variance across the step's examples of the head's input (ENTAME Fig. 1)
 
     def layer_series(self, probe: str, key: str) -> dict[str, float | None]:
         """A per-layer figure by layer name (``layer_series("grad_norm", "grad_norm")``)."""
@@ -297,6 +299,7 @@ class Monitor:
         """The layers in forward order and the head, from one example of the first measured batch."""
         layers, measured = self._tap.layout(step.inputs)
         head = find_head(layers, self.head_name)
+        self._tap.set_head(head.module)
         num_classes = int(step.logits.shape[1]) if step.logits is not None else int(head.weight.shape[0])
         from ftdoctor.diagnose import reference_pairs
         pairs = tuple(reference_pairs(layers, self.reference, self.r2_layers)) if self.reference is not None else ()
@@ -398,7 +401,8 @@ class Monitor:
         loss, acc = self._loss_and_accuracy(mbs)
         figures = {name: res.figures.to_json() for name, res in results.items()}
         return Measurement(step=step, examples=global_n, scalars=scalars, figures=figures, findings=findings,
-                           notes=notes, loss=loss, accuracy=acc, lr=self._head_lr())
+                           notes=notes, loss=loss, accuracy=acc, lr=self._head_lr(),
+                           feature_var=self._feature_variance(mbs))
 
     def _grad_batch(self, mbs: list[_MicroBatch], grads: dict[str, Tensor], global_n: int) -> Batch:
         """A batch carrying ∇ of the mean cross-entropy over the step's (global) examples per measured layer."""
@@ -448,6 +452,21 @@ class Monitor:
         sums = _all_reduce_sum(sums)
         return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
+    @staticmethod
+    def _feature_variance(mbs: list[_MicroBatch]) -> float | None:
+        """Var across the (global) step's examples of the head's input, averaged over its features."""
+        feats = [mb.head_input.reshape(mb.head_input.shape[0], -1).to(torch.float64) for mb in mbs
+                 if mb.head_input is not None]
+        if len(feats) != len(mbs):
+            return None
+        f = torch.cat(feats)
+        sums = _all_reduce_sum(torch.cat([f.sum(0), (f * f).sum(0), torch.tensor([float(len(f))], dtype=torch.float64,
+                                                                                   device=f.device)]))
+        d = f.shape[1]
+        n = float(sums[-1])
+        mean = sums[:d] / n
+        return float((sums[d:2 * d] / n - mean * mean).clamp_(min=0).mean())
+
     def _head_lr(self) -> float | None:
         if self.optimizer is None or self.ctx is None:
             return None
@@ -474,9 +493,8 @@ class Monitor:
         for f in m.findings:
             if f.severity not in ("warning", "error"):
                 continue
-            key = f"{f.probe}:{f.message.split(':')[0]}"
-            if f.probe == "noise":
-                key = "noise"
+            # one warning per kind of finding: the probe and its words up to the first figure
+            key = f.probe if f.probe == "noise" else f"{f.probe}:{re.split(r'[0-9(]', f.message, maxsplit=1)[0]}"
             text = f"ftdoctor step {m.step}: {f.message}"
             action = render(f.suggestion)
             if action:

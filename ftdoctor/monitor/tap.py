@@ -61,9 +61,14 @@ _TAPS: "weakref.WeakKeyDictionary[nn.Module, Tap]" = weakref.WeakKeyDictionary()
 
 
 def _inputs(args: tuple, kwargs: Mapping[str, Any]) -> Any:
+    """The model's input: its first positional argument, or its batched keyword tensors (token ids, masks) —
+    not the labels, not a scalar such as Trainer's ``num_items_in_batch``."""
     if args:
         return args[0]
-    return {k: v for k, v in kwargs.items() if isinstance(v, Tensor) and k != "labels"}
+    batched = {k: v for k, v in kwargs.items() if isinstance(v, Tensor) and v.dim() > 0 and k != "labels"}
+    sizes = [v.shape[0] for v in batched.values()]
+    size = max(set(sizes), key=sizes.count) if sizes else None
+    return {k: v for k, v in batched.items() if v.shape[0] == size}
 
 
 def _detached(inputs: Any) -> Any:
@@ -103,6 +108,9 @@ class Tap:
         self._owner = threading.get_ident()
         self._model_handles: list = []
         self._param_handles: list = []
+        self.head: nn.Module | None = None       # the head, once a listener found it (set_head)
+        self._head_handle = None
+        self._head_out: Tensor | None = None
         self._layout: tuple[list[AffineLayer], list[AffineLayer]] | None = None
 
     def layout(self, inputs: Any) -> tuple[list[AffineLayer], list[AffineLayer]]:
@@ -174,6 +182,11 @@ class Tap:
             for h in self._model_handles:
                 h.remove()
             self._model_handles = []
+        if want_model and self.head is not None and self._head_handle is None:
+            self._head_handle = self.head.register_forward_hook(self._head_seen)
+        elif not want_model and self._head_handle is not None:
+            self._head_handle.remove()
+            self._head_handle = None
         want_params = bool(self.watchers or self.adders)
         if want_params and not self._param_handles:
             self._param_handles = [p.register_hook(self._param_hook(n, p))
@@ -182,6 +195,29 @@ class Tap:
             for h in self._param_handles:
                 h.remove()
             self._param_handles = []
+
+    def set_head(self, head: nn.Module) -> None:
+        """The model's head: its output is where the loss's gradient is read, the logits the loss was formed
+        from — a wrapper may hand back a converted copy as the model's output (Accelerate's mixed precision
+        returns float32 copies of bfloat16 logits, and the model's own loss never reaches them)."""
+        if head is not self.head:
+            self.head = head
+            if self._head_handle is not None:
+                self._head_handle.remove()
+                self._head_handle = None
+            self._install()
+
+    def _head_seen(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if isinstance(out, Tensor) and self._training(module):
+            self._head_out = out
+
+    def refresh(self) -> None:
+        """Hook the model's parameters again (a module of it was replaced) and find its layers anew."""
+        for h in self._param_handles:
+            h.remove()
+        self._param_handles = []
+        self._layout = None
+        self._install()
 
     def set_labels(self, labels: Tensor | None) -> None:
         """The labels of the loop's next training forward(s), for a forward that is not given them."""
@@ -199,6 +235,7 @@ class Tap:
         labels = labels if isinstance(labels, Tensor) else self.labels
         step = Step(_detached(_inputs(args, kwargs)), labels.detach() if isinstance(labels, Tensor) else None)
         self.current = step
+        self._head_out = None
         for listener in list(self.listeners):
             listener.forward_begin(step)
 
@@ -207,6 +244,11 @@ class Tap:
         if step is None or not self._training(module):
             return
         logits = forward.as_logits(out)
+        head = self._head_out
+        self._head_out = None
+        if (isinstance(head, Tensor) and isinstance(logits, Tensor) and head.shape == logits.shape
+                and head.requires_grad):
+            logits = head          # what the loss was formed from, not a wrapper's converted copy
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             return
         step.logits = logits.detach()
