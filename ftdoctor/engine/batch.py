@@ -22,6 +22,8 @@ class Batch:
     global_size: int = 0                             # examples in the global batch (all processes)
     head_input: Tensor | None = None                 # the head's input features
     ce_grads: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)    # ∇ of mean CE
+    # or only their squared norms (‖∇W‖², ‖∇b‖² or None), as the live monitor forms them without a copy
+    ce_grad_sq: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     rand_grads: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)  # ∇ of Σ η·logits
     grad_sq: dict[str, Tensor] = field(default_factory=dict)  # Σ_n (∂ℓ_n/∂W)² of this batch
     outputs: dict[str, Tensor] = field(default_factory=dict)      # affine outputs (r2)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-from ftdoctor.engine import persample
+from ftdoctor.engine import ghost, persample
 from ftdoctor.model import AffineLayer
 
 
@@ -29,6 +29,9 @@ class Capture:
         self.grad_sq: dict[str, Tensor] = {}
         self.phase: str | None = None      # which backward the tensor hooks serve
         self.grad_scale = 1.0
+        # "elements": Σ_n (∂ℓ_n/∂W)² shaped like the weight; "totals": its sum alone, Σ_n ‖∂ℓ_n/∂W‖² (a float64
+        # scalar, engine.ghost: the change rate without the cv, for less)
+        self.squares = "elements"
         # a probe's running sum to add a layer's squares into in place, or None (grad_sq_sum's out=)
         self.grad_sq_sink: Callable[[str, torch.dtype], Tensor | None] | None = None
         # roots: set find_roots, and input_leaf (the model's input, requiring grad; None for token ids or a
@@ -182,6 +185,10 @@ class Capture:
                 return
             if self.grad_scale != 1.0:
                 g = g * self.grad_scale
+            if self.squares == "totals":
+                with torch.profiler.record_function("ftdoctor.per_example_norms"):
+                    self.grad_sq[name] = ghost.grad_norm_sq_sum(module, x, g)[0]
+                return
             dtype = persample.computation_dtype(x, g)
             sink = self.grad_sq_sink(name, dtype) if self.grad_sq_sink is not None else None
             with torch.profiler.record_function("ftdoctor.per_example_squares"):

@@ -104,7 +104,9 @@ def norm_grad_sq_sum(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, T
         return _group_norm(module, x, g)
 
 
-def _embedding(module: nn.Embedding, ids: Tensor, g: Tensor) -> Tensor:
+def embedding_rows(module: nn.Embedding, ids: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """(keys, rows): per (example, token id) present in the batch, ``n·vocab + id`` and the sum of that id's
+    output gradients in that example — the row of example n's gradient of the table (padding left out)."""
     vocab, dim = module.weight.shape
     dtype = g.dtype if g.dtype not in (torch.float16, torch.bfloat16) else torch.float32
     n = ids.shape[0] if ids.dim() > 1 else 1
@@ -116,8 +118,13 @@ def _embedding(module: nn.Embedding, ids: Tensor, g: Tensor) -> Tensor:
     example = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)
     keys = (example * vocab + ids)[keep]
     uniq, inverse = torch.unique(keys, return_inverse=True)
-    per_example = rows.new_zeros(uniq.numel(), dim).index_add_(0, inverse, rows[keep])   # Σ_t per (n, v)
-    out = rows.new_zeros(vocab, dim)
+    return uniq, rows.new_zeros(uniq.numel(), dim).index_add_(0, inverse, rows[keep])   # Σ_t per (n, v)
+
+
+def _embedding(module: nn.Embedding, ids: Tensor, g: Tensor) -> Tensor:
+    uniq, per_example = embedding_rows(module, ids, g)
+    vocab, dim = module.weight.shape
+    out = per_example.new_zeros(vocab, dim)
     return out.index_add_(0, uniq % vocab, per_example.square())
 
 

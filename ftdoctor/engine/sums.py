@@ -5,6 +5,9 @@ The engine may add a layer's per-example squares straight into a probe's sum
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
@@ -106,3 +109,47 @@ def sum_of_squares(t: Tensor, row: int = 4096) -> float:
     total = torch.bmm(rows, rows.transpose(1, 2)).sum(dtype=torch.float64)
     rest = flat[k * row:]
     return float(total) + float(torch.dot(rest.double(), rest.double()))
+
+
+
+_REMEMBERED: dict[int, tuple[Tensor, float]] | None = None
+
+
+@contextlib.contextmanager
+def remembered_norms() -> Iterator[None]:
+    """Within the block, :func:`weight_sum_of_squares` computes each tensor's norm once: the change rates,
+    the gradient norms' ratios and drift read the same weights at a measuring step, and nothing may change
+    a weight inside the block."""
+    global _REMEMBERED
+    outer, _REMEMBERED = _REMEMBERED, {} if _REMEMBERED is None else _REMEMBERED
+    try:
+        yield
+    finally:
+        _REMEMBERED = outer
+
+
+def weight_sum_of_squares(t: Tensor) -> float:
+    """:func:`sum_of_squares` of a weight, computed once inside :func:`remembered_norms`."""
+    if _REMEMBERED is None:
+        return sum_of_squares(t)
+    hit = _REMEMBERED.get(id(t))
+    if hit is None or hit[0] is not t:
+        hit = _REMEMBERED[id(t)] = (t, sum_of_squares(t))     # t kept: its id is not reused in the block
+    return hit[1]
+
+
+def distance_sum_of_squares(a: Tensor, b: Tensor, chunk: int = 1 << 16) -> float:
+    """``Σ (a − b)²`` as :func:`sum_of_squares` of the difference, formed ``chunk`` elements at a time in
+    one reused buffer (no model-sized temporary: drift reads every weight at every measuring step)."""
+    work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    fa, fb = a.detach().reshape(-1), b.detach().to(a.device).reshape(-1)
+    if fa.numel() <= chunk:
+        return sum_of_squares(fa.to(work) - fb.to(work))
+    buf = torch.empty(chunk, dtype=work, device=a.device)
+    total = 0.0
+    for lo in range(0, fa.numel(), chunk):
+        hi = min(lo + chunk, fa.numel())
+        part = buf[:hi - lo]
+        torch.sub(fa[lo:hi], fb[lo:hi], out=part)
+        total += sum_of_squares(part)
+    return total

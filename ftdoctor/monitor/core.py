@@ -9,9 +9,11 @@ already has and reuses the loop's forward and backward (through the model's :cla
   --change-rate-loss ce``), divided by the loop's loss scale squared;
 * **gradient norms** (RIFLE Fig. 2) from the gradients the loop's backward forms, each micro-batch's
   divided by its loss scale (before clipping, before a gradient scaler's unscale, before DDP's average);
-* **R²** (L2-SP Fig. 4) against a reference forward of the same batches, and **drift** (L2-SP eq. 3)
-  against the reference's weights — the pretrained state, kept once (``reference="initial"``: a copy of
-  the model as it was when the monitor was made).
+* **R²** (L2-SP Fig. 4) of the model against the reference on the step's first ``r2_examples`` examples,
+  both in eval mode as ``probe`` runs them (16 by default: R² pools every channel over examples and
+  positions, so a few examples estimate it well, and the two forwards it needs cost about a quarter of a
+  step at a batch of 64; ``r2_examples=None``: every example), and **drift** (L2-SP eq. 3) against the reference's weights — the pretrained state, kept once
+  (``reference="initial"``: a copy of the model at the loop's first training forward).
 
 The random-loss change rates (``probe``'s default loss) need a backward of their own: opt in with
 ``random_change_rates=True`` (one more forward and backward of the step's batches, in eval mode).
@@ -19,7 +21,9 @@ The random-loss change rates (``probe``'s default loss) need a backward of their
 The figures are those of ``ftdoctor probe`` on the same model state and the same examples (the union of
 the step's micro-batches, as one batch): the same probe classes do the sums, the same ``judge()`` rules
 the verdicts. One difference is by design: ``probe`` runs the model in eval mode, the monitor reads the
-loop's training forward (dropout and batch statistics as the loop had them).
+loop's training forward (dropout and batch statistics as the loop had them) for everything but R², which
+compares features in eval mode (a dropout mask is not a change of the features); R² is ``probe``'s on the
+examples it was measured on (the first ``r2_examples`` of the step, of each process under DDP).
 
 A measurement that fails never stops the run: it becomes one warning and the run goes on.
 """
@@ -35,9 +39,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ftdoctor import forward
 from ftdoctor.engine.batch import Batch
 from ftdoctor.engine.capture import Capture
 from ftdoctor.engine.reference import RefCapture
+from ftdoctor.engine.sums import remembered_norms, sum_of_squares
 from ftdoctor.model import find_head, is_scripted
 from ftdoctor.monitor.schedule import Schedule
 from ftdoctor.monitor.tap import CE_RESIDUAL, CE_RESIDUAL_LOW_PRECISION, Step, Tap
@@ -83,6 +89,16 @@ class Measurement:
     def layer_series(self, probe: str, key: str) -> dict[str, float | None]:
         """A per-layer figure by layer name (``layer_series("grad_norm", "grad_norm")``)."""
         return {row["name"]: row.get(key) for row in self.figures.get(probe, {}).get("layers", [])}
+
+
+@dataclass
+class _Grad:
+    """One measured parameter's gradient over the step: ‖g/s‖² of its only micro-batch, or Σ_i g_i/s_i kept."""
+
+    step: Step                  # the micro-batch whose gradient came last
+    scale: float                # the first micro-batch's loss scale
+    sq: float | None            # ‖g₁/s₁‖² while only one micro-batch has reached the parameter
+    vector: Tensor | None       # Σ_i g_i/s_i once kept
 
 
 @dataclass
@@ -140,7 +156,8 @@ class Monitor:
     def __init__(self, model: nn.Module, *, schedule: Schedule | int | Sequence[int] | None = None,
                  probes: Sequence[str] | None = None, reference: nn.Module | str | None = "initial",
                  thresholds: Thresholds | None = None, head: str | None = None, r2_layers: Sequence[str] | None = None,
-                 random_change_rates: bool = False, seed: int = 0, warn: bool = True,
+                 random_change_rates: bool = False, change_rate_cv: bool = False, r2_examples: int | None = 16,
+                 seed: int = 0, warn: bool = True,
                  optimizer: torch.optim.Optimizer | None = None,
                  on_measurement: Callable[[Measurement], None] | None = None) -> None:
         if is_scripted(model):
@@ -160,6 +177,10 @@ class Monitor:
         self.head_name = head
         self.r2_layers = tuple(r2_layers) if r2_layers else None
         self.random_change_rates = random_change_rates
+        self.change_rate_cv = change_rate_cv
+        if r2_examples is not None and r2_examples < 1:
+            raise ValueError(f"r2_examples must be at least 1 (or None: every example), not {r2_examples}")
+        self.r2_examples = r2_examples
         self.seed = seed
         self.warn = warn
         self.optimizer = optimizer
@@ -171,7 +192,7 @@ class Monitor:
         self._tap = Tap.of(model)
         self._armed_step: int | None = None
         self._mbs: list[_MicroBatch] = []
-        self._grads: dict[str, Tensor] = {}       # Σ over micro-batches of each measured parameter's ∇ / s
+        self._grads: dict[str, _Grad] = {}        # each measured parameter's ∇ / s over the step
         self._grad_names: dict[str, tuple[str, int]] = {}   # parameter name → (layer, 0 weight / 1 bias)
         self._failed: str | None = None
         self._closed = False
@@ -212,7 +233,8 @@ class Monitor:
         try:
             if failed:
                 raise _Unmeasurable(failed)
-            m = self._measure(step, mbs, grads)
+            with remembered_norms():
+                m = self._measure(step, mbs, grads)
         except _Unmeasurable as why:
             self._warn_once(f"unmeasurable:{why}", f"ftdoctor monitor: step {step} not measured: {why}", step)
             m = None
@@ -269,8 +291,9 @@ class Monitor:
                 self._tap.add(watcher=self._watch_grad)
             cap = Capture(self.ctx.layers if "change_rate" not in self.names else self.ctx.measured_layers,
                           self.ctx.head, grad_sq="change_rate" in self.names,
-                          outputs="r2" in self.names and self._ref_cap is not None, head_input=True)
+                          outputs=False, head_input=True)
             cap.batch_size = step.size
+            cap.squares = "elements" if self.change_rate_cv else "totals"
             cap.phase, cap.grad_scale = "grad_sq", 1.0    # unscaled: divided by s² at the harvest
             cap.__enter__()
             self._mbs.append(_MicroBatch(step, cap))
@@ -284,15 +307,32 @@ class Monitor:
         return None
 
     def _watch_grad(self, name: str, p: Tensor, g: Tensor, step: Step | None) -> None:
+        """A measured parameter's gradient from one micro-batch's backward, before it is accumulated.
+
+        One micro-batch (the common case) costs one read of ``g``: its squared norm over ``s²``, nothing
+        kept. From a second micro-batch on, the sum ``Σ_i g_i / s_i`` is kept: the first one's part is what
+        ``p.grad`` holds then (it was empty before it, and nothing else added to it). Under DDP, with an
+        adder (L2-SP) or a gradient already there, every part is kept from the first on (:class:`_Grad`).
+        """
         if self._armed_step is None or name not in self._grad_names or step is None:
             return
         if not step.scale:
             self._failed = self._failed or "the loss's gradient at the logits was not seen (is the loss formed " \
                                            "from the model's logits?)"
             return
-        part = g.detach().to(torch.float64) / step.scale
         acc = self._grads.get(name)
-        self._grads[name] = part if acc is None else acc.add_(part)
+        if acc is None:
+            keep = _distributed() or bool(self._tap.adders) or p.grad is not None
+            self._grads[name] = _Grad(step, step.scale, None if keep else sum_of_squares(g) / step.scale ** 2,
+                                      g.detach() / step.scale if keep else None)
+            return
+        if acc.step is step:        # the same micro-batch reaching the parameter twice (a shared weight)
+            self._failed = self._failed or f"{name} received two gradients in one backward"
+            return
+        if acc.vector is None:
+            acc.vector = p.grad.detach() / acc.scale
+        acc.vector.add_(g.detach(), alpha=1.0 / step.scale)
+        acc.step = step
 
     # -- measuring ------------------------------------------------------------------------------
     def _discover(self, step: Step) -> None:
@@ -305,7 +345,8 @@ class Monitor:
         pairs = tuple(reference_pairs(layers, self.reference, self.r2_layers)) if self.reference is not None else ()
         self.ctx = ProbeContext(model=self.model, layers=tuple(layers), head=head, num_classes=num_classes,
                                 measured=tuple(measured), seed=self.seed, reference=self.reference,
-                                reference_layers=pairs, change_rate_mode="exact", change_rate_loss="ce")
+                                reference_layers=pairs, change_rate_loss="ce",
+                                change_rate_mode="exact" if self.change_rate_cv else "totals")
         if "r2" in self.names and pairs:
             self._ref_cap = RefCapture(self.reference, pairs)
         for layer in measured:
@@ -335,7 +376,7 @@ class Monitor:
         cap.__exit__(None, None, None)
         mb.capture = None
 
-    def _measure(self, step: int, mbs: list[_MicroBatch], grads: dict[str, Tensor]) -> Measurement:
+    def _measure(self, step: int, mbs: list[_MicroBatch], grads: dict[str, "_Grad"]) -> Measurement:
         ctx = self.ctx
         mbs = [mb for mb in mbs if mb.step.logits is not None]
         if ctx is None or not mbs:
@@ -366,12 +407,13 @@ class Monitor:
             batch = Batch(x=mb.step.inputs, y=mb.step.labels, index=torch.arange(mb.step.size),
                           logits=mb.step.logits.float() if mb.step.logits.dtype != torch.float64 else mb.step.logits,
                           global_size=global_n, head_input=mb.head_input, grad_sq=mb.grad_sq, outputs=mb.outputs)
-            if self._ref_cap is not None and any(p.name == "r2" for p in probes):
-                with torch.no_grad():
-                    batch.ref_outputs = self._ref_cap.run(mb.step.inputs)
             for p in probes:
-                if p.name in ("noise", "change_rate", "r2"):
+                if p.name in ("noise", "change_rate"):
                     p.update(batch)
+        r2_probe = next((p for p in probes if p.name == "r2"), None)
+        if r2_probe is not None and self._ref_cap is not None:
+            for batch in self._r2_batches(mbs):
+                r2_probe.update(batch)
         grad_probe = next((p for p in probes if p.name == "grad_norm"), None)
         if grad_probe is not None:
             grad_probe.update(self._grad_batch(mbs, grads, global_n))
@@ -404,30 +446,54 @@ class Monitor:
                            notes=notes, loss=loss, accuracy=acc, lr=self._head_lr(),
                            feature_var=self._feature_variance(mbs))
 
-    def _grad_batch(self, mbs: list[_MicroBatch], grads: dict[str, Tensor], global_n: int) -> Batch:
-        """A batch carrying ∇ of the mean cross-entropy over the step's (global) examples per measured layer."""
+    def _r2_batches(self, mbs: list[_MicroBatch]) -> Iterator[Batch]:
+        """The step's first ``r2_examples`` examples (all with None), micro-batch by micro-batch, with the
+        layer outputs of the model and of the reference on them, both in eval mode as ``probe`` forms them:
+        the loop's training forward carries its dropout masks and batch statistics, which are not a change
+        of the features (one forward of the examples each, no gradient)."""
+        left = self.r2_examples
+        mine = RefCapture(self.model, [(layer, layer) for layer, _ in self.ctx.reference_layers])
+        try:
+            for mb in mbs:
+                n = mb.step.size if left is None else min(left, mb.step.size)
+                if n <= 0:
+                    return
+                x = mb.step.inputs if n == mb.step.size else forward.take(mb.step.inputs, slice(0, n))
+                with torch.no_grad():
+                    outputs, ref = mine.run(x), self._ref_cap.run(x)
+                yield Batch(x=x, y=mb.step.labels[:n], index=torch.arange(n), logits=mb.step.logits[:n],
+                            outputs=outputs, ref_outputs=ref)
+                if left is not None:
+                    left -= n
+        finally:
+            mine.close()       # the model's own modes back, its hooks removed
+
+    def _grad_batch(self, mbs: list[_MicroBatch], grads: dict[str, "_Grad"], global_n: int) -> Batch:
+        """A batch carrying ‖∇‖² of the mean cross-entropy over the step's (global) examples per measured
+        layer's weight and bias (the kept sums all-reduced across processes first)."""
         ctx = self.ctx
         names = {v: k for k, v in self._grad_names.items()}
-        flat = []
-        shapes = []
+        kept = [(k, acc) for k, acc in sorted(grads.items()) if acc.vector is not None]
+        if _distributed():
+            total = _all_reduce_sum(torch.cat([acc.vector.reshape(-1) for _, acc in kept])) if kept else None
+            offset = 0
+            for _, acc in kept:
+                n = acc.vector.numel()
+                acc.vector = total[offset:offset + n]
+                offset += n
+        sq: dict[str, tuple[float, float | None]] = {}
         for layer in ctx.measured_layers:
+            pair: list[float | None] = [0.0, None]
             for i, t in enumerate((layer.weight, layer.bias)):
                 if not isinstance(t, Tensor):
                     continue
-                g = grads.get(names.get((layer.name, i), ""))
-                flat.append((g if g is not None else torch.zeros(t.shape, dtype=torch.float64, device=t.device)).reshape(-1))
-                shapes.append((layer.name, i, t.shape))
-        total = _all_reduce_sum(torch.cat(flat)) / global_n if flat else torch.zeros(0)
-        per_layer: dict[str, list[Tensor | None]] = {layer.name: [None, None] for layer in ctx.measured_layers}
-        offset = 0
-        for name, i, shape in shapes:
-            n = math.prod(shape)
-            per_layer[name][i] = total[offset:offset + n].view(shape)
-            offset += n
+                acc = grads.get(names.get((layer.name, i), ""))
+                total_sq = 0.0 if acc is None else acc.sq if acc.vector is None else sum_of_squares(acc.vector)
+                pair[i] = total_sq / (global_n * global_n)
+            sq[layer.name] = (pair[0], pair[1])
         logits = torch.cat([mb.step.logits.float() for mb in mbs])
         return Batch(x=torch.empty(0), y=torch.cat([mb.step.labels for mb in mbs]), index=torch.empty(0),
-                     logits=logits, global_size=global_n,
-                     ce_grads={k: (v[0], v[1]) for k, v in per_layer.items()})
+                     logits=logits, global_size=global_n, ce_grad_sq=sq)
 
     def _random_change_rates(self, mbs: list[_MicroBatch]) -> Any:
         """The random-loss change rates (``probe``'s default): one more pass over the step's batches (opt-in)."""

@@ -52,11 +52,13 @@ class FtdoctorCallback(Callback):
                  reference: Any = "initial", thresholds: Thresholds | None = None, head: str | None = None,
                  module: str | None = None, labels: Callable[[Any], torch.Tensor | None] = default_labels,
                  hdf5: str | Path | None = None, run_name: str = "monitor", random_change_rates: bool = False,
+                 change_rate_cv: bool = False, r2_examples: int | None = 16,
                  entame: bool = False, feature_norm: bool = False, rifle_period: int | None = None,
                  rifle_epochs: float | None = None, rifle_init: str = "torch-default",
                  l2sp_alpha: float | None = None, l2sp_beta: float = 0.01, seed: int = 0, warn: bool = True) -> None:
         self.options = dict(schedule=schedule, probes=probes, reference=reference, thresholds=thresholds, head=head,
-                            random_change_rates=random_change_rates, seed=seed, warn=warn)
+                            random_change_rates=random_change_rates, change_rate_cv=change_rate_cv,
+                            r2_examples=r2_examples, seed=seed, warn=warn)
         self.method_options = dict(entame=entame, feature_norm=feature_norm, rifle_init=rifle_init,
                                    l2sp_alpha=l2sp_alpha, l2sp_beta=l2sp_beta, head=head, seed=seed)
         self.rifle_period, self.rifle_epochs = rifle_period, rifle_epochs

@@ -64,17 +64,26 @@ class Figures:
     def to_json(self) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must define to_json(): its block of the report")
 
+    def _view(self) -> dict[str, Any]:
+        """The JSON block, built once (figures are frozen): ``judge()`` reads many keys of it; treat as
+        read-only (:meth:`to_json` gives a fresh copy)."""
+        view = self.__dict__.get("_json_view")
+        if view is None:
+            view = self.to_json()
+            object.__setattr__(self, "_json_view", view)
+        return view
+
     def __getitem__(self, key: str) -> Any:
-        return self.to_json()[key]
+        return self._view()[key]
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self.to_json().get(key, default)
+        return self._view().get(key, default)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.to_json()
+        return key in self._view()
 
     def keys(self) -> Any:
-        return self.to_json().keys()
+        return self._view().keys()
 
 
 def row_json(row: Any) -> dict[str, Any]:
@@ -115,7 +124,7 @@ class ProbeContext:
     new_head: bool = False            # the head is a fresh one (--new-head)
     head_init: str = "kaiming"        # how fresh heads are drawn
     seeds: int = 1                    # fresh heads to average over (--seeds, with --new-head)
-    change_rate_mode: str = "exact"   # exact | batch
+    change_rate_mode: str = "exact"   # exact | batch | totals (no cv: the live monitor)
     change_rate_loss: str = "random"  # random | ce
     measured: tuple[AffineLayer, ...] = ()   # layers plus embeddings and norms, forward order (measures_norms)
 

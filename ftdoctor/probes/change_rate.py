@@ -19,6 +19,8 @@ is reported but left out of ``spread``, ``log_std`` and the cv judgement (``role
 ``exact`` mode sums per-example squares (batched); ``batch`` mode squares the
 batch gradient and divides by the batch size — unbiased because the η_n are
 independent with zero mean, so the cross terms vanish in expectation.
+``totals`` mode (the live monitor's default) sums only ``Σ_n ‖∂ℓ_n/∂W_k‖²`` per layer
+(:mod:`ftdoctor.engine.ghost`): the same change rates and spread at a fraction of the cost, no cv.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 
 from ftdoctor.engine import persample
 from ftdoctor.engine.norm_squares import role
-from ftdoctor.engine.sums import Float64Sum, sum_of_squares
+from ftdoctor.engine.sums import Float64Sum, weight_sum_of_squares
 from ftdoctor.numbers import fmt
 from ftdoctor.probes.base import (Batch, Column, Figures, Probe, ProbeContext, ProbeResult, finite_or_none,
                                   register_probe, row_json)
@@ -47,7 +49,7 @@ def rate_figures(g2: torch.Tensor, weight: torch.Tensor) -> dict[str, float | No
     ``std(c)² = mean(c²) − mean(c)²`` needs one pass over the weights (a square root and a sum,
     in float64) instead of materialising ``c``.
     """
-    w2 = sum_of_squares(weight) / max(1, weight.numel())
+    w2 = weight_sum_of_squares(weight) / max(1, weight.numel())
     if w2 <= 0.0:
         return {"change_rate": None, "cv": None, "column_cv": None}
     mean_g2 = float(g2.mean())
@@ -58,6 +60,15 @@ def rate_figures(g2: torch.Tensor, weight: torch.Tensor) -> dict[str, float | No
     column_cv = _cv(float((cols / w2).mean()), float((cols / w2).sqrt().mean()))
     return {"change_rate": finite_or_none(rate), "cv": None if cv is None else finite_or_none(cv),
             "column_cv": None if column_cv is None else finite_or_none(column_cv)}
+
+
+def total_rate(g2_total: torch.Tensor, weight: torch.Tensor) -> dict[str, float | None]:
+    """change_rate of one layer from ``Σ_e G²_e`` alone (``totals`` mode, :mod:`ftdoctor.engine.ghost`): the
+    same rate as :func:`rate_figures`; the cv and column cv need the per-element squares (None)."""
+    w2 = weight_sum_of_squares(weight) / max(1, weight.numel())
+    mean_g2 = float(g2_total) / max(1, weight.numel())
+    rate = math.sqrt(mean_g2 / w2) if w2 > 0.0 else None
+    return {"change_rate": None if rate is None else finite_or_none(rate), "cv": None, "column_cv": None}
 
 
 def _spread(rates: list[float]) -> float | None:
@@ -85,7 +96,7 @@ class LayerRate:
 
 @dataclass(frozen=True)
 class ChangeRateFigures(Figures):
-    mode: str                          # exact | batch
+    mode: str                          # exact | batch | totals (the live monitor's: no cv)
     loss: str                          # random | ce
     spread: float | None               # max/min change rate (Fig. 1a)
     log_std: float | None              # std of ln change rate
@@ -116,11 +127,12 @@ class ChangeRateProbe(HeadWatch, Probe):
             self.mode = "batch"
             self.notes.append("change_rate: a TorchScript model runs no Python hooks, so its per-example "
                               "squares cannot be formed; measured with the batch estimate (mode batch) instead")
-        self.needs = frozenset({"grad_sq"}) if self.mode == "exact" else frozenset({"rand_grads"})
+        self.per_example = self.mode in ("exact", "totals")
+        self.needs = frozenset({"grad_sq"}) if self.per_example else frozenset({"rand_grads"})
         self.layers = list(ctx.measured_layers)
         # exact: per-example squares of this process's examples (summed across processes);
         # batch: squares of the all-reduced global batch gradient (already identical everywhere)
-        reduce = "sum" if self.mode == "exact" else "replicated"
+        reduce = "sum" if self.per_example else "replicated"
         self.add_state("count", torch.zeros((), dtype=torch.float64), reduce)
         for layer in self.layers:
             self.add_state(self._key(layer.name), Float64Sum(layer.weight.shape, layer.weight.device), reduce)
@@ -148,12 +160,12 @@ class ChangeRateProbe(HeadWatch, Probe):
 
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
-        if self.mode == "exact" and batch.size == 0:
+        if self.per_example and batch.size == 0:
             return
         self.see_logits(batch)
         for i, layer in enumerate(self.layers):
             key = self._key(layer.name)
-            if self.mode == "exact":
+            if self.per_example:
                 sq = batch.grad_sq.get(layer.name)
                 if sq is None:
                     self.missing[i] += 1
@@ -165,7 +177,7 @@ class ChangeRateProbe(HeadWatch, Probe):
                     acc.add_(sq)
             else:
                 getattr(self, key).add_square_(batch.rand_grads[layer.name][0])
-        self.count += batch.size if self.mode == "exact" else batch.global_size
+        self.count += batch.size if self.per_example else batch.global_size
 
     def compute(self) -> ProbeResult:
         if self._result is not None:     # compute() turns the sums into means in place: once only
@@ -173,7 +185,7 @@ class ChangeRateProbe(HeadWatch, Probe):
         n = float(self.count)
         layers, arrays, rates, body = [], {}, [], []
         for i, layer in enumerate(self.layers):
-            if self.mode == "exact" and float(self.missing[i]) > 0:
+            if self.per_example and float(self.missing[i]) > 0:
                 reason = persample.supports(layer.module) or (
                     "its per-example gradient could not be formed (used more than once per forward, applied "
                     "to something shared by the whole batch, as BERT's position embeddings are, or not on "
@@ -184,11 +196,12 @@ class ChangeRateProbe(HeadWatch, Probe):
             # pair-expanded kernel may leave rounding residues just below 0 where G² is 0
             g2 = self.state(self._key(layer.name)).div_(n).clamp_(min=0)
             setattr(self, self._key(layer.name), g2)
-            fig = rate_figures(g2, layer.weight)
+            fig = rate_figures(g2, layer.weight) if g2.dim() or not layer.weight.dim() else total_rate(g2, layer.weight)
             if fig["change_rate"] is None:
                 self.skip(layer.name, "its weight is all zeros (or the rate is not finite): no change rate")
             layers.append(LayerRate(layer.name, layer.kind, **fig, role=role(layer.module)))
-            arrays[f"{layer.name}/grad_sq_mean"] = np.ascontiguousarray(g2.cpu().numpy())
+            if g2.dim() or not layer.weight.dim():
+                arrays[f"{layer.name}/grad_sq_mean"] = np.ascontiguousarray(g2.cpu().numpy())
             if fig["change_rate"] is not None and fig["change_rate"] > 0 and role(layer.module) != "norm":
                 rates.append(fig["change_rate"])
                 if layer.name != self.ctx.head.name:
@@ -225,7 +238,7 @@ class ChangeRateProbe(HeadWatch, Probe):
                              "change-rate spread of the backbone" if body else "change-rate spread", where=where,
                              explanation="layers learn at very different speeds (Krähenbühl et al. Fig. 1a)",
                              suggestion=rescale_suggestion(figures.get("rescale_unavailable"))))
-        if t.max_change_rate_cv is not None:
+        if t.max_change_rate_cv is not None and figures.get("mode") != "totals":   # totals: no per-element cv
             # An embedding's rows of tokens the data never uses get no gradient: its cv measures the data's
             # vocabulary coverage, not the layer's conditioning, and datadep does not apply to a lookup table.
             cvs = [l for l in figures["layers"] if l.get("cv") is not None and not (body and l["name"] == head)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ftdoctor.engine.sums import sum_of_squares
+from ftdoctor.engine.sums import distance_sum_of_squares, weight_sum_of_squares
 from ftdoctor.numbers import fmt
 from ftdoctor.probes.base import Batch, Column, Figures, Probe, ProbeResult, finite_or_none, register_probe, row_json
 from ftdoctor.probes.verdicts import Suggestion, Verdict, bound
@@ -39,7 +39,7 @@ class DriftFigures(Figures):
 
 def drift_figures(layers, reference_modules: dict) -> DriftFigures:
     """‖W − W⁰‖ per layer and their squared sum, in the weights' precision (float32 at least) with
-    float64 sums (:func:`sum_of_squares`): no float64 copy of the model."""
+    float64 sums (:func:`~ftdoctor.engine.sums.distance_sum_of_squares`): no copy of the model."""
     rows, new, penalty = [], [], 0.0
     for layer in layers:
         ref = reference_modules.get(layer.name)
@@ -48,10 +48,8 @@ def drift_figures(layers, reference_modules: dict) -> DriftFigures:
         if not isinstance(w0, torch.Tensor) or tuple(w0.shape) != tuple(w.shape):
             new.append(layer.name)
             continue
-        work = torch.promote_types(torch.promote_types(w.dtype, w0.dtype), torch.float32)
-        w0 = w0.detach().to(w.device, work)
-        sq = sum_of_squares(w.to(work) - w0)
-        base = math.sqrt(sum_of_squares(w0))
+        sq = distance_sum_of_squares(w, w0)
+        base = math.sqrt(weight_sum_of_squares(w0))
         penalty += sq
         rows.append(LayerDrift(layer.name, finite_or_none(math.sqrt(sq)),
                                finite_or_none(math.sqrt(sq) / base) if base > 0 else None))

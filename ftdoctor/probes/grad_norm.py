@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ftdoctor.engine.norm_squares import role
-from ftdoctor.engine.sums import Float64Sum, sum_of_squares
+from ftdoctor.engine.sums import Float64Sum, sum_of_squares, weight_sum_of_squares
 from ftdoctor.numbers import fmt
 from ftdoctor.probes.base import (Batch, Column, Figures, Finding, Probe, ProbeContext, ProbeResult, finite_or_none,
                                   register_probe, row_json)
@@ -68,6 +68,7 @@ class GradNormProbe(HeadWatch, Probe):
         super().__init__(ctx)
         self.watch_head()
         self.layers = list(ctx.measured_layers)
+        self.norms_only = False
         # every state is built from the all-reduced batch gradient: identical on every process
         self.add_state("batches", torch.zeros((), dtype=torch.float64), "replicated")
         for layer in self.layers:
@@ -88,13 +89,18 @@ class GradNormProbe(HeadWatch, Probe):
         self.see_logits(batch)
         for layer in self.layers:
             k = self._key(layer.name)
-            gw, gb = batch.ce_grads[layer.name]
-            norm = math.sqrt(sum_of_squares(gw))
+            if layer.name in batch.ce_grads:
+                gw, gb = batch.ce_grads[layer.name]
+                sq, bsq = sum_of_squares(gw), (sum_of_squares(gb) if gb is not None else None)
+                getattr(self, k + "sum").add_(gw)
+            else:      # norms only (the live monitor: one batch, whose full-batch norm is its own)
+                sq, bsq = batch.ce_grad_sq[layer.name]
+                self.norms_only = True
+            norm = math.sqrt(sq)
             getattr(self, k + "norm").add_(norm)
-            getattr(self, k + "sum").add_(gw)
             getattr(self, k + "per_batch").append(norm)
-            if gb is not None and layer.bias is not None:
-                getattr(self, k + "bnorm").add_(math.sqrt(sum_of_squares(gb)))
+            if bsq is not None and layer.bias is not None:
+                getattr(self, k + "bnorm").add_(math.sqrt(bsq))
         self.batches += 1
 
     def compute(self) -> ProbeResult:
@@ -103,11 +109,11 @@ class GradNormProbe(HeadWatch, Probe):
         for layer in self.layers:
             k = self._key(layer.name)
             gn = float(getattr(self, k + "norm")) / nb
-            full = math.sqrt(sum_of_squares(self.state(k + "sum"))) / nb
-            wn = math.sqrt(sum_of_squares(layer.weight))
+            full = (gn if nb == 1 else None) if self.norms_only else math.sqrt(sum_of_squares(self.state(k + "sum"))) / nb
+            wn = math.sqrt(weight_sum_of_squares(layer.weight))
             rows.append({"name": layer.name, "kind": layer.kind, "role": role(layer.module),
                          "grad_norm": finite_or_none(gn),
-                         "full_grad_norm": finite_or_none(full), "weight_norm": finite_or_none(wn),
+                         "full_grad_norm": None if full is None else finite_or_none(full), "weight_norm": finite_or_none(wn),
                          "relative": finite_or_none(gn / wn) if wn > 0 else None,
                          "bias_grad_norm": (finite_or_none(float(getattr(self, k + "bnorm")) / nb)
                                             if layer.bias is not None else None)})

@@ -67,8 +67,62 @@ def test_figures_at_a_measuring_step_equal_probe_of_the_same_state():
         assert m.loss == pytest.approx(float(F.cross_entropy(_probe_model_logits(states[step], x), y)), rel=1e-12)
     assert seen[2].scalars["ftdoctor/drift"] > 0 == seen[0].scalars["ftdoctor/drift"]
     assert set(seen[2].scalars) == {"ftdoctor/noise_fraction", "ftdoctor/excess_noise_fraction",
-                                    "ftdoctor/change_rate_spread", "ftdoctor/change_rate_cv", "ftdoctor/depth_ratio",
+                                    "ftdoctor/change_rate_spread", "ftdoctor/depth_ratio",
                                     "ftdoctor/r2_median", "ftdoctor/drift", "ftdoctor/sp_penalty"}
+
+
+def test_the_cv_is_opt_in_and_then_every_figure_equals_probe_s():
+    """By default the monitor sums Σ_e G²_e per layer (engine.ghost), so its change_rate block has the rates
+    and spreads but no cv; ``change_rate_cv=True`` keeps the per-element squares and the whole block."""
+    model = _net()
+    pretrained = copy.deepcopy(model)
+    x, y = _data()
+    state = copy.deepcopy(model.state_dict())
+    blocks = {}
+    for cv in (False, True):
+        monitor = Monitor(model, schedule=Schedule(every=1), change_rate_cv=cv)
+        monitor.begin(0, labels=y)
+        F.cross_entropy(model(x), y).backward()
+        blocks[cv] = monitor.end()
+        monitor.close()
+        model.zero_grad()
+    truth = _probe(state, pretrained, x, y).results["change_rate"].figures.to_json()
+    assert blocks[False].figures["change_rate"]["mode"] == "totals"
+    assert all(l["cv"] is None for l in blocks[False].figures["change_rate"]["layers"])
+    assert "ftdoctor/change_rate_cv" not in blocks[False].scalars
+    assert blocks[True].figures["change_rate"]["mode"] == "exact"
+    assert assert_figures_close(blocks[True].figures["change_rate"], truth, rel=1e-9) > 0
+    assert assert_figures_close(blocks[False].figures["change_rate"], truth, rel=1e-9) > 0
+    assert blocks[True].scalars["ftdoctor/change_rate_cv"] > 0
+
+
+def test_r2_is_probe_s_on_the_first_r2_examples_in_eval_mode_whatever_the_dropout():
+    """R² compares the features of the model and the reference in eval mode on the step's first
+    ``r2_examples`` examples: probe's R² of those examples, even with dropout in the loop's forward (at the
+    first step the model is the reference: R² 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(512, 16),
+                          nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 5)).double()
+    pretrained = copy.deepcopy(model)
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    monitor = Monitor(model, schedule=Schedule(every=1), r2_examples=5)
+    seen = []
+    for step in range(2):
+        state = copy.deepcopy(model.state_dict())
+        monitor.begin(step, labels=y)
+        F.cross_entropy(model(x), y).backward()
+        seen.append((state, monitor.end()))
+        opt.step()
+        opt.zero_grad()
+    monitor.close()
+    assert model.training and all(m.training for m in model.modules())
+    first = seen[0][1].figures["r2"]["layers"]
+    assert first and all(row["median"] == pytest.approx(1.0, abs=1e-12) for row in first)
+    for state, m in seen:
+        run = _probe(state, pretrained, x[:5], y[:5])
+        assert assert_figures_close(m.figures["r2"], run.results["r2"].figures.to_json(), rel=1e-9) > 0
+    assert seen[1][1].scalars["ftdoctor/r2_median"] < 1
 
 
 def _probe_model_logits(state, x):
