@@ -41,21 +41,14 @@ def grad_norm_sq_sum(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, T
     with torch.no_grad():
         if isinstance(module, nn.Embedding):
             return _embedding(module, x, g), None
-        if isinstance(module, nn.Linear):
-            pair = _linear_factors(module, x, g)
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d)) and x.dim() == len(module.kernel_size) + 2:
-            pair = _conv_factors(module, x, g)
-            if pair is not None:
-                a, gram, bias_rows = pair
-                return _ghost_sum(a, gram, gram=True), (
-                    bias_rows.square().sum(dtype=torch.float64) if module.bias is not None else None)
-        else:
-            pair = None
+        conv = isinstance(module, (nn.Conv1d, nn.Conv2d)) and x.dim() == len(module.kernel_size) + 2
+        pair = (_linear_factors(module, x, g) if isinstance(module, nn.Linear)
+                else _conv_factors(module, x, g) if conv else None)
         if pair is None:        # norm layers; shapes where the per-element squares are cheaper
             w, b = persample.grad_sq_sum(module, x, g)
             return w.sum(dtype=torch.float64), None if b is None else b.sum(dtype=torch.float64)
         a, u, bias_rows = pair
-        w = _ghost(a, u)
+        w = _ghost_sum(a, u, gram=conv)      # a convolution's factors carry the patch Gram already
         b = (bias_rows.square().sum(dtype=torch.float64) if bias_rows is not None and module.bias is not None
              else None)
         return w, b
@@ -132,13 +125,9 @@ def _patch_gram(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dil
     return gram.reshape(n, groups, h * w, h * w)
 
 
-def _ghost(a: Tensor, u: Tensor) -> Tensor:
-    """``Σ_n Σ_groups ⟨A Aᵀ, U Uᵀ⟩`` over chunks of examples (float64 total); ``u`` is U (N, G, L, K) or,
-    for a convolution, already its Gram (N, G, L, L) (:func:`_patch_gram`), told apart by ``gram``."""
-    return _ghost_sum(a, u, gram=False)
-
-
 def _ghost_sum(a: Tensor, u: Tensor, gram: bool) -> Tensor:
+    """``Σ_n Σ_groups ⟨A Aᵀ, U Uᵀ⟩`` over chunks of examples (float64 total); with ``gram`` ``u`` is already
+    ``U Uᵀ`` (N, G, L, L) (:func:`_patch_gram`), else U (N, G, L, K)."""
     n, groups, length = a.shape[:3]
     if length == 1 and not gram:
         return (a.square().sum(-1) * u.square().sum(-1)).sum(dtype=torch.float64)
