@@ -10,7 +10,7 @@ from typing import Sequence
 
 from ftdoctor.errors import FtdoctorError
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".onnx")
 
 
 def _is_glob(text: str) -> bool:

@@ -11,6 +11,7 @@ source              recognises                                               mod
 ==================  =======================================================  ========================
 ``torchscript``     a TorchScript archive (needs ``--trust-checkpoint``)     :mod:`.torchscript`
 ``pickled-module``  a full pickled ``nn.Module`` (``--trust-checkpoint``)    :mod:`.pickled`
+``onnx``            a ``.onnx`` export (onnx2torch; written back as ONNX)     :mod:`.onnx`
 ``hf``              a Hugging Face ``save_pretrained`` folder (transformers)  :mod:`.hf`
 ``timm``            a timm hub folder, or a state dict with ``--arch         :mod:`.timm`
                     timm:NAME`` (timm installed)
@@ -28,7 +29,7 @@ dtypes), atomically, through the source that read it.
 """
 from __future__ import annotations
 
-from ftdoctor.checkpoint import hf, importpath, pickled, timm, torchscript, torchvision  # noqa: F401,E402  (registration)
+from ftdoctor.checkpoint import hf, importpath, onnx, pickled, timm, torchscript, torchvision  # noqa: F401,E402  (registration)
 from ftdoctor.checkpoint.common import (
                                         AFFINE_TYPES,
                                         STRIPPED_PREFIXES,
@@ -54,7 +55,7 @@ from ftdoctor.checkpoint.sources import (
 from ftdoctor.checkpoint.writing import check_output_path, save_model, write_sidecar
 from ftdoctor.outputs import atomic_write
 
-FORMATS = ("state_dict", "safetensors", "module", "torchscript")
+FORMATS = ("state_dict", "safetensors", "module", "torchscript", "onnx")
 
 __all__ = ["AFFINE_TYPES", "FORMATS", "MODEL_SOURCES", "STRIPPED_PREFIXES", "WRAPPER_KEYS", "CheckpointFile",
            "Container", "LoadedModel", "ModelOptions", "ModelSource", "affine_modules", "atomic_write",

@@ -26,7 +26,8 @@ AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 _AFFINE_NAMES = frozenset(t.__name__ for t in AFFINE_TYPES)
 
-_FORMAT_HELP = "ftdoctor reads torch.save files (.pt .pth .bin .ckpt), .safetensors and TorchScript archives"
+_FORMAT_HELP = ("ftdoctor reads torch.save files (.pt .pth .bin .ckpt), .safetensors, TorchScript archives and "
+                "ONNX files (.onnx)")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class Container:
     metadata: Mapping[str, str] | None = None
     #: a model folder's layout (:class:`~.folder.FolderLayout`), None for a single file
     folder: Any = None
+    #: an ONNX file's graph and where each torch tensor lives in it (:class:`~.onnx.OnnxLayout`)
+    graph: Any = None
 
 
 @dataclass

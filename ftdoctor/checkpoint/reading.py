@@ -7,7 +7,7 @@ layout, not loaded: that needs ``--trust-checkpoint``, see
 :mod:`.torchscript`), or a ``torch.save`` file through
 ``torch.load(weights_only=True)`` — full unpickling only with
 ``--trust-checkpoint``, and never under a torch older than 2.6
-(CVE-2025-32434). Before anything is unpickled, every pickle of the file is
+(CVE-2025-32434); a ``.onnx`` file is parsed as a protobuf (:mod:`.onnx`). Before anything is unpickled, every pickle of the file is
 scanned (:mod:`.pickle_scan`): one that names a global that can act is refused
 without ``--trust-checkpoint``, naming the global and where it sits; one whose
 extras are inert data (a Lightning ``.ckpt``'s hyper-parameters) is read with
@@ -108,6 +108,10 @@ def read_file(path: Path, opts: ModelOptions, scan: Any = None, part: bool = Fal
     scan = scan or scan_checkpoint(path)
     if not part:
         admit(scan, opts.trust_checkpoint, notes)
+    from ftdoctor.checkpoint import onnx
+
+    if onnx.is_onnx(path):
+        return onnx.read_onnx(path, digest, size, opts, notes, scan)
     if _looks_like_safetensors(path):
         state, metadata = _read_safetensors(path)
         bounds.check_tensors(state, path, size)

@@ -26,10 +26,10 @@ def _threshold(key: str, help: str) -> Any:
 @data_options
 def check(
     models: Annotated[list[str], typer.Argument(
-        help="Checkpoint files, directories (searched for .pt/.pth/.bin/.ckpt/.safetensors) or quoted globs.",
+        help="Checkpoint files, directories (searched for .pt/.pth/.bin/.ckpt/.safetensors/.onnx) or quoted globs.",
         show_default=False)],
     data: Annotated[Optional[str], typer.Option(
-        "--data", help="Also run the probe-based checks on this data (shapes[:C], fake, cifar10, ..., a "
+        "--data", help="Also run the probe-based checks on this data (shapes[:C], fake, textlines, cifar10, ..., a "
                        "directory, .h5 or .npz); without it only the data-free checks run.",
         rich_help_panel=DATA_PANEL)] = None,
     reference: Annotated[Optional[Path], typer.Option(

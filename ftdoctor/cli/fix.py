@@ -42,7 +42,7 @@ def fix(
                                       "the input; never the input itself).", show_default=False,
                                       rich_help_panel=FIX_PANEL)],
     data: Annotated[str, typer.Option(
-        "--data", help="The data the fix is measured and verified on: shapes[:C], fake, cifar10, ..., a "
+        "--data", help="The data the fix is measured and verified on: shapes[:C], fake, textlines, cifar10, ..., a "
                        "directory, .h5 or .npz.", show_default=False, rich_help_panel=DATA_PANEL)],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.",
                                         rich_help_panel=FIX_PANEL)] = False,

@@ -23,8 +23,8 @@ import typer
 MODEL_PANEL, DATA_PANEL, OUTPUT_PANEL, PROBE_PANEL = "Model", "Data", "Output", "Probes"
 
 ModelArg = Annotated[Path, typer.Argument(help="Checkpoint: .pt/.pth/.bin/.ckpt (state dict, wrapped, "
-                                                "pickled module, TorchScript), .safetensors, or a model folder "
-                                                "(Hugging Face save_pretrained, timm hub).",
+                                                "pickled module, TorchScript), .safetensors, .onnx, or a model "
+                                                "folder (Hugging Face save_pretrained, timm hub).",
                                            show_default=False)]
 Arch = Annotated[Optional[str], typer.Option(
     "--arch", help="torchvision builder name (resnet18, vgg16_bn, vit_b_16, ...), timm:NAME, hf:CLASS (a "
@@ -44,7 +44,7 @@ NonStrict = Annotated[bool, typer.Option(
     rich_help_panel=MODEL_PANEL)]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.", rich_help_panel=MODEL_PANEL)]
 
-DATA_HELP = ("shapes[:C], fake, cifar10, cifar100, mnist, fashion-mnist, svhn, an ImageFolder directory, "
+DATA_HELP = ("shapes[:C], fake, textlines[:2], cifar10, cifar100, mnist, fashion-mnist, svhn, an ImageFolder directory, "
              "a .h5/.hdf5 or .npz file; text or image paths with labels: a .csv/.tsv/.jsonl/.parquet file or "
              "a datasets save_to_disk folder")
 Data = Annotated[str, typer.Option("--data", help=DATA_HELP + ".", rich_help_panel=DATA_PANEL)]
@@ -61,7 +61,7 @@ def choices(name: str, *values: str) -> Any:
 
 
 Split = choices("Split", "train", "test")
-Normalize = choices("Normalize", "imagenet", "dataset", "none")
+Normalize = choices("Normalize", "imagenet", "inception", "dataset", "none")
 HeadInit = choices("HeadInit", "kaiming", "torch-default", "entame")
 CRMode = choices("CRMode", "exact", "batch")
 CRLoss = choices("CRLoss", "random", "ce")
@@ -100,7 +100,8 @@ ImageSize = Annotated[Optional[int], typer.Option("--image-size", min=1, help="R
                                                   "size the model needs: a ViT's image_size, 224 for Swin).",
                                                   rich_help_panel=DATA_PANEL)]
 NormalizeOpt = Annotated[Normalize, typer.Option(
-    "--normalize", help="imagenet mean/std, the data's own per-channel statistics, or none.",
+    "--normalize", help="imagenet mean/std, inception (mean 0.5, std 0.5: PP-OCR, Inception, many timm "
+    "models), the data's own per-channel statistics, or none.",
     rich_help_panel=DATA_PANEL)]
 Workers = Annotated[int, typer.Option("--workers", min=0, help="DataLoader worker processes.",
                                       rich_help_panel=DATA_PANEL)]

@@ -9,6 +9,8 @@ source        ``--data``                                              module
 ============  =====================================================  ==========================
 shapes        ``shapes`` / ``shapes:C``: the built-in procedural set  :mod:`.builtin`
 fake          ``fake``: seeded uniform noise, 10 fixed labels         :mod:`.builtin`
+textlines     ``textlines`` / ``textlines:2``: rendered text lines,    :mod:`.textlines`
+              3×48×192, flipped four ways (or PP-OCR's two)
 torchvision   ``cifar10 cifar100 mnist fashion-mnist svhn`` from      :mod:`.torchvision_sets`
               ``--data-root``, never downloaded unless ``--download``
 datasets      a ``datasets`` ``save_to_disk`` folder (``--split`` any   :mod:`.tables`
@@ -31,7 +33,7 @@ HDF5 attribute ``num_classes`` (on the file or on the labels) or an npz array
 """
 from __future__ import annotations
 
-from ftdoctor.data import builtin, folder, hdf5, npz, tables, torchvision_sets  # noqa: F401,E402  (registration)
+from ftdoctor.data import builtin, folder, hdf5, npz, tables, textlines, torchvision_sets  # noqa: F401,E402  (registration)
 from ftdoctor.data.bundle import (
                                   IMAGENET_MEAN,
                                   IMAGENET_STD,

@@ -30,7 +30,7 @@ from ftdoctor.errors import FtdoctorError
 
 SPLITS = ("train", "test")
 
-NORMALIZATIONS = ("imagenet", "dataset", "none")
+NORMALIZATIONS = ("imagenet", "inception", "dataset", "none")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -352,6 +352,8 @@ def _normalization(mode: str, dataset: PreparedDataset, channels: int,
                    notes: list[str]) -> tuple[list[float] | None, list[float] | None]:
     if mode == "none":
         return None, None
+    if mode == "inception":      # x ↦ (x − 0.5) / 0.5: [0, 1] onto [−1, 1], timm's IMAGENET_INCEPTION_MEAN/STD
+        return [0.5] * channels, [0.5] * channels
     if mode == "imagenet":
         if channels == 3:
             return list(IMAGENET_MEAN), list(IMAGENET_STD)

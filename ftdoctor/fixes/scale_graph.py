@@ -85,7 +85,10 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def trace(model: nn.Module) -> torch.fx.Graph:
-    """The model's fx graph, or an exit-2 error saying why it cannot be had."""
+    """The model's fx graph (a ``GraphModule``'s own: a converted ONNX model), or an exit-2 error saying why it
+    cannot be had."""
+    if isinstance(model, torch.fx.GraphModule):
+        return model.graph
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
