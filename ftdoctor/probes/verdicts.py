@@ -53,12 +53,13 @@ class RunArgs:
 
 
 def _fixed_name(model: str) -> str:
-    """Where a suggested fix writes: ``FIXED.pt`` (``FIXED`` for a model folder), never the model's own name."""
+    """Where a suggested fix writes: ``FIXED.pt`` (``FIXED`` for a model folder, ``FIXED.onnx`` for an ONNX
+    file), never the model's own name."""
     from pathlib import Path
 
     from ftdoctor.checkpoint.folder import output_is_folder
 
-    name = "FIXED" if output_is_folder(model) else "FIXED.pt"
+    name = "FIXED" if output_is_folder(model) else "FIXED.onnx" if model.lower().endswith(".onnx") else "FIXED.pt"
     taken = {Path(model).name, Path(model).parent.name}
     return name if name not in taken else name.replace("FIXED", "FIXED-2")
 
