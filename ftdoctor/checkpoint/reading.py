@@ -7,8 +7,9 @@ layout, not loaded: that needs ``--trust-checkpoint``, see
 :mod:`.torchscript`), or a ``torch.save`` file through
 ``torch.load(weights_only=True)`` — full unpickling only with
 ``--trust-checkpoint``, and never under a torch older than 2.6
-(CVE-2025-32434); a ``.onnx`` file is parsed as a protobuf (:mod:`.onnx`). Before anything is unpickled, every pickle of the file is
-scanned (:mod:`.pickle_scan`): one that names a global that can act is refused
+(CVE-2025-32434); a ``.onnx`` file is parsed as a protobuf (:mod:`.onnx_read`).
+Before anything is unpickled, every pickle of the file is scanned
+(:mod:`.pickle_scan`): one that names a global that can act is refused
 without ``--trust-checkpoint``, naming the global and where it sits; one whose
 extras are inert data (a Lightning ``.ckpt``'s hyper-parameters) is read with
 them as placeholders (:mod:`.inert`).
