@@ -29,10 +29,21 @@ def _files_in(directory: Path) -> list[Path]:
             found.append(Path(root))          # a model folder: one checkpoint, not its files
             dirs[:] = []
             continue
-        for name in sorted(files):
-            if not name.startswith(".") and name.lower().endswith(CHECKPOINT_SUFFIXES):
-                found.append(Path(root) / name)
+        names = [n for n in sorted(files) if not n.startswith(".") and n.lower().endswith(CHECKPOINT_SUFFIXES)]
+        data = _onnx_external_data(Path(root), names)
+        found += [Path(root) / n for n in names if n not in data]
     return found
+
+
+def _onnx_external_data(root: Path, names: list[str]) -> set[str]:
+    """The files an ONNX model of ``root`` keeps its external data in (``weights.bin``): part of that model,
+    not checkpoints of their own."""
+    models = [n for n in names if n.lower().endswith(".onnx")]
+    if not models or len(models) == len(names):
+        return set()
+    from ftdoctor.checkpoint.onnx_read import external_files
+
+    return {name for m in models for name in external_files(root / m)}
 
 
 def collect_checkpoints(patterns: Sequence[str | Path]) -> list[Path]:

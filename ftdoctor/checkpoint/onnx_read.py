@@ -75,6 +75,21 @@ def read_onnx(path: Path, digest: str, size: int, opts: ModelOptions, notes: lis
     return CheckpointFile(path, digest, size, proto, Container("onnx"), notes, scan)
 
 
+def external_files(path: Path) -> set[str]:
+    """The file names ``path``'s tensors keep their external data in (empty when it cannot be read)."""
+    try:
+        onnx = onnx_package()
+        size = path.stat().st_size
+        if size > _PROTOBUF_LIMIT:
+            return set()
+        with open_regular(path, "the checkpoint") as f:
+            proto = onnx.ModelProto.FromString(f.read(size + 1))
+    except Exception:  # noqa: BLE001 - not readable: check reports the model itself
+        return set()
+    return {e.value for t in _tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
+
+
 def _subgraphs(node: Any) -> Iterator[Any]:
     for attr in node.attribute:
         if attr.HasField("g"):

@@ -224,10 +224,13 @@ def test_check_judges_a_mixed_folder_file_by_file(tmp_path):
     save_file(model.state_dict(), str(folder / "m.safetensors"))
     torch.save(model.state_dict(), folder / "m.pt")
     (folder / "broken.onnx").write_bytes(b"\x08\x07garbage")
+    onnx.save_model(onnx.load(str(folder / "m.onnx")), str(folder / "ext.onnx"), save_as_external_data=True,
+                    location="ext.bin", size_threshold=0)       # ext.bin is ext.onnx's data, not a checkpoint
     code, out, err = run_cli("check", folder, "--format", "json", "--arch", "tests.checkpoint.test_onnx:TinyCNN")
     report = json.loads(out)
     results = {Path(c["path"]).name: c["passed"] for c in report["checkpoints"]}
-    assert results == {"broken.onnx": False, "m.onnx": True, "m.pt": True, "m.safetensors": True}, out + err
+    assert results == {"broken.onnx": False, "ext.onnx": True, "m.onnx": True, "m.pt": True,
+                       "m.safetensors": True}, out + err
     assert code == 1
 
 
