@@ -308,4 +308,3 @@ class _Recorder:
             self.seen["shape"] = tuple(args[0].shape[1:])
 
 
-

@@ -167,7 +167,6 @@ def _read_external_data(path: Path, proto: Any) -> int:
     return total
 
 
-
 # ------------------------------------------------------------------------------------- rewrites
 
 
@@ -216,7 +215,6 @@ def name_nodes(graph: Any) -> None:
             name, k = f"{base}_{k}", k + 1
         seen.add(name)
         node.name = name
-
 
 
 def graph_input(path: Path, proto: Any) -> tuple[str, list[int | None]]:
