@@ -58,12 +58,10 @@ def updated_proto(loaded: LoadedModel, model: nn.Module, layout: OnnxLayout) -> 
         fresh = numpy_helper.from_array(array, stored.name)
         stored.CopyFrom(fresh)
     if resized:
-        _retarget_output(proto, resized, _head_outputs(model, head))
+        from ftdoctor.checkpoint.writing import _head_outputs
+
+        _retarget_output(proto, resized, int(_head_outputs(model, head) or 0))
     return proto
-
-
-def _head_outputs(model: nn.Module, head: str) -> int:
-    return int((model.get_submodule(head) if head else model).weight.shape[0])
 
 
 def _retarget_output(proto: Any, resized: list[str], new: int) -> None:
