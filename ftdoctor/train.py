@@ -9,7 +9,7 @@
   re-initialised at the start of every period and its learning rate follows a
   cosine that restarts with each period.
 
-Example (a complete loop; the README runs the same)::
+Example (a complete loop; docs/python-api.md runs the same)::
 
     head = attach_head(model, num_classes=5, init="entame", feature_norm=True, example=x0)
     l2sp = L2SP(model, pretrained_state, alpha=0.1, beta=0.01, new=[head.name])

@@ -22,18 +22,25 @@ def _quiet_transformers():
 
 
 def wordpiece_tokenizer():
-    """A BERT-style fast tokenizer whose WordPiece vocabulary is trained on :data:`SENTENCES`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT-style fast tokenizer whose WordPiece vocabulary comes from :data:`SENTENCES`.
+
+    The vocabulary is written out, not trained: the special tokens, every word, every character and its
+    ``##`` continuation, each in sorted order, so the same ids come out in every process (WordPiece
+    training breaks ties differently from run to run, which changed the model built on top of it).
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     transformers = _quiet_transformers()
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted({w for s in SENTENCES for w in s.split()})
+    chars = sorted({c for w in words for c in w})
+    vocab = {t: i for i, t in enumerate(special + words + chars + [f"##{c}" for c in chars])}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(SENTENCES, trainers.WordPieceTrainer(
-        vocab_size=80, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     return transformers.BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                           cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 

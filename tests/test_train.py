@@ -1,4 +1,4 @@
-"""The training-loop API (ftdoctor.train): ENTAME head, FeatureNorm, L2SP, RifleSchedule, the README example."""
+"""The training-loop API (ftdoctor.train): ENTAME head, FeatureNorm, L2SP, RifleSchedule, the docs' example."""
 from __future__ import annotations
 
 import copy
@@ -20,7 +20,7 @@ from ftdoctor.train import (L2SP, FeatureNorm, FeatureNormLinear, RifleSchedule,
 
 from helpers import SmallCNN
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+API_PAGE = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
 
 def test_feature_norm_is_reexported():
@@ -206,21 +206,21 @@ def test_rifle_needs_the_head_in_its_own_group():
         RifleSchedule(model.fc, torch.optim.SGD(param_groups(model, model.fc, 0.1)), period=0)
 
 
-# -- the README example -------------------------------------------------------------------------
+# -- the example of docs/python-api.md -------------------------------------------------------------------------
 def _readme_example() -> str:
-    text = README.read_text(encoding="utf-8") if README.exists() else ""
+    text = API_PAGE.read_text(encoding="utf-8") if API_PAGE.exists() else ""
     m = re.search(r"<!-- example: train-loop -->\s*```python\n(.*?)```", text, re.S)
-    assert m, ("README.md has no training-loop example (a ```python block after "
+    assert m, ("docs/python-api.md has no training-loop example (a ```python block after "
                "'<!-- example: train-loop -->')")
     return m.group(1)
 
 
-def test_readme_training_loop_example_runs():
+def test_docs_training_loop_example_runs():
     code = _readme_example()
     ns: dict = {"__name__": "readme_example"}
     out = io.StringIO()
     with redirect_stdout(out):
-        exec(compile(code, "README.md:train-loop", "exec"), ns)
+        exec(compile(code, "docs/python-api.md:train-loop", "exec"), ns)
     assert ns["rifle"].reinitialised == [3, 6]
     assert isinstance(ns["model"].classifier[2], FeatureNormLinear)
     assert math.isfinite(ns["loss"].item())

@@ -33,6 +33,12 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
+def docs_page(command: str) -> str:
+    """The line every command's ``--help`` ends with: where its page of the documentation site is."""
+    return (f"More, with real output: docs/commands/{command}.md; the whole documentation site, from a clone: "
+            "pip install -e '.[docs]' && mkdocs serve")
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ftdoctor import progress
-from ftdoctor.cli.app import app, console, output_format, print_page_written
+from ftdoctor.cli.app import app, docs_page, console, output_format, print_page_written
 from ftdoctor.cli.shared import (DATA_PANEL, OUTPUT_PANEL, PROBE_PANEL, DataFlags, Head, HeadInit, HtmlOut, Quiet,
                                  Seed, data_options, model_options)
 
@@ -21,7 +21,7 @@ def _threshold(key: str, help: str) -> Any:
                                                  rich_help_panel=THRESHOLD_PANEL)]
 
 
-@app.command()
+@app.command(epilog=docs_page("check"))
 @model_options
 @data_options
 def check(

@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 import typer
 
 from ftdoctor import progress
-from ftdoctor.cli.app import app, console
+from ftdoctor.cli.app import app, docs_page, console
 from ftdoctor.cli.shared import Quiet, Seed
 
 
-@app.command()
+@app.command(epilog=docs_page("demo"))
 def demo(
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where to write the demo's files "
                                                     "(default: a fresh temporary directory).")] = None,

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ftdoctor import progress
-from ftdoctor.cli.app import app, console, output_format, print_notes, print_page_written
+from ftdoctor.cli.app import app, docs_page, console, output_format, print_notes, print_page_written
 from ftdoctor.cli.shared import (OUTPUT_PANEL, Data, DataFlags, Head, HtmlOut, ModelArg, OutputJson, Quiet, Seed,
                                  Split, csv, data_options, model_options)
 
@@ -72,7 +72,7 @@ def _trace_options(**kw):
     return TraceOptions.from_flags(**kw)
 
 
-@app.command()
+@app.command(epilog=docs_page("trace"))
 @model_options
 @data_options
 def trace(
@@ -120,7 +120,7 @@ def trace(
         print_notes(list(result.notes), quiet)
 
 
-@app.command()
+@app.command(epilog=docs_page("compare"))
 @model_options
 @data_options
 def compare(
@@ -163,7 +163,7 @@ def compare(
         print_notes(list(result.notes), quiet)
 
 
-@app.command()
+@app.command(epilog=docs_page("plot"))
 def plot(
     file: Annotated[Path, typer.Argument(help="An HDF5 file from trace, compare or probe --hdf5.",
                                          show_default=False)],

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ftdoctor import progress
-from ftdoctor.cli.app import app, console, output_format
+from ftdoctor.cli.app import app, docs_page, console, output_format
 from ftdoctor.cli.shared import (DATA_PANEL, OUTPUT_PANEL, DataFlags, Head, ModelArg, Quiet, Seed, csv,
                                  data_options, model_options)
 
@@ -31,7 +31,7 @@ class _FixCommand(typer.core.TyperCommand):
         return super().format_help(ctx, formatter)
 
 
-@app.command(cls=_FixCommand)
+@app.command(cls=_FixCommand, epilog=docs_page("fix"))
 @model_options
 @data_options
 def fix(

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ftdoctor import progress
-from ftdoctor.cli.app import app, console, output_format, print_notes, print_page_written
+from ftdoctor.cli.app import app, docs_page, console, output_format, print_notes, print_page_written
 from ftdoctor.cli.shared import (OUTPUT_PANEL, PROBE_PANEL, CRLoss, CRMode, Data, DataFlags, DType, Hdf5, Head,
                                  HeadInit, HtmlOut, ImageSize, ModelArg, OutputJson, Quiet, Seed, csv, data_options,
                                  model_options)
@@ -16,7 +16,7 @@ Format = Annotated[str, typer.Option("--format", help="table, json or markdown (
                                      rich_help_panel=OUTPUT_PANEL)]
 
 
-@app.command()
+@app.command(epilog=docs_page("inspect"))
 @model_options
 def inspect(
     model: ModelArg, head: Head = None, image_size: ImageSize = None, format: Format = "table",
@@ -32,7 +32,7 @@ def inspect(
         print_notes(result.notes, quiet)
 
 
-@app.command()
+@app.command(epilog=docs_page("probe"))
 @model_options
 @data_options
 def probe(
@@ -61,7 +61,7 @@ def probe(
                                                      rich_help_panel=PROBE_PANEL)] = None,
     dtype: Annotated[DType, typer.Option(
         "--dtype", help="Precision of the model's forward and backward: bfloat16 or float16 run them under "
-        "torch.autocast (faster on GPUs); every sum stays float64. README: what it changes in each figure.",
+        "torch.autocast (faster on GPUs); every sum stays float64. What it changes in each figure: docs/commands/probe.md.",
         rich_help_panel=PROBE_PANEL)] = DType.float32,
     head: Head = None, seed: Seed = 0, format: Format = "table", output: OutputJson = None, hdf5: Hdf5 = None,
     html: HtmlOut = None, quiet: Quiet = False, model_opts: Any = None, data_flags: DataFlags = DataFlags(),

@@ -13,7 +13,7 @@ class Schedule:
     A step is measured when it is one of the first ``first`` steps (ENTAME's noise is the error of the
     first steps), a multiple of ``every`` (0: never by period), or listed in ``steps``. The default,
     ``every=50, first=3``, measures steps 0, 1, 2, 50, 100, …: a monitored run's cost is that of about
-    one step in fifty measured (README "Monitoring a training run" gives the measured ratios).
+    one step in fifty measured (docs/performance.md, "Monitoring a training run", gives the measured ratios).
     """
 
     every: int = 50

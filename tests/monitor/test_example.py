@@ -1,4 +1,4 @@
-"""The README's monitoring example runs as printed (a few steps here) and its HDF5 file draws."""
+"""The monitoring example (docs/monitoring.md) runs as printed (a few steps here) and its HDF5 file draws."""
 from __future__ import annotations
 
 import importlib.util
