@@ -112,33 +112,51 @@ def sum_of_squares(t: Tensor, row: int = 4096) -> float:
 
 
 
-_REMEMBERED: dict[int, tuple[Tensor, float]] | None = None
+#: id → (tensor, (its version counter, its storage's address) then, Σ t²): the norms :func:`remembered_norms` keeps
+Norms = dict[int, tuple[Tensor, tuple[int, int], float]]
+
+_REMEMBERED: Norms | None = None
+_CARRIED: Norms = {}
 
 
 @contextlib.contextmanager
-def remembered_norms() -> Iterator[None]:
+def remembered_norms(carry: Norms | None = None) -> Iterator[Norms]:
     """Within the block, :func:`weight_sum_of_squares` computes each tensor's norm once: the change rates,
     the gradient norms' ratios and drift read the same weights at a measuring step, and nothing may change
-    a weight inside the block."""
-    global _REMEMBERED
-    outer, _REMEMBERED = _REMEMBERED, {} if _REMEMBERED is None else _REMEMBERED
+    a weight inside the block.
+
+    ``carry``: the dict an earlier block yielded. Its norms are reused for the tensors that require no
+    gradient and whose version counter and storage have not moved since (an in-place change such as a
+    ``load_state_dict`` moves the counter): the live monitor's frozen reference, which drift divides by at
+    every measuring step. A tensor that requires a gradient is never carried: a fused optimizer's step
+    (``AdamW(fused=True)``, Hugging Face Trainer's default) changes it without moving its counter. The
+    yielded dict holds the norms this block used, to carry into the next."""
+    global _REMEMBERED, _CARRIED
+    if _REMEMBERED is not None:          # nested: the outer block's
+        yield _REMEMBERED
+        return
+    _REMEMBERED, _CARRIED = {}, carry or {}
     try:
-        yield
+        yield _REMEMBERED
     finally:
-        _REMEMBERED = outer
+        _REMEMBERED, _CARRIED = None, {}
 
 
 def weight_sum_of_squares(t: Tensor) -> float:
     """:func:`sum_of_squares` of a weight, computed once inside :func:`remembered_norms`."""
     if _REMEMBERED is None:
         return sum_of_squares(t)
-    hit = _REMEMBERED.get(id(t))
-    if hit is None or hit[0] is not t:
-        hit = _REMEMBERED[id(t)] = (t, sum_of_squares(t))     # t kept: its id is not reused in the block
-    return hit[1]
+    key, stamp = id(t), (t._version, t.data_ptr())     # ``p.data = …`` moves the address, not the counter
+    hit = _REMEMBERED.get(key)
+    if hit is None and not t.requires_grad:
+        hit = _CARRIED.get(key)
+    if hit is None or hit[0] is not t or hit[1] != stamp:
+        hit = (t, stamp, sum_of_squares(t))     # t kept: its id is not reused while the entry lives
+    _REMEMBERED[key] = hit
+    return hit[2]
 
 
-def distance_sum_of_squares(a: Tensor, b: Tensor, chunk: int = 1 << 16) -> float:
+def distance_sum_of_squares(a: Tensor, b: Tensor, chunk: int = 1 << 20) -> float:
     """``Σ (a − b)²`` as :func:`sum_of_squares` of the difference, formed ``chunk`` elements at a time in
     one reused buffer (no model-sized temporary: drift reads every weight at every measuring step)."""
     work = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftdoctor.engine.sums import Float64Sum, sum_of_squares
+from ftdoctor.engine.sums import Float64Sum, distance_sum_of_squares, sum_of_squares
 
 
 @pytest.mark.parametrize("block", [1, 3, 16])
@@ -62,3 +62,44 @@ def test_float64_sum_sink_in_the_first_addends_layout(dtype):
     assert ((acc.value() - truth).abs() / truth).max() < 2e-6
     with pytest.raises(ValueError):
         acc.added_in_place_(torch.zeros(3, 5, 4, dtype=dtype))
+
+
+def test_carried_norms_are_reused_until_the_tensor_changes():
+    """A norm carried from an earlier block is reused while the tensor (one that requires no gradient) keeps
+    its version counter and storage, formed again after an in-place change or a ``.data`` swap; a tensor
+    that requires a gradient is never carried (a fused optimizer moves no counter); outside a block nothing
+    is kept."""
+    from unittest import mock
+
+    from ftdoctor.engine import sums
+
+    w = torch.randn(300, 20, dtype=torch.float64)
+    trained = torch.nn.Parameter(torch.randn(300, 20, dtype=torch.float64))
+    calls = []
+    real = sums.sum_of_squares
+    with mock.patch.object(sums, "sum_of_squares", side_effect=lambda t: calls.append(1) or real(t)):
+        with sums.remembered_norms() as carry:
+            first = sums.weight_sum_of_squares(w)
+            assert sums.weight_sum_of_squares(w) == first
+            sums.weight_sum_of_squares(trained)
+        assert len(calls) == 2
+        with sums.remembered_norms(carry) as carry:
+            assert sums.weight_sum_of_squares(w) == first
+            sums.weight_sum_of_squares(trained)
+        assert len(calls) == 3
+        w.mul_(2.0)
+        with sums.remembered_norms(carry) as carry:
+            assert sums.weight_sum_of_squares(w) == pytest.approx(4 * first, rel=1e-12)
+        w.data = torch.ones(300, 20, dtype=torch.float64)
+        with sums.remembered_norms(carry) as carry:
+            assert sums.weight_sum_of_squares(w) == 6000.0
+        assert len(calls) == 5
+        sums.weight_sum_of_squares(w)
+        assert len(calls) == 6
+
+
+def test_distance_in_chunks_equals_the_float64_sum():
+    a, b = torch.randn(3_000_001), torch.randn(3_000_001)
+    truth = float(((a.double() - b.double()) ** 2).sum())
+    assert distance_sum_of_squares(a, b) == pytest.approx(truth, rel=1e-7)
+    assert distance_sum_of_squares(a, b, chunk=1 << 16) == pytest.approx(truth, rel=1e-7)
