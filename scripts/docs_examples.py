@@ -29,6 +29,7 @@ Usage::
     python scripts/docs_examples.py            # rerun every runnable block, rewrite what changed
     python scripts/docs_examples.py --check    # rerun, change nothing, exit 1 on any difference
     python scripts/docs_examples.py --slow docs/performance.md   # also the slow blocks of one page
+    python scripts/docs_examples.py --slow --only monitor.py docs/performance.md   # only those slow blocks
 """
 from __future__ import annotations
 
@@ -334,13 +335,14 @@ def pages() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def run_page(page: Path, cache: Path, slow: bool = False) -> list[Result]:
-    """Run the page's blocks in order in one fresh work directory (the slow ones only when asked)."""
+def run_page(page: Path, cache: Path, slow: bool = False, only: str | None = None) -> list[Result]:
+    """Run the page's blocks in order in one fresh work directory (the slow ones only when asked, and of
+    those only the ones whose commands match the regular expression ``only`` when given)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="ftd-docs-") as tmp:
         work = Path(tmp).resolve()
         for block in parse(page):
-            if block.kind == "run" or slow:
+            if block.kind == "run" or (slow and (only is None or any(re.search(only, c.shell) for c in block.commands))):
                 results.append(run_block(block, work, cache))
     return results
 
@@ -373,11 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("pages", nargs="*", type=Path, help="pages to run (default: README.md and docs/**/*.md)")
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a page is out of date")
     ap.add_argument("--slow", action="store_true", help="also rerun the <!-- output --> blocks")
+    ap.add_argument("--only", metavar="REGEX", help="with --slow: only the slow blocks whose commands match")
     args = ap.parse_args(argv)
     bad = 0
     with tempfile.TemporaryDirectory(prefix="ftd-docs-cache-") as cache:
         for page in [p.resolve() for p in args.pages] or pages():
-            results = run_page(page, Path(cache), slow=args.slow)
+            results = run_page(page, Path(cache), slow=args.slow, only=args.only)
             for result in results:
                 for problem in result.problems:
                     print(problem, file=sys.stderr)

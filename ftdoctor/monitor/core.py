@@ -9,10 +9,13 @@ already has and reuses the loop's forward and backward (through the model's :cla
   --change-rate-loss ce``), divided by the loop's loss scale squared;
 * **gradient norms** (RIFLE Fig. 2) from the gradients the loop's backward forms, each micro-batch's
   divided by its loss scale (before clipping, before a gradient scaler's unscale, before DDP's average);
-* **R²** (L2-SP Fig. 4) of the model against the reference on the step's first ``r2_examples`` examples,
-  both in eval mode as ``probe`` runs them (16 by default: R² pools every channel over examples and
-  positions, so a few examples estimate it well, and the two forwards it needs cost about a quarter of a
-  step at a batch of 64; ``r2_examples=None``: every example), and **drift** (L2-SP eq. 3) against the reference's weights — the pretrained state, kept once
+* **R²** (L2-SP Fig. 4) of the model against the reference on ``r2_examples`` examples held from the
+  first measuring step (its first ones), both in eval mode as ``probe`` runs them: every measuring step
+  compares the features on the same examples, so the series follows the model rather than the batches,
+  and the reference's outputs on them are formed once (16 by default: R² pools every channel over
+  examples and positions, so a few examples estimate it well, and the model's forward of them costs about
+  a tenth of a step at a batch of 64; ``r2_examples=None``: every example of that step), and **drift**
+  (L2-SP eq. 3) against the reference's weights — the pretrained state, kept once
   (``reference="initial"``: a copy of the model at the loop's first training forward).
 
 The random-loss change rates (``probe``'s default loss) need a backward of their own: opt in with
@@ -23,7 +26,7 @@ the step's micro-batches, as one batch): the same probe classes do the sums, the
 the verdicts. One difference is by design: ``probe`` runs the model in eval mode, the monitor reads the
 loop's training forward (dropout and batch statistics as the loop had them) for everything but R², which
 compares features in eval mode (a dropout mask is not a change of the features); R² is ``probe``'s on the
-examples it was measured on (the first ``r2_examples`` of the step, of each process under DDP).
+examples it holds (the first ``r2_examples`` of the first measuring step, of each process under DDP).
 
 A measurement that fails never stops the run: it becomes one warning and the run goes on.
 """
@@ -128,6 +131,24 @@ def _all_reduce_sum(t: Tensor) -> Tensor:
     return out
 
 
+#: the reference's outputs on R²'s held examples are kept between measuring steps up to this size (bytes)
+R2_KEEP_BYTES = 128 * 2**20
+
+
+def _versions(module: nn.Module | None) -> tuple[tuple[int, int], ...]:
+    """The version counters and storage addresses of a module's tensors: an in-place change to one (a
+    load_state_dict, an unfused optimizer's step) moves its counter, ``p.data = …`` its address."""
+    if module is None:
+        return ()
+    return tuple((t._version, t.data_ptr()) for t in (*module.parameters(), *module.buffers()))
+
+
+def _frozen(module: nn.Module | None) -> bool:
+    """No parameter requires a gradient: no optimizer step reaches it (a fused one changes a tensor
+    without moving its version counter, so only a frozen module's outputs may be kept)."""
+    return module is not None and not any(p.requires_grad for p in module.parameters())
+
+
 def is_main_process() -> bool:
     import torch.distributed as dist
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -189,6 +210,9 @@ class Monitor:
         self.warned: dict[str, int] = {}          # finding text's key → the step it was first warned at
         self.ctx: ProbeContext | None = None
         self._ref_cap: RefCapture | None = None
+        self._norms: dict = {}       # the weights' norms, reused while a tensor is unchanged (the reference's)
+        self._r2_held: list[tuple[Any, Tensor]] = []        # R²'s examples, taken at its first step
+        self._r2_ref: tuple[tuple[int, ...], list[dict[str, Tensor]]] | None = None   # the reference's outputs on them
         self._tap = Tap.of(model)
         self._armed_step: int | None = None
         self._mbs: list[_MicroBatch] = []
@@ -233,7 +257,7 @@ class Monitor:
         try:
             if failed:
                 raise _Unmeasurable(failed)
-            with remembered_norms():
+            with remembered_norms(self._norms) as self._norms:
                 m = self._measure(step, mbs, grads)
         except _Unmeasurable as why:
             self._warn_once(f"unmeasurable:{why}", f"ftdoctor monitor: step {step} not measured: {why}", step)
@@ -267,6 +291,7 @@ class Monitor:
         if self._ref_cap is not None:
             self._ref_cap.close()
             self._ref_cap = None
+        self._r2_ref = None
 
     # -- the tap's side (Listener) -------------------------------------------------------------
     def forward_begin(self, step: Step) -> None:
@@ -447,26 +472,49 @@ class Monitor:
                            feature_var=self._feature_variance(mbs))
 
     def _r2_batches(self, mbs: list[_MicroBatch]) -> Iterator[Batch]:
-        """The step's first ``r2_examples`` examples (all with None), micro-batch by micro-batch, with the
-        layer outputs of the model and of the reference on them, both in eval mode as ``probe`` forms them:
-        the loop's training forward carries its dropout masks and batch statistics, which are not a change
-        of the features (one forward of the examples each, no gradient)."""
-        left = self.r2_examples
+        """The held examples (:meth:`_hold_r2_examples`), chunk by chunk, with the layer outputs of the model
+        and of the reference on them, both in eval mode as ``probe`` forms them: the loop's training forward
+        carries its dropout masks and batch statistics, which are not a change of the features (one forward
+        of the model per measuring step, no gradient; the reference's outputs kept from the first while
+        they fit in :data:`R2_KEEP_BYTES`, the reference is frozen and its tensors are unchanged)."""
+        if not self._r2_held:
+            self._r2_held = self._hold_r2_examples(mbs)
+        stamp = _versions(self.reference)
+        if self._r2_ref is not None and self._r2_ref[0] != stamp:
+            self._r2_ref = None
+        refs = self._r2_ref[1] if self._r2_ref is not None else None
         mine = RefCapture(self.model, [(layer, layer) for layer, _ in self.ctx.reference_layers])
+        formed: list[dict[str, Tensor]] = []
         try:
-            for mb in mbs:
-                n = mb.step.size if left is None else min(left, mb.step.size)
-                if n <= 0:
-                    return
-                x = mb.step.inputs if n == mb.step.size else forward.take(mb.step.inputs, slice(0, n))
+            for i, (x, y) in enumerate(self._r2_held):
                 with torch.no_grad():
-                    outputs, ref = mine.run(x), self._ref_cap.run(x)
-                yield Batch(x=x, y=mb.step.labels[:n], index=torch.arange(n), logits=mb.step.logits[:n],
-                            outputs=outputs, ref_outputs=ref)
-                if left is not None:
-                    left -= n
+                    outputs = mine.run(x)
+                    ref = refs[i] if refs is not None else self._ref_cap.run(x)
+                formed.append(ref)
+                yield Batch(x=x, y=y, index=torch.arange(len(y)), logits=torch.empty(0), outputs=outputs,
+                            ref_outputs=ref)
         finally:
             mine.close()       # the model's own modes back, its hooks removed
+        if refs is None and len(formed) == len(self._r2_held) and _frozen(self.reference):
+            size = sum(t.numel() * t.element_size() for ref in formed for t in ref.values())
+            if size <= R2_KEEP_BYTES:
+                self._r2_ref = (stamp, formed)
+
+    def _hold_r2_examples(self, mbs: list[_MicroBatch]) -> list[tuple[Any, Tensor]]:
+        """The first ``r2_examples`` examples of the first step R² is measured at (every example with None),
+        copied, one chunk per micro-batch: every later measuring step compares the features on the same
+        examples, so the R² series follows the model, not the batches (and the reference's outputs on them
+        are formed once)."""
+        held, left = [], self.r2_examples
+        for mb in mbs:
+            n = mb.step.size if left is None else min(left, mb.step.size)
+            if n <= 0:
+                break
+            x = mb.step.inputs if n == mb.step.size else forward.take(mb.step.inputs, slice(0, n))
+            held.append((forward.clone(x), mb.step.labels[:n].detach().clone()))
+            if left is not None:
+                left -= n
+        return held
 
     def _grad_batch(self, mbs: list[_MicroBatch], grads: dict[str, "_Grad"], global_n: int) -> Batch:
         """A batch carrying ‖∇‖² of the mean cross-entropy over the step's (global) examples per measured

@@ -117,6 +117,10 @@ def test_figures_equal_probe_and_the_scalars_are_in_tensorboard(tmp_path):
         run = probe_model(live.eval(), _Batches(spy.inputs[m.step]), ProbeOptions(change_rate_loss="ce"),
                           reference=pretrained.eval(), batch_size=4)
         assert set(m.figures) == set(run.results) == {"noise", "change_rate", "grad_norm", "r2", "drift"}
+        # R² on the examples held from the first measuring step (its batch of 4: every example)
+        held = probe_model(live.eval(), _Batches(spy.inputs[history[0].step]), ProbeOptions(probes=("r2",)),
+                           reference=pretrained.eval(), batch_size=4)
+        run.results["r2"] = held.results["r2"]
         for name, res in run.results.items():
             assert_figures_close(m.figures[name], res.figures.to_json(), rel=1e-5)
     scalars = _event_scalars(tmp_path / "out")

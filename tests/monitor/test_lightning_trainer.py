@@ -66,14 +66,21 @@ def _fit(tmp_path, callback, steps=4, accumulate=1, ckpt=None, module=None):
     return trainer, module, spy
 
 
-def _check(m, spy, pretrained):
+def _check(m, spy, pretrained, first_step):
+    """``m`` is probe's of the model at its step on that step's examples, R² on the examples held from the
+    first measuring step (every one of its examples: fewer than 16)."""
     live = copy.deepcopy(pretrained)
     live.load_state_dict(spy.states[m.step])
-    x = torch.cat([b[0] for b in spy.batches[m.step]])
-    y = torch.cat([b[1] for b in spy.batches[m.step]])
-    run = probe_model(live.eval(), TensorBundle(x, y, 4, batch_size=len(y)), ProbeOptions(change_rate_loss="ce"),
-                      reference=pretrained.eval(), batch_size=len(y))
+
+    def probe(step, **options):
+        x = torch.cat([b[0] for b in spy.batches[step]])
+        y = torch.cat([b[1] for b in spy.batches[step]])
+        return probe_model(live.eval(), TensorBundle(x, y, 4, batch_size=len(y)), ProbeOptions(**options),
+                           reference=pretrained.eval(), batch_size=len(y))
+
+    run = probe(m.step, change_rate_loss="ce")
     assert set(m.figures) == set(run.results)
+    run.results["r2"] = probe(first_step, probes=("r2",)).results["r2"]
     for name, res in run.results.items():
         assert_figures_close(m.figures[name], res.figures.to_json(), rel=1e-5)
 
@@ -87,7 +94,7 @@ def test_figures_equal_probe_and_the_scalars_reach_the_logger(tmp_path, accumula
     assert [m.step for m in history] == [0, 2]
     assert history[0].examples == 4 * accumulate
     for m in history:
-        _check(m, spy, pretrained)
+        _check(m, spy, pretrained, first_step=0)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent))
     acc.Reload()
@@ -119,4 +126,4 @@ def test_a_resumed_run_keeps_its_reference(tmp_path):
     assert [m.step for m in again.monitor.history] == [3]
     for k, v in again.monitor.reference.state_dict().items():
         assert torch.equal(v, first[k]), k
-    _check(again.monitor.history[0], spy, _Net())
+    _check(again.monitor.history[0], spy, _Net(), first_step=3)

@@ -96,21 +96,22 @@ def test_the_cv_is_opt_in_and_then_every_figure_equals_probe_s():
     assert blocks[True].scalars["ftdoctor/change_rate_cv"] > 0
 
 
-def test_r2_is_probe_s_on_the_first_r2_examples_in_eval_mode_whatever_the_dropout():
-    """R² compares the features of the model and the reference in eval mode on the step's first
-    ``r2_examples`` examples: probe's R² of those examples, even with dropout in the loop's forward (at the
-    first step the model is the reference: R² 1)."""
+def test_r2_is_probe_s_on_the_held_examples_in_eval_mode_whatever_the_dropout():
+    """R² compares the features of the model and the reference in eval mode on the first ``r2_examples``
+    examples of the first measuring step, held for every later one: probe's R² of those examples, even with
+    dropout in the loop's forward and a new batch at every step (at the first step the model is the
+    reference: R² 1)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(512, 16),
                           nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 5)).double()
     pretrained = copy.deepcopy(model)
-    x, y = _data()
+    batches = [_data(seed=s) for s in (1, 2, 3)]
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     monitor = Monitor(model, schedule=Schedule(every=1), r2_examples=5)
     seen = []
-    for step in range(2):
+    for x, y in batches:
         state = copy.deepcopy(model.state_dict())
-        monitor.begin(step, labels=y)
+        monitor.begin(len(seen), labels=y)
         F.cross_entropy(model(x), y).backward()
         seen.append((state, monitor.end()))
         opt.step()
@@ -119,10 +120,40 @@ def test_r2_is_probe_s_on_the_first_r2_examples_in_eval_mode_whatever_the_dropou
     assert model.training and all(m.training for m in model.modules())
     first = seen[0][1].figures["r2"]["layers"]
     assert first and all(row["median"] == pytest.approx(1.0, abs=1e-12) for row in first)
+    held_x, held_y = batches[0][0][:5], batches[0][1][:5]
     for state, m in seen:
-        run = _probe(state, pretrained, x[:5], y[:5])
+        run = _probe(state, pretrained, held_x, held_y)
         assert assert_figures_close(m.figures["r2"], run.results["r2"].figures.to_json(), rel=1e-9) > 0
-    assert seen[1][1].scalars["ftdoctor/r2_median"] < 1
+    assert seen[2][1].scalars["ftdoctor/r2_median"] < seen[1][1].scalars["ftdoctor/r2_median"] < 1
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_frozen_reference_runs_once_for_r2_until_its_weights_change(frozen):
+    """The outputs of a frozen reference (no parameter requires a gradient, as the monitor's own copy) on the
+    held examples are formed at the first measuring step and reused; an in-place change to it forms them
+    again. A reference that could train (a fused optimizer changes it unseen) runs at every measuring step."""
+    model = _net()
+    reference = copy.deepcopy(model).requires_grad_(not frozen)
+    calls = []
+    reference[0].register_forward_hook(lambda *a: calls.append(1))
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, schedule=Schedule(every=1), reference=reference)
+    figures = []
+    for step in range(4):
+        if step == 3:
+            with torch.no_grad():
+                reference[0].weight.mul_(2.0)
+            state = copy.deepcopy(model.state_dict())
+        monitor.begin(step, labels=y)
+        F.cross_entropy(model(x), y).backward()
+        figures.append(monitor.end().figures["r2"])
+        opt.step()
+        opt.zero_grad()
+    monitor.close()
+    assert len(calls) == (2 if frozen else 4)                      # frozen: steps 0 and 3
+    truth = _probe(state, reference, x, y).results["r2"].figures.to_json()
+    assert assert_figures_close(figures[3], truth, rel=1e-9) > 0
 
 
 def _probe_model_logits(state, x):
