@@ -212,7 +212,7 @@ class Monitor:
         self._ref_cap: RefCapture | None = None
         self._norms: dict = {}       # the weights' norms, reused while a tensor is unchanged (the reference's)
         self._r2_held: list[tuple[Any, Tensor]] = []        # R²'s examples, taken at its first step
-        self._r2_ref: tuple[tuple[int, ...], list[dict[str, Tensor]]] | None = None   # the reference's outputs on them
+        self._r2_ref: tuple[tuple, list[dict[str, Tensor]]] | None = None   # (its _versions, the reference's outputs on them)
         self._tap = Tap.of(model)
         self._armed_step: int | None = None
         self._mbs: list[_MicroBatch] = []
