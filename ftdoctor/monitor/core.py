@@ -281,6 +281,16 @@ class Monitor:
         self.end()
 
     @property
+    def r2_held(self) -> list[tuple[Any, Tensor]]:
+        """R²'s held examples, as ``(inputs, labels)`` chunks (empty until R² is first measured): what a
+        resumed run sets back, on the model's device, to keep its R² series on the same examples."""
+        return self._r2_held
+
+    @r2_held.setter
+    def r2_held(self, held: Sequence[tuple[Any, Tensor]]) -> None:
+        self._r2_held, self._r2_ref = list(held), None
+
+    @property
     def last(self) -> Measurement | None:
         return self.history[-1] if self.history else None
 

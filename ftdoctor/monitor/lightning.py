@@ -86,12 +86,17 @@ class FtdoctorCallback(Callback):
         if resumed is not None and options["reference"] == "initial":
             # resumed from a checkpoint: the reference is the start the run had, as the checkpoint kept it
             import copy
-            reference = copy.deepcopy(model).eval()
+            reference = copy.deepcopy(model).eval().requires_grad_(False)   # frozen, as the monitor's own copy
             reference.load_state_dict(resumed)
             options["reference"] = reference
         self.methods = Methods(model, rifle_period=period, optimizer=optimizer, scheduler=scheduler,
                                **self.method_options)
         self.monitor = Monitor(model, optimizer=optimizer, **options)
+        held = getattr(self, "_resumed_r2_held", None)
+        if held:
+            from ftdoctor import forward
+            device = next(model.parameters()).device
+            self.monitor.r2_held = [(forward.to_device(x, device), y.to(device)) for x, y in held]
         if self.hdf5 is not None and is_main_process():
             self.record = RunRecord(self.hdf5, self.run_name, self.options["seed"],
                                     model={"path": type(pl_module).__name__, "arch": type(model).__name__},
@@ -136,9 +141,14 @@ class FtdoctorCallback(Callback):
                 self.record.write(self.monitor.history)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to keep measuring against the same start: the reference's weights."""
+        """What a resumed run needs to keep measuring against the same start on the same examples: the
+        reference's weights and R²'s held examples."""
+        from ftdoctor import forward
         ref = self.monitor.reference if self.monitor is not None else None
-        return {"reference": {k: v.detach().cpu() for k, v in ref.state_dict().items()} if ref is not None else None}
+        held = self.monitor.r2_held if self.monitor is not None else []
+        return {"reference": {k: v.detach().cpu() for k, v in ref.state_dict().items()} if ref is not None else None,
+                "r2_held": [(forward.to_device(x, "cpu"), y.cpu()) for x, y in held]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed_reference = state_dict.get("reference")
+        self._resumed_r2_held = state_dict.get("r2_held")

@@ -66,21 +66,21 @@ def _fit(tmp_path, callback, steps=4, accumulate=1, ckpt=None, module=None):
     return trainer, module, spy
 
 
-def _check(m, spy, pretrained, first_step):
+def _check(m, spy, pretrained, first_step, held_spy=None):
     """``m`` is probe's of the model at its step on that step's examples, R² on the examples held from the
-    first measuring step (every one of its examples: fewer than 16)."""
+    first measuring step (every one of its examples: fewer than 16; of ``held_spy``'s run when given)."""
     live = copy.deepcopy(pretrained)
     live.load_state_dict(spy.states[m.step])
 
-    def probe(step, **options):
-        x = torch.cat([b[0] for b in spy.batches[step]])
-        y = torch.cat([b[1] for b in spy.batches[step]])
+    def probe(step, source=spy, **options):
+        x = torch.cat([b[0] for b in source.batches[step]])
+        y = torch.cat([b[1] for b in source.batches[step]])
         return probe_model(live.eval(), TensorBundle(x, y, 4, batch_size=len(y)), ProbeOptions(**options),
                            reference=pretrained.eval(), batch_size=len(y))
 
     run = probe(m.step, change_rate_loss="ce")
     assert set(m.figures) == set(run.results)
-    run.results["r2"] = probe(first_step, probes=("r2",)).results["r2"]
+    run.results["r2"] = probe(first_step, source=held_spy or spy, probes=("r2",)).results["r2"]
     for name, res in run.results.items():
         assert_figures_close(m.figures[name], res.figures.to_json(), rel=1e-5)
 
@@ -115,15 +115,17 @@ def test_rifle_re_initialises_the_head_at_each_period_boundary(tmp_path):
     assert spy.states[1]["fc.weight"].shape == w.shape and not torch.equal(spy.states[1]["fc.weight"], w)
 
 
-def test_a_resumed_run_keeps_its_reference(tmp_path):
-    callback = FtdoctorCallback(schedule=Schedule(every=0, first=0, steps=(3,)))
-    trainer, module, _ = _fit(tmp_path, callback, steps=2)
+def test_a_resumed_run_keeps_its_reference_and_r2_s_examples(tmp_path):
+    callback = FtdoctorCallback(schedule=Schedule(every=0, first=1, steps=(3,)))
+    trainer, module, first_spy = _fit(tmp_path, callback, steps=2)
     path = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(path)
     first = callback.monitor.reference.state_dict()
-    again = FtdoctorCallback(schedule=Schedule(every=0, first=0, steps=(3,)))
+    again = FtdoctorCallback(schedule=Schedule(every=0, first=1, steps=(3,)))
     _, _, spy = _fit(tmp_path, again, steps=4, ckpt=str(path))
     assert [m.step for m in again.monitor.history] == [3]
     for k, v in again.monitor.reference.state_dict().items():
         assert torch.equal(v, first[k]), k
-    _check(again.monitor.history[0], spy, _Net(), first_step=3)
+    assert not any(p.requires_grad for p in again.monitor.reference.parameters())
+    # R² at step 3 on the examples the first run held at its step 0
+    _check(again.monitor.history[0], spy, _Net(), first_step=0, held_spy=first_spy)
