@@ -142,11 +142,18 @@ def remembered_norms(carry: Norms | None = None) -> Iterator[Norms]:
         _REMEMBERED, _CARRIED = None, {}
 
 
+def tensor_stamp(t: Tensor) -> tuple[int, int]:
+    """What moves when a tensor's values may have changed: its version counter (any in-place op) and its
+    storage's address (``p.data = …`` moves the address, not the counter). A fused optimizer's step moves
+    neither: only a tensor that requires no gradient can be trusted unchanged by its stamp."""
+    return t._version, t.data_ptr()
+
+
 def weight_sum_of_squares(t: Tensor) -> float:
     """:func:`sum_of_squares` of a weight, computed once inside :func:`remembered_norms`."""
     if _REMEMBERED is None:
         return sum_of_squares(t)
-    key, stamp = id(t), (t._version, t.data_ptr())     # ``p.data = …`` moves the address, not the counter
+    key, stamp = id(t), tensor_stamp(t)
     hit = _REMEMBERED.get(key)
     if hit is None and not t.requires_grad:
         hit = _CARRIED.get(key)

@@ -46,7 +46,7 @@ from ftdoctor import forward
 from ftdoctor.engine.batch import Batch
 from ftdoctor.engine.capture import Capture
 from ftdoctor.engine.reference import RefCapture
-from ftdoctor.engine.sums import remembered_norms, sum_of_squares
+from ftdoctor.engine.sums import remembered_norms, sum_of_squares, tensor_stamp
 from ftdoctor.model import find_head, is_scripted
 from ftdoctor.monitor.schedule import Schedule
 from ftdoctor.monitor.tap import CE_RESIDUAL, CE_RESIDUAL_LOW_PRECISION, Step, Tap
@@ -136,11 +136,10 @@ R2_KEEP_BYTES = 128 * 2**20
 
 
 def _versions(module: nn.Module | None) -> tuple[tuple[int, int], ...]:
-    """The version counters and storage addresses of a module's tensors: an in-place change to one (a
-    load_state_dict, an unfused optimizer's step) moves its counter, ``p.data = …`` its address."""
+    """The :func:`~ftdoctor.engine.sums.tensor_stamp` of each of a module's tensors."""
     if module is None:
         return ()
-    return tuple((t._version, t.data_ptr()) for t in (*module.parameters(), *module.buffers()))
+    return tuple(tensor_stamp(t) for t in (*module.parameters(), *module.buffers()))
 
 
 def _frozen(module: nn.Module | None) -> bool:
@@ -520,8 +519,7 @@ class Monitor:
             n = mb.step.size if left is None else min(left, mb.step.size)
             if n <= 0:
                 break
-            x = mb.step.inputs if n == mb.step.size else forward.take(mb.step.inputs, slice(0, n))
-            held.append((forward.clone(x), mb.step.labels[:n].detach().clone()))
+            held.append((forward.clone(forward.head(mb.step.inputs, n)), mb.step.labels[:n].detach().clone()))
             if left is not None:
                 left -= n
         return held
