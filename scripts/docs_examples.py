@@ -24,6 +24,10 @@ lines shown as one ``…``; ``cwd=root`` runs in the project root instead of the
 whose path is written as ``.`` in the output. Commands run with ``bash -c``, ``ftdoctor`` and ``python``
 from this interpreter's environment.
 
+Figures of a fine-tune depend on the CPU (its floating-point paths): ``scripts/docs_examples_machines.json``
+records the machine each page was written on, and a page is compared digit for digit only there, elsewhere
+word for word with its numbers masked (:func:`words`).
+
 Usage::
 
     python scripts/docs_examples.py            # rerun every runnable block, rewrite what changed
@@ -35,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -351,10 +357,70 @@ def current(block: Block) -> list[str]:
     return block.page.read_text(encoding="utf-8").split("\n")[block.start:block.end]
 
 
-def differences(result: Result) -> str:
-    """The unified diff from what the page shows to what the commands print ('' when equal)."""
-    return "\n".join(difflib.unified_diff(current(result.block), result.lines, f"{result.block.where} (page)",
+# -- the machine a page was written on --------------------------------------------------------------
+#: page → the machine (:func:`machine`) its runnable blocks were last written or confirmed on. A short
+#: fine-tune's figures depend on the CPU's floating-point paths (the kernels torch and oneDNN pick for its
+#: instruction set and caches): the same commands print other digits on another CPU, so a page is compared
+#: digit for digit only on the machine that wrote it, and elsewhere word for word with every number masked.
+MACHINES = ROOT / "scripts" / "docs_examples_machines.json"
+
+
+def machine() -> str:
+    """The CPU model, torch's CPU kernel level, torch's version and the core count."""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}; {torch.backends.cpu.get_cpu_capability()}; torch {torch.__version__}; {os.cpu_count()} CPUs"
+
+
+def _machines() -> dict[str, str]:
+    try:
+        return json.loads(MACHINES.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def written_on(page: Path) -> str | None:
+    """The machine ``page``'s runnable outputs were written on (None: not recorded)."""
+    return _machines().get(str(page.relative_to(ROOT)))
+
+
+def record(page: Path) -> None:
+    """Note that ``page``'s runnable outputs were written (or confirmed) on this machine."""
+    known = _machines()
+    known[str(page.relative_to(ROOT))] = machine()
+    MACHINES.write_text(json.dumps(dict(sorted(known.items())), indent=1, ensure_ascii=False) + "\n",
+                        encoding="utf-8")
+
+
+_DIGEST = re.compile(r"\b[0-9a-f]{8,}\b")
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?")
+_BOX = re.compile(r"[\u2500-\u257f]+")
+
+
+def words(lines: list[str]) -> list[str]:
+    """The words of an output with every number and digest as ``#``, box drawing and spacing dropped: what
+    stays when a table's digits, its column widths and the summary's line breaks move with the CPU."""
+    text = _NUMBER.sub("#", _DIGEST.sub("#", _BOX.sub(" ", "\n".join(lines))))
+    return text.split()
+
+
+def differences(result: Result, digits: bool = True) -> str:
+    """The unified diff from what the page shows to what the commands print ('' when equal); with
+    ``digits`` False, '' when they differ in numbers, widths and line breaks alone (:func:`words`)."""
+    shown = current(result.block)
+    if not digits and words(shown) == words(result.lines):
+        return ""
+    diff = "\n".join(difflib.unified_diff(shown, result.lines, f"{result.block.where} (page)",
                                           "what the commands print", lineterm=""))
+    if not digits:
+        diff += ("\n(written on another machine: numbers, widths and line breaks were not compared; the words "
+                 "differ)")
+    return diff
 
 
 def write(page: Path, results: list[Result]) -> bool:
@@ -386,13 +452,17 @@ def main(argv: list[str] | None = None) -> int:
                     print(problem, file=sys.stderr)
                     bad += 1
             if args.check:
+                digits = written_on(page) == machine()
                 for result in results:
-                    diff = differences(result)
+                    diff = differences(result, digits)
                     if diff:
                         print(diff)
                         bad += 1
-            elif results and write(page, results):
-                print(f"rewrote {page.relative_to(ROOT)}")
+            elif results:
+                if write(page, results):
+                    print(f"rewrote {page.relative_to(ROOT)}")
+                if any(r.block.kind == "run" for r in results) and not any(r.problems for r in results):
+                    record(page)
     return 1 if bad else 0
 
 
