@@ -63,14 +63,28 @@ def registered_affine_layers(model: nn.Module) -> list[AffineLayer]:
     return [AffineLayer(n, m) for n, m in model.named_modules() if n and is_affine(m)]
 
 
+def training_modes(*models: nn.Module) -> dict[nn.Module, bool]:
+    """Every module's ``training`` flag, parents before children (:func:`restore_modes` sets them back)."""
+    return {m: m.training for model in models for m in model.modules()}
+
+
+def restore_modes(modes: dict[nn.Module, bool]) -> None:
+    """Set back the flags :func:`training_modes` kept: parents first, ``train(flag)`` only on a module
+    whose flag differs (it sets its whole subtree, honouring a model's own ``train`` override), so a
+    model that was in one mode throughout costs one recursive call, not one per module (a BERT's
+    per-module calls cost about 2 ms)."""
+    for m, training in modes.items():
+        if m.training != training:
+            m.train(training)
+
+
 @contextlib.contextmanager
 def _preserved_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
+    modes = training_modes(model)
     try:
         yield
     finally:
-        for m, training in modes.items():
-            m.train(training)
+        restore_modes(modes)
 
 
 def forward_order(model: nn.Module, example: Tensor) -> list[AffineLayer]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ftdoctor import forward
-from ftdoctor.model import AffineLayer
+from ftdoctor.model import AffineLayer, restore_modes, training_modes
 
 # The reference's outputs may coexist with the autograd graph (overlapped forward) up to this size...
 _OVERLAP_BYTES = 512 * 2**20
@@ -75,7 +75,7 @@ class RefCapture:
         self._thread: threading.Thread | None = None
         self._result: dict[str, Tensor] | BaseException | None = None
         self._handles = []
-        self._modes = {m: m.training for m in reference.modules()}
+        self._modes = training_modes(reference)
         reference.eval()
         for mine, ref in pairs:
             self._handles.append(ref.module.register_forward_hook(self._hook(mine.name)))
@@ -164,8 +164,7 @@ class RefCapture:
         self._result = None
         for h in self._handles:
             h.remove()
-        for m, training in self._modes.items():
-            m.train(training)
+        restore_modes(self._modes)
 
 
 @contextlib.contextmanager

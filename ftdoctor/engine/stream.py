@@ -47,7 +47,7 @@ from ftdoctor.engine.batch import Batch
 from ftdoctor.engine.capture import Capture
 from ftdoctor.engine.reference import overlap_allowed, reference_capture
 from ftdoctor.errors import FtdoctorError
-from ftdoctor.model import AffineLayer
+from ftdoctor.model import AffineLayer, restore_modes, training_modes
 from ftdoctor.rng import example_normals
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextli
 @contextlib.contextmanager
 def preserved(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
     """Eval mode and ``requires_grad`` on ``params`` for the pass; everything restored after."""
-    modes = {m: m.training for m in model.modules()}
+    modes = training_modes(model)
     flags = [(p, p.requires_grad) for p in params]
     try:
         model.eval()
@@ -84,8 +84,7 @@ def preserved(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
             p.requires_grad_(True)
         yield
     finally:
-        for m, training in modes.items():
-            m.train(training)
+        restore_modes(modes)
         for p, flag in flags:
             p.requires_grad_(flag)
 

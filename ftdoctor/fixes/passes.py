@@ -15,19 +15,19 @@ from torch import Tensor, nn
 from ftdoctor import progress
 from ftdoctor.featurenorm import feature_statistics
 from ftdoctor import forward
+from ftdoctor.model import restore_modes, training_modes
 
 
 @contextlib.contextmanager
 def evaluating(*models: nn.Module) -> Iterator[None]:
     """Eval mode for the pass; every module's flag restored after."""
-    modes = {m: m.training for model in models for m in model.modules()}
+    modes = training_modes(*models)
     try:
         for model in models:
             model.eval()
         yield
     finally:
-        for m, training in modes.items():
-            m.train(training)
+        restore_modes(modes)
 
 
 class Subset:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftdoctor.errors import FtdoctorError
-from ftdoctor.model import AFFINE_TYPES, AffineLayer, is_affine
+from ftdoctor.model import AFFINE_TYPES, AffineLayer, is_affine, restore_modes, training_modes
 
 HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -89,7 +89,7 @@ def trace(model: nn.Module) -> torch.fx.Graph:
     cannot be had."""
     if isinstance(model, torch.fx.GraphModule):
         return model.graph
-    modes = {m: m.training for m in model.modules()}
+    modes = training_modes(model)
     try:
         model.eval()
         return _LeafTracer().trace(model)
@@ -100,8 +100,7 @@ def trace(model: nn.Module) -> torch.fx.Graph:
             "make the forward traceable (no control flow on tensor values), or use --method entame, rifle or "
             "datadep, which do not need the graph") from None
     finally:
-        for m, training in modes.items():
-            m.train(training)
+        restore_modes(modes)
 
 
 def _is_shape_node(n: Any) -> bool:
