@@ -1,6 +1,7 @@
 """The forward and tensor hooks that collect what the probes asked for from one forward pass."""
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Callable, Sequence
 
@@ -10,6 +11,14 @@ from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 from ftdoctor.engine import ghost, persample
 from ftdoctor.model import AffineLayer
+
+_profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
+
+
+def _labelled(label: str) -> contextlib.AbstractContextManager:
+    """``torch.profiler.record_function(label)`` while a profiler runs, else nothing: the label costs a
+    few microseconds on each of a backward's dozens of layer hooks even when nobody records it."""
+    return torch.profiler.record_function(label) if _profiling() else contextlib.nullcontext()
 
 
 class Capture:
@@ -53,6 +62,7 @@ class Capture:
         self._kept: dict[str, tuple[Tensor, int]] = {}   # each kept output and its version then
         self.recapturing = False    # the forward again, copying every output (outputs_intact)
         self.batch_size: int | None = None   # examples in this forward (set per batch by the stream)
+        self._grams = ghost.InputGram()      # a linear input's Gram, for the next layer reading it (totals)
         self._handles: list = []
         if grad_sq:
             for layer in self.layers:
@@ -90,6 +100,7 @@ class Capture:
         self._out_edges = {}
         self._stops.clear()
         self._dead.clear()
+        self._grams.clear()
 
     def late(self) -> list[GradientEdge]:
         """The outputs of the layers whose per-example squares a backward to :attr:`root_edges` did not
@@ -186,12 +197,12 @@ class Capture:
             if self.grad_scale != 1.0:
                 g = g * self.grad_scale
             if self.squares == "totals":
-                with torch.profiler.record_function("ftdoctor.per_example_norms"):
-                    self.grad_sq[name] = ghost.grad_norm_sq_sum(module, x, g)[0]
+                with _labelled("ftdoctor.per_example_norms"):
+                    self.grad_sq[name] = ghost.grad_norm_sq_sum(module, x, g, self._grams)[0]
                 return
             dtype = persample.computation_dtype(x, g)
             sink = self.grad_sq_sink(name, dtype) if self.grad_sq_sink is not None else None
-            with torch.profiler.record_function("ftdoctor.per_example_squares"):
+            with _labelled("ftdoctor.per_example_squares"):
                 w, _ = persample.grad_sq_sum(module, x, g, out=sink)
             self.grad_sq[name] = w if w is sink else w.detach()   # the sink itself: the probe knows it
         return on_grad

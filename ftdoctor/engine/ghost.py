@@ -31,10 +31,38 @@ from ftdoctor.engine.norm_squares import embedding_rows
 _CHUNK_BYTES = 64 * 2**20
 
 
-def grad_norm_sq_sum(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
+class InputGram:
+    """The last linear layer input's Gram ``U Uᵀ`` (N, 1, L, L), for the next layer that reads the same
+    tensor: a transformer's query, key and value projections read one hidden state, so two of their three
+    input Grams are reused (BERT-mini: 4 of 28 matrix products a backward). One entry: the layers that share
+    an input are reached one after another by the backward. The entry keeps the input alive, so no other
+    tensor can take its address while it is held; an in-place change moves its version counter."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._x: Tensor | None = None
+        self._gram: Tensor | None = None
+
+    @staticmethod
+    def _key_of(x: Tensor) -> tuple:
+        return x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version
+
+    def get(self, x: Tensor) -> Tensor | None:
+        return self._gram if self._x is not None and self._key == self._key_of(x) else None
+
+    def put(self, x: Tensor, gram: Tensor) -> None:
+        self._key, self._x, self._gram = self._key_of(x), x, gram
+
+    def clear(self) -> None:
+        self._key = self._x = self._gram = None
+
+
+def grad_norm_sq_sum(module: nn.Module, x: Tensor, g: Tensor,
+                     grams: InputGram | None = None) -> tuple[Tensor, Tensor | None]:
     """``Σ_n ‖∂ℓ_n/∂W‖²`` and ``Σ_n ‖∂ℓ_n/∂b‖²`` (None without a bias) as float64 scalars, from the layer's
     input ``x`` and ``g = ∂(Σ_n ℓ_n)/∂out`` (as :func:`~ftdoctor.engine.persample.grad_sq_sum`, whose
-    per-element squares these totals are the sums of). Raises as it does for a module it does not take."""
+    per-element squares these totals are the sums of). Raises as it does for a module it does not take.
+    ``grams``: where a linear layer's input Gram is kept for the next layer reading the same input."""
     reason = persample.supports(module)
     if reason is not None:
         raise TypeError(f"grad_norm_sq_sum: {reason}")
@@ -48,7 +76,10 @@ def grad_norm_sq_sum(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, T
             w, b = persample.grad_sq_sum(module, x, g)
             return w.sum(dtype=torch.float64), None if b is None else b.sum(dtype=torch.float64)
         a, u, bias_rows = pair
-        w = _ghost_sum(a, u, gram=conv)      # a convolution's factors carry the patch Gram already
+        gram = conv                          # a convolution's factors carry the patch Gram already
+        if not conv and grams is not None and a.shape[2] > 1:
+            u, gram = _shared_gram(x, u, grams), True
+        w = _ghost_sum(a, u, gram=gram)
         b = (bias_rows.square().sum(dtype=torch.float64) if bias_rows is not None and module.bias is not None
              else None)
         return w, b
@@ -131,6 +162,16 @@ def _patch_gram(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dil
         part = rows_summed[:, :, cols, :, cols]
         gram = part.clone() if gram is None else gram.add_(part)
     return gram.reshape(n, groups, h * w, h * w)
+
+
+def _shared_gram(x: Tensor, u: Tensor, grams: InputGram) -> Tensor:
+    """``U Uᵀ`` (N, 1, L, L) of a linear layer's input ``u`` (N, 1, L, K) — the one ``grams`` holds for
+    ``x`` when the last layer read the same tensor, else formed and kept."""
+    gram = grams.get(x)
+    if gram is None or gram.dtype != u.dtype:
+        gram = torch.bmm(u.flatten(0, 1), u.flatten(0, 1).transpose(1, 2)).unsqueeze(1)
+        grams.put(x, gram)
+    return gram
 
 
 def _ghost_sum(a: Tensor, u: Tensor, gram: bool) -> Tensor:

@@ -110,3 +110,27 @@ def test_the_patch_gram_from_the_pixel_gram_equals_the_unfolded_patches_gram(ker
     want = (u.transpose(1, 2) @ u).reshape(3, 2, *u.shape[2:], u.shape[2])
     got = _patch_gram(x, kernel, stride, dilation, out)
     assert torch.allclose(got, want.reshape(got.shape), rtol=1e-12, atol=1e-12)
+
+
+def test_layers_reading_one_input_share_its_gram_and_an_in_place_change_forms_it_again():
+    """Query, key and value projections read one hidden state: the second and third reuse the first's input
+    Gram (InputGram), and each total is still the brute-force one; after the input changes in place the
+    Gram is formed anew (its version counter moved), not reused."""
+    from ftdoctor.engine.ghost import InputGram
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 12, dtype=F64)
+    layers = [nn.Linear(12, 40).to(F64), nn.Linear(12, 40).to(F64), nn.Linear(12, 20, bias=False).to(F64)]
+    grams = InputGram()
+    for round_ in range(2):
+        for layer in layers:
+            with torch.no_grad():
+                eta = torch.randn_like(layer(x))
+            want_w, _ = brute_force(layer, x, eta)
+            kept = grams.get(x)
+            got_w, _ = grad_norm_sq_sum(layer, x, eta, grams)
+            assert abs(float(got_w) - want_w) <= 1e-10 * want_w
+            if layer is not layers[0]:
+                assert kept is not None and grams.get(x) is kept      # reused, not formed again
+        with torch.no_grad():
+            x.mul_(2.0)
+        assert grams.get(x) is None
