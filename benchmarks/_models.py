@@ -1,5 +1,5 @@
 """The models every benchmark measures, built once here: the contract's SmallCNN, a VGG-style net,
-torchvision's resnet18, a tiny ConvNeXt, a small timm ViT and a small Hugging Face BERT.
+torchvision's resnet18, a tiny ConvNeXt, a small timm ViT and two small Hugging Face BERTs.
 
 Each ``make(n)`` gives ``(name, model in eval mode, inputs, labels, classes, call)`` for ``n`` examples:
 ``inputs`` is an image tensor or a dict of token ids and mask, ``call(model, inputs)`` the logits. No
@@ -99,17 +99,28 @@ def vit65(n: int) -> tuple:
     return _vit(n, 4)
 
 
-def bert(n: int) -> tuple:
+def _bert(n: int, name: str, length: int, **config: int) -> tuple:
     import transformers
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=4000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=256, max_position_embeddings=64, num_labels=4,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(vocab_size=4000, num_labels=4, max_position_embeddings=max(64, length),
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config)
     model = transformers.BertForSequenceClassification(config).eval()
     g = torch.Generator().manual_seed(0)
-    length = 32
     ids = torch.randint(1, 4000, (n, length), generator=g)
-    lengths = torch.randint(8, length + 1, (n,), generator=g)
+    lengths = torch.randint(length // 4, length + 1, (n,), generator=g)
     mask = (torch.arange(length)[None] < lengths[:, None]).long()
-    return ("HF BERT-mini (2 layers, 32 tokens)", model, {"input_ids": ids * mask, "attention_mask": mask},
+    return (name, model, {"input_ids": ids * mask, "attention_mask": mask},
             torch.randint(0, 4, (n,), generator=g), 4, lambda m, b: m(**b).logits)
+
+
+def bert(n: int) -> tuple:
+    """A Hugging Face BERT of 2 layers, hidden size 128, on 32 tokens (8 to 32 of them real)."""
+    return _bert(n, "HF BERT-mini (2 layers, 32 tokens)", 32, hidden_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=256)
+
+
+def bert4(n: int) -> tuple:
+    """The size of Google's BERT-mini checkpoint (4 layers, hidden size 256) on 128 tokens (32 to 128 real):
+    a text fine-tune as it is run, where :func:`bert` is the smallest that still has every part."""
+    return _bert(n, "HF BERT 4×256 (4 layers, 128 tokens)", 128, hidden_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, intermediate_size=1024)

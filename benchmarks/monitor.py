@@ -1,6 +1,6 @@
 """Cost of the live monitor: a monitored training run against the same run without it, on the same batches.
 
-    python benchmarks/monitor.py [--steps 100] [--repeats 3] [--threads 2] [--batch 64] [--models resnet18,vit,bert]
+    python benchmarks/monitor.py [--steps 100] [--repeats 3] [--threads 2] [--batch 64] [--models resnet18,vit,bert,bert4]
 
 Each model of ``benchmarks/_models.py`` trains for ``--steps`` SGD steps (momentum 0.9, train mode) over a fixed
 cycle of batches, once plain and once with :class:`ftdoctor.monitor.Monitor` at its default schedule (steps
@@ -28,10 +28,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _models import bert, cnn, resnet18, vit
+from _models import bert, bert4, cnn, resnet18, vit
 from ftdoctor.monitor import Monitor, Schedule
 
-MODELS = {"resnet18": cnn(resnet18, "torchvision resnet18 (32×32)"), "vit": vit, "bert": bert}
+MODELS = {"resnet18": cnn(resnet18, "torchvision resnet18 (32×32)"), "vit": vit, "bert": bert, "bert4": bert4}
 
 
 def _slice(x, lo, hi):
