@@ -115,3 +115,29 @@ def start(parser: "argparse.ArgumentParser") -> "argparse.Namespace":
     if warning:
         print(warning)
     return args
+
+
+class CostTable:
+    """The monitor benchmarks' table: per repeat a plain run's and a monitored run's step times and the
+    measuring steps' ratios; a row prints their medians over the repeats."""
+
+    HEADER = f"{'model':<44} {'plain step':>10} {'run':>7} {'measuring step':>15} {'step 0':>7}"
+
+    def __init__(self) -> None:
+        self.runs: list[float] = []
+        self.steps: list[float] = []
+        self.first: list[float] = []
+        self.plain: list[float] = []
+
+    def add(self, plain: list[float], watched: list[float], step_ratios) -> None:
+        """One repeat: both runs' step times, and the measuring steps' ratios to plain steps."""
+        import statistics
+        self.runs.append(sum(watched) / sum(plain))
+        self.steps.append(statistics.median(step_ratios))
+        self.first.append(watched[0] / statistics.median(plain))
+        self.plain.append(statistics.median(plain))
+
+    def row(self, name: str) -> str:
+        from statistics import median
+        return (f"{name:<44} {median(self.plain) * 1e3:>8.1f}ms {median(self.runs):>6.3f}× "
+                f"{median(self.steps):>14.2f}× {median(self.first):>6.2f}×")

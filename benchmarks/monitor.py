@@ -22,11 +22,10 @@ Between measuring steps the model carries no hook: those steps cost what plain s
 """
 from __future__ import annotations
 
-from _machine import busy_warning, header  # before torch: the allocator settings
+from _machine import CostTable, busy_warning, header  # before torch: the allocator settings
 
 import argparse  # noqa: E402
 import copy
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -105,23 +104,17 @@ def main() -> None:
     schedule = Schedule()
     measured = [s for s in range(args.steps) if s in schedule]
     print(f"{args.steps} steps, batch {args.batch}, default schedule: steps {measured} measured\n")
-    print(f"{'model':<44} {'plain step':>10} {'run':>7} {'measuring step':>15} {'step 0':>7}")
+    print(CostTable.HEADER)
     for key in args.models.split(","):
         name, model0, x, y, _, call = MODELS[key](args.batch * args.cycle)
         batches = [(_slice(x, i * args.batch, (i + 1) * args.batch), y[i * args.batch:(i + 1) * args.batch])
                    for i in range(args.cycle)]
-        runs, steps_ratio, first = [], [], []
-        plain_steps = []
+        table = CostTable()
         for _ in range(args.repeats):
             plain, watched, dense = lockstep(model0, batches, args.steps, call,
                                              [None, schedule, Schedule(every=2, first=0)])
-            runs.append(sum(watched) / sum(plain))
-            steps_ratio.append(statistics.median(dense[s] / plain[s] for s in range(2, args.steps, 2)))
-            first.append(watched[0] / statistics.median(plain))
-            plain_steps.append(statistics.median(plain))
-        print(f"{name:<44} {statistics.median(plain_steps) * 1e3:>8.1f}ms {statistics.median(runs):>6.3f}× "
-              f"{statistics.median(steps_ratio):>14.2f}× {statistics.median(first):>6.2f}×", flush=True)
-
+            table.add(plain, watched, [dense[s] / plain[s] for s in range(2, args.steps, 2)])
+        print(table.row(name), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -20,12 +20,11 @@ the callbacks: all a user waits for). Prints, as medians over the repeats:
 """
 from __future__ import annotations
 
-from _machine import busy_warning, header  # before torch: the allocator settings
+from _machine import CostTable, busy_warning, header  # before torch: the allocator settings
 
 import argparse  # noqa: E402
 import copy
 import logging
-import statistics
 import tempfile
 import time
 import warnings
@@ -92,22 +91,17 @@ def main() -> None:
     measured = [s for s in range(args.steps) if s in schedule]
     print(f"transformers.Trainer, {args.steps} steps, batch {args.batch}, default schedule: steps {measured} "
           f"measured\n")
-    print(f"{'model':<44} {'plain step':>10} {'run':>7} {'measuring step':>15} {'step 0':>7}")
+    print(CostTable.HEADER)
     name, model0, x, y, _, _ = bert(args.batch * args.cycle)
     dataset = [{"input_ids": x["input_ids"][i], "attention_mask": x["attention_mask"][i], "labels": y[i]}
                for i in range(len(y))]
-    runs, steps_ratio, first, plain_steps = [], [], [], []
+    table = CostTable()
     with tempfile.TemporaryDirectory() as workdir:
         for _ in range(args.repeats):
             plain = run(copy.deepcopy(model0), dataset, args.steps, args.batch, False, workdir)
             watched = run(copy.deepcopy(model0), dataset, args.steps, args.batch, True, workdir)
-            runs.append(sum(watched) / sum(plain))
-            steps_ratio.append(statistics.median(watched[s] / plain[s] for s in measured[1:]))
-            first.append(watched[0] / statistics.median(plain))
-            plain_steps.append(statistics.median(plain))
-    print(f"{name:<44} {statistics.median(plain_steps) * 1e3:>8.1f}ms {statistics.median(runs):>6.3f}× "
-          f"{statistics.median(steps_ratio):>14.2f}× {statistics.median(first):>6.2f}×", flush=True)
-
+            table.add(plain, watched, [watched[s] / plain[s] for s in measured[1:]])
+    print(table.row(name), flush=True)
 
 if __name__ == "__main__":
     main()
