@@ -77,7 +77,9 @@ def grad_norm_sq_sum(module: nn.Module, x: Tensor, g: Tensor,
             return w.sum(dtype=torch.float64), None if b is None else b.sum(dtype=torch.float64)
         a, u, bias_rows = pair
         gram = conv                          # a convolution's factors carry the patch Gram already
-        if not conv and grams is not None and a.shape[2] > 1:
+        # shared only while the batch's whole Gram fits one chunk (else chunked, formed per layer)
+        if (not conv and grams is not None and a.shape[2] > 1
+                and a.shape[0] * a.shape[2] ** 2 * a.element_size() <= _CHUNK_BYTES):
             u, gram = _shared_gram(x, u, grams), True
         w = _ghost_sum(a, u, gram=gram)
         b = (bias_rows.square().sum(dtype=torch.float64) if bias_rows is not None and module.bias is not None
