@@ -119,7 +119,9 @@ def start(parser: "argparse.ArgumentParser") -> "argparse.Namespace":
 
 class CostTable:
     """The monitor benchmarks' table: per repeat a plain run's and a monitored run's step times and the
-    measuring steps' ratios; a row prints their medians over the repeats."""
+    measuring steps' ratios; a row prints their medians over the repeats. Step 0 is the monitored run's
+    first step over the plain run's first step: each includes its run's set-up and its first forward's
+    allocations, so the ratio shows what the monitor adds to them."""
 
     HEADER = f"{'model':<44} {'plain step':>10} {'run':>7} {'measuring step':>15} {'step 0':>7}"
 
@@ -134,7 +136,7 @@ class CostTable:
         import statistics
         self.runs.append(sum(watched) / sum(plain))
         self.steps.append(statistics.median(step_ratios))
-        self.first.append(watched[0] / statistics.median(plain))
+        self.first.append(watched[0] / plain[0])     # both cold: a first step's own costs are in either
         self.plain.append(statistics.median(plain))
 
     def row(self, name: str) -> str:

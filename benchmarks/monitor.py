@@ -16,7 +16,7 @@ them alike. Prints, as medians over ``--repeats``:
   run's same step, run just before or after it: the median over the every-other-step run's ~50 measured
   steps after step 0 (target ≤ 1.6×);
 * **step 0** — the first measured step, which also finds the layers and copies the reference, with the
-  monitor's construction, over a plain step.
+  monitor's construction, over the plain run's first step.
 
 Between measuring steps the model carries no hook: those steps cost what plain steps cost.
 """
@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--cycle", type=int, default=8, help="distinct batches the run cycles through")
     ap.add_argument("--models", default="resnet18,vit,bert",
-                    help="comma-separated: resnet18, vit, bert, bert4 (4 layers on 128 tokens: run it with --batch 16)")
+                    help="comma-separated: resnet18, vit, bert, bert4 (4 layers on 128 tokens, over a second a step: try --steps 60 --repeats 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(header(args.threads))
