@@ -94,7 +94,8 @@ class FtdoctorCallback(TrainerCallback):
         self.monitor = Monitor(model, optimizer=optimizer, **self.options)
         if self.hdf5 is not None and is_main_process():
             settings = {"framework": "transformers.Trainer", "lr": args.learning_rate,
-                        "optimizer": str(args.optim), "batch_size": args.per_device_train_batch_size,
+                        "optimizer": str(getattr(args.optim, "value", args.optim)),     # as --optim spells it
+                        "batch_size": args.per_device_train_batch_size,
                         "gradient_accumulation_steps": args.gradient_accumulation_steps,
                         "methods": [k for k in ("entame", "rifle", "l2sp") if self._uses(k, period)]}
             self.record = RunRecord(self.hdf5, self.run_name, self.options["seed"],

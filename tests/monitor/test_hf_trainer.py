@@ -133,6 +133,7 @@ def test_figures_equal_probe_and_the_scalars_are_in_tensorboard(tmp_path):
     page = plot(tmp_path / "run.h5", tmp_path / "run.html")
     text = page.read_text()
     assert "<svg" in text and "monitor" in text
+    assert "OptimizerNames" not in text and str(trainer.args.optim.value) in text   # as --optim spells it
 
 
 def test_gradient_accumulation_and_bf16_autocast(tmp_path):
