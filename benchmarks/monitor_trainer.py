@@ -7,10 +7,10 @@
 baseline there is. This one times what a user of the callback sees: BERT-mini (``benchmarks/_models.py``)
 fine-tuned by ``transformers.Trainer`` with its defaults (AdamW, linear schedule, its data loader and
 collator), ``report_to=[]`` and no checkpoints, once plain and once with the callback at its default
-schedule and probes (no HDF5 file). Repeats are interleaved, the order alternating (plain then monitored,
-monitored then plain, …). A step's time
-is the wall time from the previous step's end to its own (data loading, forward, backward, optimizer,
-the callbacks: all a user waits for). Prints, as medians over the repeats:
+schedule and probes (no HDF5 file), after one short untimed run of each. Repeats are interleaved, the
+order alternating (plain then monitored, monitored then plain, …). A step's time is the wall time from the
+previous step's end to its own (data loading, forward, backward, optimizer, the callbacks: all a user
+waits for). Prints, as medians over the repeats:
 
 * **run** — the monitored run's wall time (``train()`` called to the last step's end) over the plain run's
   (target ≤ 1.03×);
