@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,9 +46,26 @@ def token_mask(inputs: Any) -> Tensor | None:
 def real_tokens(out: Tensor, mask: Tensor | None) -> Tensor:
     """A layer's (B, T, C) output over tokens without its padded positions, (N, C): padding contributes
     nothing to the R² (``mask`` None or another shape: ``out`` as it is)."""
-    if mask is None or out.dim() != 3 or tuple(out.shape[:2]) != tuple(mask.shape):
-        return out
-    return out[mask.to(out.device)]
+    return RealTokens(mask)(out)
+
+
+class RealTokens:
+    """:func:`real_tokens` for every layer of one batch: the real positions found once, each layer's
+    (B, T, C) output gathered by one ``index_select`` (a boolean index searches the mask anew for every
+    layer, twice per layer pair: BERT-mini's 12 pairs, 1.3 → 0.3 ms a measuring step)."""
+
+    def __init__(self, mask: Tensor | None) -> None:
+        self.shape = tuple(mask.shape) if mask is not None else None
+        self._mask = mask
+        self._rows: dict[torch.device, Tensor] = {}
+
+    def __call__(self, out: Tensor) -> Tensor:
+        if self.shape is None or out.dim() != 3 or tuple(out.shape[:2]) != self.shape:
+            return out
+        rows = self._rows.get(out.device)
+        if rows is None:
+            rows = self._rows[out.device] = self._mask.to(out.device).reshape(-1).nonzero().squeeze(1)
+        return out.reshape(-1, out.shape[2]).index_select(0, rows)
 
 
 def _layout(out: Tensor, kind: str) -> tuple[int, int, int]:
@@ -163,6 +180,24 @@ def r2_from_sums(n: float, sa: np.ndarray, sb: np.ndarray, saa: np.ndarray, sbb:
     return r2, ident, constant
 
 
+def quantiles(rows: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """(len(qs), rows) quantiles of each row of a 2-D array, interpolated linearly between the sorted
+    values at ``q·(n − 1)`` (``np.percentile``'s default method; the 0.5 one is the median): one sort
+    for every row, no per-call overhead of ``np.percentile`` (~0.1 ms a layer, a layer's R² at every
+    measuring step of the live monitor)."""
+    s = np.sort(rows, axis=1)
+    n = s.shape[1]
+    out = np.empty((len(qs), s.shape[0]))
+    for i, q in enumerate(qs):
+        h = q * (n - 1)
+        lo = int(math.floor(h))
+        hi = min(lo + 1, n - 1)
+        t = h - lo
+        a, b = s[:, lo], s[:, hi]
+        out[i] = a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
+    return out
+
+
 @dataclass(frozen=True)
 class LayerR2:
     """One box of Fig. 4: the distribution over a layer's channels of R² against the reference."""
@@ -245,13 +280,13 @@ class R2Probe(Probe):
 
     def update(self, batch: Batch) -> None:
         groups: dict[tuple, list[tuple[AffineLayer, tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
-        mask = token_mask(batch.x)
+        real = RealTokens(token_mask(batch.x))
         for mine, _ in self.pairs:
             a = batch.outputs.get(mine.name)
             b = batch.ref_outputs.get(mine.name)     # absent when take_pair() consumed it
             if a is None or b is None or a.shape != b.shape or a.numel() == 0:
                 continue
-            a, b = real_tokens(a, mask), real_tokens(b, mask)
+            a, b = real(a), real(b)
             shift_a, shift_b = self._shifts(mine, a, b)
             key = (tuple(a.shape), channel_dims(a, mine.kind)[0], shift_a.dtype)
             groups.setdefault(key, []).append((mine, (a, b, shift_a, shift_b)))
@@ -268,11 +303,16 @@ class R2Probe(Probe):
         """Shifted sums → raw float64 sums, once (before the cross-process sum: shifts differ per process)."""
         if self._raw:
             return
-        for mine, _ in self.pairs:
-            if mine.name in self.shifts:
-                k = self._key(mine.name)
-                setattr(self, k + "sums", unshift(getattr(self, k + "n"), getattr(self, k + "sums"),
-                                                  *self.shifts[mine.name]))
+        keys = [(self._key(m.name), m.name) for m, _ in self.pairs if m.name in self.shifts]
+        if keys:
+            # every layer at once (the same float64 operations per channel as one layer at a time)
+            sums = [getattr(self, k + "sums") for k, _ in keys]
+            widths = [t.shape[1] for t in sums]
+            n = torch.cat([getattr(self, k + "n").reshape(1).expand(w) for (k, _), w in zip(keys, widths)])
+            raw = unshift(n, torch.cat(sums, dim=1), torch.cat([self.shifts[name][0].reshape(-1) for _, name in keys]),
+                          torch.cat([self.shifts[name][1].reshape(-1) for _, name in keys]))
+            for (k, _), part in zip(keys, raw.split(widths, dim=1)):
+                setattr(self, k + "sums", part)
         self._raw = True
 
     def reduce_(self, all_reduce: Callable[[Tensor], Tensor]) -> None:
@@ -287,25 +327,33 @@ class R2Probe(Probe):
     def compute(self) -> ProbeResult:
         self._unshift()
         rows, arrays = [], {}
+        seen = []
         for mine, _ in self.pairs:
             k = self._key(mine.name)
-            n = float(getattr(self, k + "n"))
-            if n == 0:
+            if float(getattr(self, k + "n")) == 0:
                 self.skip(mine.name, "its output never matched the reference's in shape")
-                continue
-            sums = list(getattr(self, k + "sums").cpu().numpy())
-            r2, ident, constant = r2_from_sums(n, *sums)
+            else:
+                seen.append((mine.name, getattr(self, k + "n"), getattr(self, k + "sums")))
+        if not seen:
+            return ProbeResult(figures=R2Figures(()), arrays=arrays)
+        # every layer's channels in one float64 array (one copy off the device, one r2_from_sums)
+        widths = [sums.shape[1] for _, _, sums in seen]
+        n = torch.cat([count.reshape(1).expand(w) for (_, count, _), w in zip(seen, widths)])
+        table = torch.cat([n.to(torch.float64).unsqueeze(0), torch.cat([s for *_, s in seen], dim=1)]).cpu().numpy()
+        r2_all, ident_all, constant_all = r2_from_sums(table[0], *table[1:])
+        edges = np.cumsum([0, *widths])
+        for (name, _, _), lo, hi in zip(seen, edges[:-1], edges[1:]):
+            r2, ident, constant = r2_all[lo:hi], ident_all[lo:hi], constant_all[lo:hi]
             live = ~constant
-            arrays[f"{mine.name}/r2"] = r2
-            arrays[f"{mine.name}/r2_identity"] = ident
+            arrays[f"{name}/r2"] = r2
+            arrays[f"{name}/r2_identity"] = ident
             if not live.any():
-                rows.append(LayerR2(mine.name, 0, None, None, None, None, None, None, int(constant.sum())))
+                rows.append(LayerR2(name, 0, None, None, None, None, None, None, int(constant.sum())))
                 continue
             v = r2[live]
-            q25, q75 = np.percentile(v, [25, 75])       # one call: the same values as two
-            rows.append(LayerR2(mine.name, int(live.sum()), float(np.median(v)), float(q25), float(q75),
-                                float(v.min()), float(v.mean()),
-                                float(np.median(ident[live])), int(constant.sum())))
+            (q25, _), (med, ident_med), (q75, _) = quantiles(np.stack([v, ident[live]]), (0.25, 0.5, 0.75))
+            rows.append(LayerR2(name, int(live.sum()), float(med), float(q25), float(q75),
+                                float(v.min()), float(v.mean()), float(ident_med), int(constant.sum())))
         return ProbeResult(figures=R2Figures(tuple(rows)), arrays=arrays)
 
     thresholds = ("min_r2_median",)

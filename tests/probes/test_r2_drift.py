@@ -55,6 +55,16 @@ def test_r2_matches_numpy_corrcoef():
     assert torch.allclose(got, want, rtol=1e-6)   # per-batch sums of float32 activations in float32
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 128, 129])
+def test_r2_quartiles_are_numpys(n):
+    """The quartiles each layer's box reports equal np.percentile's (and the middle one np.median's)."""
+    import numpy as np
+    rows = np.random.default_rng(n).random((2, n))
+    got = r2_module.quantiles(rows, (0.25, 0.5, 0.75))
+    assert np.array_equal(got, np.percentile(rows, [25, 50, 75], axis=1))
+    assert np.allclose(got[1], np.median(rows, axis=1), rtol=1e-15, atol=0)
+
+
 def test_r2_of_same_shaped_layers_reduced_together_stay_apart():
     """Layers with outputs of one shape are reduced in one stack: each keeps its own figures."""
     torch.manual_seed(0)
