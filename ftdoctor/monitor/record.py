@@ -20,6 +20,7 @@ import numpy as np
 
 from ftdoctor.dynamics.series import RunSeries, TraceResult
 from ftdoctor.monitor.core import Measurement
+from ftdoctor.report.content import MEASURED_BATCHES
 
 #: the scalars kept beside the trace series, by their dataset name
 EXTRA = ("excess_noise_fraction", "change_rate_spread", "change_rate_cv", "depth_ratio", "r2_median", "drift")
@@ -84,7 +85,7 @@ class RunRecord:
                         if "noise" in m.figures), None)
         num_classes = round(1 + 1 / classes) if classes else None
         data = {"name": "the run's own batches", "num_classes": num_classes,
-                "eval_split": "the framework's evaluation" if self.evaluations else "the measured training batches",
+                "eval_split": "the framework's evaluation" if self.evaluations else MEASURED_BATCHES,
                 "eval_samples": history[-1].examples}
         settings = {"source": "ftdoctor.monitor", "window": 10, "steps": int(history[-1].step) + 1,
                     **self.settings}

@@ -18,6 +18,9 @@ import numpy as np
 
 from ftdoctor.errors import FtdoctorError
 
+#: a monitored run's ``data.eval_split`` when its accuracy is that of the measured training batches
+MEASURED_BATCHES = "the measured training batches"
+
 TRACE_SCHEMA = "ftdoctor.trace/1"
 REPORT_SCHEMA = "ftdoctor.report/1"
 CHECK_SCHEMA = "ftdoctor.check/1"
@@ -62,6 +65,16 @@ class TraceFile:
     @property
     def is_compare(self) -> bool:
         return self.report.get("schema") == "ftdoctor.compare/1"
+
+    @property
+    def is_monitor(self) -> bool:
+        """A run the live monitor recorded in the user's own loop (``ftdoctor.monitor``), not a ``trace``."""
+        return self.report.get("settings", {}).get("source") == "ftdoctor.monitor"
+
+    @property
+    def accuracy_of_training_batches(self) -> bool:
+        """Its accuracy is that of the measured training batches, not of an evaluation."""
+        return self.report.get("data", {}).get("eval_split") == MEASURED_BATCHES
 
 
 @dataclass(frozen=True)

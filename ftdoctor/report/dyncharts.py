@@ -81,7 +81,8 @@ def curves_figure(tf: TraceFile, width: float = 15.0, into: Any = None) -> Any:
                             label=f"{m}: head re-initialised" if k == 0 else None)
     for ax in (acc, zoom):
         ax.axvspan(0.5, window + 0.5, color="0.92", zorder=0, label=None)
-    acc.set(title=f"evaluation accuracy (shaded: the first {window} steps)", xlabel="step", ylabel="accuracy (%)")
+    what = "accuracy of the measured training batches" if tf.accuracy_of_training_batches else "evaluation accuracy"
+    acc.set(title=f"{what} (shaded: the first {window} steps)", xlabel="step", ylabel="accuracy (%)")
     zoom.set(title=f"first {window} steps (their mean = ENTAME Table 3)", xlabel="step", ylabel="accuracy (%)")
     zoom.set_xlim(-0.2, window + 0.5)
     loss.set(title="training loss (cross-entropy)", xlabel="step", ylabel="loss")

@@ -267,7 +267,7 @@ def dynamics_page(tf: TraceFile, charts: Charts | None) -> tuple[str, str]:
     from ftdoctor.report import dyncharts
     doc = tf.report
     m, d, s = doc.get("model") or {}, doc.get("data") or {}, doc.get("settings") or {}
-    what = "compare" if tf.is_compare else "trace"
+    what = "compare" if tf.is_compare else "monitor" if tf.is_monitor else "trace"
     title = f"ftdoctor {what}: {_name(m.get('path'))} on {d.get('name', '?')}"
     seeds = sorted({r.seed for r in tf.runs})
     head = (f"<h1>{esc(title)}</h1><p class=\"sub\">{esc(m.get('arch') or 'model')}, "
@@ -294,9 +294,11 @@ def dynamics_page(tf: TraceFile, charts: Charts | None) -> tuple[str, str]:
                     "starts from the same backbone and sees the same batches per seed.</p>")
     else:
         final = doc.get("final") or {}
-        line = (f"{doc.get('method', '?')}: final eval accuracy {(final.get('eval_acc') or 0) * 100:.2f}%, "
+        # a monitored run without the framework's evaluation: the accuracy of its last measured batch
+        accuracy = "accuracy on the last measured batch" if tf.accuracy_of_training_batches else "eval accuracy"
+        line = (f"{doc.get('method', '?')}: final {accuracy} {(final.get('eval_acc') or 0) * 100:.2f}%, "
                 f"mean of the first {tf.window} steps {(final.get('early_acc') or 0) * 100:.2f}%")
-        summary = pairs([(k, v) for k, v in final.items() if k != "grad_norm"])
+        summary = pairs([(k, v if v != [] else "none") for k, v in final.items() if k != "grad_norm"])
         gn = [g for g in final.get("grad_norm") or [] if isinstance(g, dict)]
         if gn:
             summary += details(f"Gradient norm per layer at the last step ({len(gn)} layers)",

@@ -133,6 +133,9 @@ def test_figures_equal_probe_and_the_scalars_are_in_tensorboard(tmp_path):
     page = plot(tmp_path / "run.h5", tmp_path / "run.html")
     text = page.read_text()
     assert "<svg" in text and "monitor" in text
+    # no evaluation in this run: its accuracy is the measured batches', and the headline says so
+    assert "final accuracy on the last measured batch" in text and "final eval accuracy" not in text
+    assert "ftdoctor monitor: " in text and "ftdoctor trace" not in text
     assert "OptimizerNames" not in text and str(trainer.args.optim.value) in text   # as --optim spells it
 
 
