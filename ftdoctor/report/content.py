@@ -69,12 +69,12 @@ class TraceFile:
     @property
     def is_monitor(self) -> bool:
         """A run the live monitor recorded in the user's own loop (``ftdoctor.monitor``), not a ``trace``."""
-        return self.report.get("settings", {}).get("source") == "ftdoctor.monitor"
+        return (self.report.get("settings") or {}).get("source") == "ftdoctor.monitor"
 
     @property
     def accuracy_of_training_batches(self) -> bool:
         """Its accuracy is that of the measured training batches, not of an evaluation."""
-        return self.report.get("data", {}).get("eval_split") == MEASURED_BATCHES
+        return (self.report.get("data") or {}).get("eval_split") == MEASURED_BATCHES
 
 
 @dataclass(frozen=True)

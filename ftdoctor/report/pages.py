@@ -298,7 +298,8 @@ def dynamics_page(tf: TraceFile, charts: Charts | None) -> tuple[str, str]:
         accuracy = "accuracy on the last measured batch" if tf.accuracy_of_training_batches else "eval accuracy"
         line = (f"{doc.get('method', '?')}: final {accuracy} {(final.get('eval_acc') or 0) * 100:.2f}%, "
                 f"mean of the first {tf.window} steps {(final.get('early_acc') or 0) * 100:.2f}%")
-        summary = pairs([(k, v if v != [] else "none") for k, v in final.items() if k != "grad_norm"])
+        summary = pairs([(k, "none" if isinstance(v, list) and not v else v)       # an empty reinitialised
+                         for k, v in final.items() if k != "grad_norm"])
         gn = [g for g in final.get("grad_norm") or [] if isinstance(g, dict)]
         if gn:
             summary += details(f"Gradient norm per layer at the last step ({len(gn)} layers)",
