@@ -1,7 +1,7 @@
 """Activation R² against the pretrained model — L2-SP (Li et al. 2018), §4.4 and Fig. 4.
 
 For the output of every matched affine layer (the head excluded) and every
-channel, pooled over examples and positions (the real tokens of a text, not its padding: :func:`real_tokens`),
+channel, pooled over examples and positions (the real tokens of a text, not its padding: :class:`RealTokens`),
 the fine-tuned activation ``a``
 is compared with the reference's ``b``:
 
@@ -43,16 +43,11 @@ def token_mask(inputs: Any) -> Tensor | None:
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
-def real_tokens(out: Tensor, mask: Tensor | None) -> Tensor:
-    """A layer's (B, T, C) output over tokens without its padded positions, (N, C): padding contributes
-    nothing to the R² (``mask`` None or another shape: ``out`` as it is)."""
-    return RealTokens(mask)(out)
-
-
 class RealTokens:
-    """:func:`real_tokens` for every layer of one batch: the real positions found once, each layer's
-    (B, T, C) output gathered by one ``index_select`` (a boolean index searches the mask anew for every
-    layer, twice per layer pair: BERT-mini's 12 pairs, 1.3 → 0.3 ms a measuring step)."""
+    """Each layer's (B, T, C) output of one batch over tokens without its padded positions, (N, C): padding
+    contributes nothing to the R² (no mask, or an output of another shape: as it is). The real positions are
+    found once per batch, each output gathered by one ``index_select`` (a boolean index searches the mask anew
+    for every layer, twice per layer pair: BERT-mini's 12 pairs, 1.3 → 0.3 ms a measuring step)."""
 
     def __init__(self, mask: Tensor | None) -> None:
         self.shape = tuple(mask.shape) if mask is not None else None
@@ -178,6 +173,11 @@ def r2_from_sums(n: float, sa: np.ndarray, sb: np.ndarray, saa: np.ndarray, sbb:
     r2[constant] = np.nan
     ident[constant] = np.nan
     return r2, ident, constant
+
+
+def _per_channel(counts: list[Tensor], widths: list[int]) -> Tensor:
+    """Each layer's count repeated over its channels: the layers' sums side by side share one ``n``."""
+    return torch.cat([c.reshape(1).expand(w) for c, w in zip(counts, widths)])
 
 
 def quantiles(rows: np.ndarray, qs: Sequence[float]) -> np.ndarray:
@@ -308,7 +308,7 @@ class R2Probe(Probe):
             # every layer at once (the same float64 operations per channel as one layer at a time)
             sums = [getattr(self, k + "sums") for k, _ in keys]
             widths = [t.shape[1] for t in sums]
-            n = torch.cat([getattr(self, k + "n").reshape(1).expand(w) for (k, _), w in zip(keys, widths)])
+            n = _per_channel([getattr(self, k + "n") for k, _ in keys], widths)
             raw = unshift(n, torch.cat(sums, dim=1), torch.cat([self.shifts[name][0].reshape(-1) for _, name in keys]),
                           torch.cat([self.shifts[name][1].reshape(-1) for _, name in keys]))
             for (k, _), part in zip(keys, raw.split(widths, dim=1)):
@@ -338,7 +338,7 @@ class R2Probe(Probe):
             return ProbeResult(figures=R2Figures(()), arrays=arrays)
         # every layer's channels in one float64 array (one copy off the device, one r2_from_sums)
         widths = [sums.shape[1] for _, _, sums in seen]
-        n = torch.cat([count.reshape(1).expand(w) for (_, count, _), w in zip(seen, widths)])
+        n = _per_channel([count for _, count, _ in seen], widths)
         table = torch.cat([n.to(torch.float64).unsqueeze(0), torch.cat([s for *_, s in seen], dim=1)]).cpu().numpy()
         r2_all, ident_all, constant_all = r2_from_sums(table[0], *table[1:])
         edges = np.cumsum([0, *widths])
