@@ -14,6 +14,12 @@ which costs ``L²(O + K)`` per example against ``L·O·K`` for the per-example g
 wins; elsewhere :func:`grad_norm_sq_sum` sums :func:`ftdoctor.engine.persample.grad_sq_sum`'s per-element
 squares (the same total). Embeddings sum their per-(example, token id) rows' squares; normalisation layers'
 per-element squares are cheap already.
+
+**Dead positions.** A position whose output gradient is zero in every output (a row of ``A_n`` that is 0)
+adds nothing to either form, so a linear layer's factors keep only the live positions (:func:`_live`):
+padding tokens, whose outputs no real token attends to, and every token but the one a classifier reads in
+the last block (BERT's ``[CLS]``, a ViT's class token: there the sum is ``Σ_n ‖a_n‖²‖u_n‖²`` of one
+position). The sum is the same; the Grams shrink with the square of the positions kept.
 """
 from __future__ import annotations
 
@@ -47,11 +53,14 @@ class InputGram:
     def _key_of(x: Tensor) -> tuple:
         return x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version
 
-    def get(self, x: Tensor) -> Tensor | None:
-        return self._gram if self._x is not None and self._key == self._key_of(x) else None
+    def get(self, x: Tensor, kept: int | None = None) -> Tensor | None:
+        """The Gram held for ``x`` over its first ``kept`` positions (None: as last put)."""
+        if self._x is None or self._key[:-1] != self._key_of(x) or kept not in (None, self._key[-1]):
+            return None
+        return self._gram
 
-    def put(self, x: Tensor, gram: Tensor) -> None:
-        self._key, self._x, self._gram = self._key_of(x), x, gram
+    def put(self, x: Tensor, gram: Tensor, kept: int | None = None) -> None:
+        self._key, self._x, self._gram = (*self._key_of(x), kept), x, gram
 
     def clear(self) -> None:
         self._key = self._x = self._gram = None
@@ -75,12 +84,13 @@ def grad_norm_sq_sum(module: nn.Module, x: Tensor, g: Tensor,
         if pair is None:        # norm layers; shapes where the per-element squares are cheaper
             w, b = persample.grad_sq_sum(module, x, g)
             return w.sum(dtype=torch.float64), None if b is None else b.sum(dtype=torch.float64)
-        a, u, bias_rows = pair
+        a, u, bias_rows, kept = pair
         gram = conv                          # a convolution's factors carry the patch Gram already
-        # shared only while the batch's whole Gram fits one chunk (else chunked, formed per layer)
-        if (not conv and grams is not None and a.shape[2] > 1
+        # shared only while the batch's whole Gram fits one chunk (else chunked, formed per layer), and
+        # between layers that keep the same leading positions of the input
+        if (not conv and grams is not None and kept is not None and a.shape[2] > 1
                 and a.shape[0] * a.shape[2] ** 2 * a.element_size() <= _CHUNK_BYTES):
-            u, gram = _shared_gram(x, u, grams), True
+            u, gram = _shared_gram(x, u, grams, kept), True
         w = _ghost_sum(a, u, gram=gram)
         b = (bias_rows.square().sum(dtype=torch.float64) if bias_rows is not None and module.bias is not None
              else None)
@@ -92,7 +102,10 @@ def _cheaper(positions: int, out: int, inner: int) -> bool:
     return positions * (out + inner) < out * inner
 
 
-def _linear_factors(module: nn.Linear, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
+def _linear_factors(module: nn.Linear, x: Tensor,
+                    g: Tensor) -> tuple[Tensor, Tensor, Tensor | None, int | None] | None:
+    """(A (N, 1, L', O), U (N, 1, L', K), bias rows, the leading positions kept or None) over the live
+    positions (:func:`_live`); None where the per-element squares cost less."""
     dtype = persample.computation_dtype(x, g)
     x, g = x.detach().to(dtype), g.detach().to(dtype)
     if x.dim() == 1:
@@ -100,13 +113,40 @@ def _linear_factors(module: nn.Linear, x: Tensor, g: Tensor) -> tuple[Tensor, Te
     n = x.shape[0]
     a = g.reshape(n, -1, module.out_features)     # (N, L, O)
     u = x.reshape(n, -1, module.in_features)      # (N, L, K)
-    if a.shape[1] != u.shape[1] or not _cheaper(a.shape[1], module.out_features, module.in_features):
+    if a.shape[1] != u.shape[1]:
         return None
-    return a.unsqueeze(1), u.unsqueeze(1), a.sum(1)
+    a, u, kept = _live(a, u)
+    if not _cheaper(a.shape[1], module.out_features, module.in_features):
+        return None
+    return a.unsqueeze(1), u.unsqueeze(1), a.sum(1), kept
 
 
-def _conv_factors(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor | None] | None:
-    """(A, U-Gram, bias rows) per group: A (N, G, L, Og) output gradients, ``U Uᵀ`` (N, G, L, L) the Gram of
+def _live(a: Tensor, u: Tensor) -> tuple[Tensor, Tensor, int | None]:
+    """``a`` (N, L, O) and ``u`` (N, L, K) over the positions whose output gradient is not all zero (module
+    doc), and how many leading positions were kept (None: gathered per example, not a leading run).
+
+    When the live positions lie within the first P of every example (padding at the end, a class token
+    first), both are cut to those P (views, no copy); when each example has at most half as many live
+    positions as that, elsewhere (a classifier reading each example's last real token), they are gathered
+    example by example, the live ones first (rows of dead positions filling the rest are zero in ``a``)."""
+    length = a.shape[1]
+    if length == 1:
+        return a, u, 1
+    live = a.abs().amax(-1) != 0                   # (N, L); a NaN counts as live
+    anywhere = live.any(0)
+    last = int(anywhere.nonzero().max()) + 1 if bool(anywhere.any()) else 1
+    per_example = int(live.sum(1).max())
+    if 2 * max(per_example, 1) <= last:
+        order = torch.argsort(live.to(torch.uint8), dim=1, descending=True, stable=True)[:, :max(per_example, 1)]
+        index = order.unsqueeze(-1)
+        return (a.gather(1, index.expand(-1, -1, a.shape[2])), u.gather(1, index.expand(-1, -1, u.shape[2])),
+                None)
+    return a[:, :last], u[:, :last], last
+
+
+def _conv_factors(module: nn.Module, x: Tensor,
+                  g: Tensor) -> tuple[Tensor, Tensor, Tensor | None, None] | None:
+    """(A, U-Gram, bias rows, None) per group: A (N, G, L, Og) output gradients, ``U Uᵀ`` (N, G, L, L) the Gram of
     the input patches, from the Gram of the (padded) input pixels (:func:`_patch_gram`): no unfolded copy.
     None where the per-element squares cost less."""
     dtype = persample.computation_dtype(x, g)
@@ -133,7 +173,7 @@ def _conv_factors(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tens
         return None
     a = g.reshape(n, groups, og, positions).transpose(2, 3)                       # (N, G, L, Og)
     return a, _patch_gram(x.reshape(n, groups, cg, *x.shape[2:]), kernel, stride, dilation, out_size), \
-        g.reshape(n, module.out_channels, -1).sum(2)
+        g.reshape(n, module.out_channels, -1).sum(2), None
 
 
 def _patch_gram(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
@@ -166,13 +206,14 @@ def _patch_gram(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dil
     return gram.reshape(n, groups, h * w, h * w)
 
 
-def _shared_gram(x: Tensor, u: Tensor, grams: InputGram) -> Tensor:
-    """``U Uᵀ`` (N, 1, L, L) of a linear layer's input ``u`` (N, 1, L, K) — the one ``grams`` holds for
-    ``x`` when the last layer read the same tensor, else formed and kept."""
-    gram = grams.get(x)
+def _shared_gram(x: Tensor, u: Tensor, grams: InputGram, kept: int) -> Tensor:
+    """``U Uᵀ`` (N, 1, L', L') of a linear layer's input ``u`` (N, 1, L', K), the first ``kept`` positions of
+    ``x`` — the one ``grams`` holds when the last layer read the same tensor and kept the same positions,
+    else formed and kept."""
+    gram = grams.get(x, kept)
     if gram is None or gram.dtype != u.dtype:
         gram = torch.bmm(u.flatten(0, 1), u.flatten(0, 1).transpose(1, 2)).unsqueeze(1)
-        grams.put(x, gram)
+        grams.put(x, gram, kept)
     return gram
 
 

@@ -112,6 +112,54 @@ def test_the_patch_gram_from_the_pixel_gram_equals_the_unfolded_patches_gram(ker
     assert torch.allclose(got, want.reshape(got.shape), rtol=1e-12, atol=1e-12)
 
 
+def check_eta(layer: nn.Module, x: torch.Tensor, eta: torch.Tensor, tol: float = 1e-10) -> None:
+    want_w, want_b = brute_force(layer, x, eta)
+    got_w, got_b = grad_norm_sq_sum(layer, x, eta)
+    assert abs(float(got_w) - want_w) <= tol * want_w
+    assert abs(float(got_b) - want_b) <= tol * want_b
+
+
+@pytest.mark.parametrize("pattern", ["padding at the end", "class token first", "last real token", "none live",
+                                     "scattered"])
+def test_positions_whose_output_gradient_is_zero_are_left_out_and_the_total_is_the_same(pattern):
+    """Padding tokens and, in a classifier's last block, every token but the one it reads have a zero output
+    gradient: the totals over the live positions only (cut, or gathered example by example) are the
+    brute-force ones."""
+    from ftdoctor.engine.ghost import _live
+    torch.manual_seed(0)
+    n, length = 5, 12
+    layer = nn.Linear(8, 40).to(F64)
+    x = torch.randn(n, length, 8, dtype=F64)
+    eta = torch.randn(n, length, 40, dtype=F64)
+    real = torch.tensor([3, 12, 7, 1, 5])
+    if pattern == "padding at the end":
+        eta[torch.arange(length)[None] >= real[:, None]] = 0
+    elif pattern == "class token first":
+        eta[:, 1:] = 0
+    elif pattern == "last real token":
+        keep = torch.zeros(n, length, dtype=torch.bool)
+        keep[torch.arange(n), real - 1] = True
+        eta[~keep] = 0
+    elif pattern == "none live":
+        eta.zero_()
+    else:
+        eta[:, ::2] = 0
+    a, u, kept = _live(eta, x)
+    expect = {"padding at the end": (12, 12), "class token first": (1, 1), "last real token": (1, None),
+              "none live": (1, 1), "scattered": (6, None)}[pattern]
+    assert (a.shape[1], kept) == expect
+    if pattern == "none live":
+        got_w, got_b = grad_norm_sq_sum(layer, x, eta)
+        assert float(got_w) == 0.0 and float(got_b) == 0.0
+        return
+    check_eta(layer, x, eta)
+    eta2 = eta.clone()
+    if pattern == "padding at the end":          # every example shorter than the sequence: cut to 7 positions
+        eta2[:, 7:] = 0
+        assert _live(eta2, x)[2] == 7
+        check_eta(layer, x, eta2)
+
+
 def test_layers_reading_one_input_share_its_gram_and_an_in_place_change_forms_it_again():
     """Query, key and value projections read one hidden state: the second and third reuse the first's input
     Gram (InputGram), and each total is still the brute-force one; after the input changes in place the
@@ -134,3 +182,35 @@ def test_layers_reading_one_input_share_its_gram_and_an_in_place_change_forms_it
         with torch.no_grad():
             x.mul_(2.0)
         assert grams.get(x) is None
+
+
+@pytest.mark.parametrize("budget", [0, 20 * 3 * 8 + 20 * 40 * 8, None])   # the last two layers' gradients
+def test_totals_held_until_read_equal_those_formed_in_the_hooks(budget, monkeypatch):
+    """On the CPU the backward's hooks hold each layer's input and output gradient (up to DEFER_BYTES) and
+    the totals are formed when ``grad_sq`` is read: the same figures as formed in the hooks (budget 0),
+    partly held (a budget of two layers) or all held."""
+    from ftdoctor.engine import capture as capture_mod
+    from ftdoctor.model import AffineLayer
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 3)).to(F64)
+    layers = [AffineLayer(str(i), model[i]) for i in (0, 2, 4)]
+    x = torch.randn(5, 4, 6, dtype=F64)
+    eta = torch.randn(5, 4, 3, dtype=F64)
+    if budget is not None:
+        monkeypatch.setattr(capture_mod, "DEFER_BYTES", budget)
+    cap = capture_mod.Capture(layers, layers[-1], grad_sq=True, outputs=False, head_input=False)
+    cap.squares, cap.phase = "totals", "grad_sq"
+    with cap:
+        (eta * model(x)).sum().backward()
+        held = len(cap._pending)
+        got = {k: float(v) for k, v in cap.grad_sq.items()}
+    assert held == {0: 0, 20 * 3 * 8 + 20 * 40 * 8: 2, None: 3}[budget]
+    # brute force: each example's own backward
+    want = {layer.name: 0.0 for layer in layers}
+    for n in range(x.shape[0]):
+        model.zero_grad()
+        (eta[n:n + 1] * model(x[n:n + 1])).sum().backward()
+        for layer in layers:
+            want[layer.name] += float((layer.module.weight.grad ** 2).sum())
+    for name, w in want.items():
+        assert abs(got[name] - w) <= 1e-10 * w
