@@ -76,16 +76,26 @@ def teardown() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks (a no-op in a single process)."""
-    if not _world.distributed:
-        return t
+    """Sum ``t`` over the ranks :func:`setup` joined (a no-op in a single process)."""
+    return sum_over_ranks(t) if _world.distributed else t
+
+
+def loop_is_distributed() -> bool:
+    """Whether the caller's own process group spans more than one process (torchrun, Accelerate, Lightning's
+    strategies set it up; a training loop's live monitor sums over it)."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` summed over every process of the initialised process group."""
     import torch.distributed as dist
     if dist.get_backend() == "nccl" and t.device.type != "cuda":
         # nccl reduces only CUDA tensors; a few small counters live on the CPU
-        out = t.to(torch.device("cuda", torch.cuda.current_device())).contiguous()
+        out = t.detach().to(torch.device("cuda", torch.cuda.current_device())).contiguous()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out.to(t.device)
-    out = t.clone(memory_format=torch.contiguous_format)   # collectives take dense row-major tensors
+    out = t.detach().clone(memory_format=torch.contiguous_format)   # collectives take dense row-major tensors
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
 

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ftdoctor import forward
+from ftdoctor.distributed import loop_is_distributed, sum_over_ranks
 from ftdoctor.engine.batch import Batch
 from ftdoctor.engine.capture import Capture
 from ftdoctor.engine.reference import RefCapture
@@ -113,22 +114,9 @@ class _MicroBatch:
     head_input: Tensor | None = None
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _all_reduce_sum(t: Tensor) -> Tensor:
-    if not _distributed():
-        return t
-    import torch.distributed as dist
-    out = t.detach().clone(memory_format=torch.contiguous_format)
-    if dist.get_backend() == "nccl" and out.device.type != "cuda":
-        out = out.cuda()
-        dist.all_reduce(out)
-        return out.to(t.device)
-    dist.all_reduce(out)
-    return out
+    """``t`` summed over the loop's processes (its own process group, not ``ftdoctor.distributed.setup``'s)."""
+    return sum_over_ranks(t) if loop_is_distributed() else t
 
 
 #: the reference's outputs on R²'s held examples are kept between measuring steps up to this size (bytes)
@@ -367,7 +355,7 @@ class Monitor:
             return
         acc = self._grads.get(name)
         if acc is None:
-            keep = _distributed() or bool(self._tap.adders) or p.grad is not None
+            keep = loop_is_distributed() or bool(self._tap.adders) or p.grad is not None
             self._grads[name] = _Grad(step, step.scale, None if keep else sum_of_squares(g) / step.scale ** 2,
                                       g.detach() / step.scale if keep else None)
             return
@@ -541,7 +529,7 @@ class Monitor:
         ctx = self.ctx
         names = {v: k for k, v in self._grad_names.items()}
         kept = [(k, acc) for k, acc in sorted(grads.items()) if acc.vector is not None]
-        if _distributed():
+        if loop_is_distributed():
             total = _all_reduce_sum(torch.cat([acc.vector.reshape(-1) for _, acc in kept])) if kept else None
             offset = 0
             for _, acc in kept:
