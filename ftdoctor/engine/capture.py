@@ -2,10 +2,12 @@
 
 On the CPU the per-example totals (``squares = "totals"``, :mod:`ftdoctor.engine.ghost`) are formed when they
 are read (:attr:`Capture.grad_sq`), after the backward, from the layer inputs and output gradients its hooks
-held (up to :data:`DEFER_BYTES`): formed in the hooks, each layer's few small products ran among the
-backward's own kernels, which had pushed their code and data out of the caches (two cores, BERT-mini at a
-batch of 64: the same products took 1.2–1.3× as long in the hooks; a measuring step of the live monitor
-0.01–0.05 of a plain step less).
+held (:data:`DEFER_BYTES`): formed in the hooks, each layer's few small products ran among the backward's
+own kernels, which had pushed their code and data out of the caches (two cores, BERT-mini at a batch of
+64: the same products took 1.2–1.3× as long in the hooks; a measuring step of the live monitor 0.01–0.05
+of a plain step less, resnet18 at 32×32 0.05). A large gradient is better read in its hook, while the
+backward has just written it (a 4-layer BERT of width 256 on 128 tokens, 8–32 MB a layer: 0.07 of a
+step more when held): only layers up to :data:`DEFER_LAYER_BYTES` are held.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ from ftdoctor.model import AffineLayer
 _profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
 
 #: the output gradients a backward's hooks may hold on the CPU for the per-example totals, formed when the
-#: backward is done (bytes; beyond it, and on a GPU, where a hook only queues its kernels, a layer's total
-#: is formed in its hook)
+#: backward is done (bytes, in all and for one layer; beyond them, and on a GPU, where a hook only queues
+#: its kernels, a layer's total is formed in its hook, while its gradient is still in the caches)
 DEFER_BYTES = 64 * 2**20
+DEFER_LAYER_BYTES = 4 * 2**20
 
 
 def _labelled(label: str) -> contextlib.AbstractContextManager:
@@ -229,7 +232,8 @@ class Capture:
                 return
             if self.squares == "totals":
                 size = g.numel() * g.element_size()
-                if g.device.type == "cpu" and self._pending_bytes + size <= DEFER_BYTES:
+                if (g.device.type == "cpu" and size <= DEFER_LAYER_BYTES
+                        and self._pending_bytes + size <= DEFER_BYTES):
                     self._pending.append((name, module, x, g, self.grad_scale))
                     self._pending_bytes += size
                     return

@@ -16,10 +16,11 @@ squares (the same total). Embeddings sum their per-(example, token id) rows' squ
 per-element squares are cheap already.
 
 **Dead positions.** A position whose output gradient is zero in every output (a row of ``A_n`` that is 0)
-adds nothing to either form, so a linear layer's factors keep only the live positions (:func:`_live`):
-padding tokens, whose outputs no real token attends to, and every token but the one a classifier reads in
-the last block (BERT's ``[CLS]``, a ViT's class token: there the sum is ``Σ_n ‖a_n‖²‖u_n‖²`` of one
-position). The sum is the same; the Grams shrink with the square of the positions kept.
+adds nothing to either form, so on the CPU a linear layer's factors keep only the live positions
+(:func:`_live`): padding tokens, whose outputs no real token attends to, and every token but the one a
+classifier reads in the last block (BERT's ``[CLS]``, a ViT's class token: there the sum is
+``Σ_n ‖a_n‖²‖u_n‖²`` of one position). The sum is the same; the Grams shrink with the square of the
+positions kept.
 """
 from __future__ import annotations
 
@@ -128,10 +129,11 @@ def _live(a: Tensor, u: Tensor) -> tuple[Tensor, Tensor, int | None]:
     When the live positions lie within the first P of every example (padding at the end, a class token
     first), both are cut to those P (views, no copy); when each example has at most half as many live
     positions as that, elsewhere (a classifier reading each example's last real token), they are gathered
-    example by example, the live ones first (rows of dead positions filling the rest are zero in ``a``)."""
+    example by example, the live ones first (rows of dead positions filling the rest are zero in ``a``).
+    On the CPU only: on a GPU, counting them would wait at every layer for the backward's queued kernels."""
     length = a.shape[1]
-    if length == 1:
-        return a, u, 1
+    if length == 1 or a.device.type != "cpu":
+        return a, u, length
     live = a.abs().amax(-1) != 0                   # (N, L); a NaN counts as live
     anywhere = live.any(0)
     last = int(anywhere.nonzero().max()) + 1 if bool(anywhere.any()) else 1
