@@ -5,9 +5,9 @@ are read (:attr:`Capture.grad_sq`), after the backward, from the layer inputs an
 held (:data:`DEFER_BYTES`): formed in the hooks, each layer's few small products ran among the backward's
 own kernels, which had pushed their code and data out of the caches (two cores, BERT-mini at a batch of
 64: the same products took 1.2–1.3× as long in the hooks; a measuring step of the live monitor 0.01–0.05
-of a plain step less, resnet18 at 32×32 0.05). A large gradient is better read in its hook, while the
-backward has just written it (a 4-layer BERT of width 256 on 128 tokens, 8–32 MB a layer: 0.07 of a
-step more when held): only layers up to :data:`DEFER_LAYER_BYTES` are held.
+of a plain step less, resnet18 at 32×32 0.03–0.05). A large gradient is read in its hook, while the
+backward has just written it: only layers up to :data:`DEFER_LAYER_BYTES` are held (a 4-layer BERT of
+width 256 on 128 tokens, 8–32 MB a layer, gained nothing from holding them).
 """
 from __future__ import annotations
 
