@@ -87,6 +87,12 @@ def loop_is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the caller's own process group, or a process without one: the one that writes and warns."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` summed over every process of the initialised process group."""
     import torch.distributed as dist

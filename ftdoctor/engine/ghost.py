@@ -135,12 +135,11 @@ def _live(a: Tensor, u: Tensor) -> tuple[Tensor, Tensor, int | None]:
     if length == 1 or a.device.type != "cpu":
         return a, u, length
     live = a.abs().amax(-1) != 0                   # (N, L); a NaN counts as live
-    anywhere = live.any(0)
-    last = int(anywhere.nonzero().max()) + 1 if bool(anywhere.any()) else 1
-    per_example = int(live.sum(1).max())
-    if 2 * max(per_example, 1) <= last:
-        order = torch.argsort(live.to(torch.uint8), dim=1, descending=True, stable=True)[:, :max(per_example, 1)]
-        index = order.unsqueeze(-1)
+    somewhere = live.any(0).nonzero()
+    last = int(somewhere[-1]) + 1 if len(somewhere) else 1
+    most = max(int(live.sum(1).max()), 1)          # live positions of the example with the most
+    if 2 * most <= last:
+        index = torch.argsort(live.to(torch.uint8), dim=1, descending=True, stable=True)[:, :most].unsqueeze(-1)
         return (a.gather(1, index.expand(-1, -1, a.shape[2])), u.gather(1, index.expand(-1, -1, u.shape[2])),
                 None)
     return a[:, :last], u[:, :last], last

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ftdoctor import forward
-from ftdoctor.distributed import loop_is_distributed, sum_over_ranks
+from ftdoctor.distributed import is_main_process, loop_is_distributed, sum_over_ranks
 from ftdoctor.engine.batch import Batch
 from ftdoctor.engine.capture import Capture
 from ftdoctor.engine.reference import RefCapture
@@ -144,11 +144,6 @@ def _import_what_a_measurement_needs() -> None:
     import ftdoctor.checkpoint.folder  # noqa: F401
     import ftdoctor.diagnose  # noqa: F401
     import ftdoctor.fixes.scale_graph  # noqa: F401
-
-
-def is_main_process() -> bool:
-    import torch.distributed as dist
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class Monitor:

@@ -27,7 +27,8 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback
 
-from ftdoctor.monitor.core import Measurement, Monitor, is_main_process
+from ftdoctor.distributed import is_main_process
+from ftdoctor.monitor.core import Measurement, Monitor
 from ftdoctor.monitor.methods import Methods
 from ftdoctor.monitor.record import RunRecord
 from ftdoctor.monitor.schedule import Schedule
